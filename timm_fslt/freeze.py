@@ -1,0 +1,209 @@
+"""``timm_fslt.freeze``: turn any model into a partially frozen random network."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from . import freezing, layers as L
+from .supermask import SCALES, SCOPES, FrozenSupermask, SupermaskGroup
+
+BATCHNORM_MODES = ("non_affine", "affine", "keep")
+BIAS_MODES = ("zero", "train", "keep")
+
+
+@dataclass
+class FreezeConfig:
+    """Every choice ``freeze`` makes; it is also what a ticket's config.json stores.
+
+    prune, lock: fractions of the maskable weights permanently removed / kept.
+    sparsity: the ticket's overall sparsity, in [prune, 1 - lock]; None = middle.
+    distribution: per-layer frozen counts, "epl" | "erk" | "igq".
+    scope: "global" (one threshold for all layers) | "layerwise".
+    weight_init, score_init: see ``timm_fslt.layers.random_weight``.
+    scale: None | "static" | "dynamic" -- multiply W*m by 1/sqrt(density).
+    seed: keys the generator of weights, freezing pattern and scores.
+    include, exclude: fnmatch patterns on module names.
+    batchnorm: "non_affine" (gamma=1, beta=0, frozen) | "affine" (trained) | "keep" (as built, frozen).
+    bias: "zero" (zeroed, frozen) | "train" | "keep" (as built, frozen), for masked layers' biases.
+    """
+
+    prune: float = 0.0
+    lock: float = 0.0
+    sparsity: Optional[float] = None
+    distribution: str = "epl"
+    scope: str = "global"
+    weight_init: str = "kaiming_uniform"
+    score_init: str = "kaiming_normal"
+    scale: Optional[str] = None
+    seed: int = 0
+    include: Optional[list] = None
+    exclude: Optional[list] = None
+    batchnorm: str = "non_affine"
+    bias: str = "zero"
+
+    def __post_init__(self):
+        if self.include is not None:
+            self.include = list(self.include)
+        if self.exclude is not None:
+            self.exclude = list(self.exclude)
+        self.validate()
+        if self.sparsity is None:
+            self.sparsity = (self.prune + (1.0 - self.lock)) / 2.0
+
+    def validate(self) -> None:
+        for arg in ("prune", "lock"):
+            value = getattr(self, arg)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise TypeError(f"{arg} must be a float in [0, 1], got {value!r}")
+            if not 0.0 <= value <= 1.0:
+                raise ValueError(f"{arg} must lie in [0, 1], got {value}")
+        if self.prune + self.lock > 1.0 + 1e-12:
+            raise ValueError(f"prune + lock must be at most 1 (the freezing ratio), got "
+                             f"prune={self.prune} + lock={self.lock} = {self.prune + self.lock}")
+        if self.sparsity is not None:
+            if isinstance(self.sparsity, bool) or not isinstance(self.sparsity, (int, float)) \
+                    or not math.isfinite(self.sparsity):
+                raise TypeError(f"sparsity must be a float or None, got {self.sparsity!r}")
+            lo, hi = self.prune, 1.0 - self.lock
+            if not lo - 1e-12 <= self.sparsity <= hi + 1e-12:
+                raise ValueError(f"sparsity must lie in [prune, 1 - lock] = [{lo:g}, {hi:g}], "
+                                 f"got {self.sparsity}")
+        choices = {"distribution": freezing.DISTRIBUTIONS, "scope": SCOPES,
+                   "weight_init": L.WEIGHT_INITS, "score_init": L.SCORE_INITS,
+                   "scale": SCALES, "batchnorm": BATCHNORM_MODES, "bias": BIAS_MODES}
+        for arg, allowed in choices.items():
+            if getattr(self, arg) not in allowed:
+                raise ValueError(f"{arg} must be one of {list(allowed)}, got {getattr(self, arg)!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise TypeError(f"seed must be a non-negative int, got {self.seed!r}")
+        for arg in ("include", "exclude"):
+            value = getattr(self, arg)
+            if value is not None and not all(isinstance(p, str) for p in value):
+                raise TypeError(f"{arg} must be a list of module-name patterns (str), got {value!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _refresh_hook(module: nn.Module, args):
+    group = getattr(module, "_fslt_group", None)
+    if group is not None:
+        _refresh(group)
+
+
+@torch.compiler.disable
+def _refresh(group: SupermaskGroup) -> None:
+    group.refresh()
+
+
+def get_group(model: nn.Module) -> SupermaskGroup:
+    group = getattr(model, "_fslt_group", None)
+    if group is None:
+        raise ValueError("model is not frozen: call timm_fslt.freeze(model, prune=..., lock=...) first")
+    return group
+
+
+def get_config(model: nn.Module) -> FreezeConfig:
+    config = getattr(model, "fslt_config", None)
+    if config is None:
+        raise ValueError("model is not frozen: call timm_fslt.freeze(model, prune=..., lock=...) first")
+    return config
+
+
+def refresh_masks(model: nn.Module) -> None:
+    """Recompute masks now (only needed after writing scores through ``.data``)."""
+    get_group(model).refresh(force=True)
+
+
+def freeze(model: nn.Module, prune: float = 0.0, lock: float = 0.0, *,
+           sparsity: Optional[float] = None, distribution: str = "epl", scope: str = "global",
+           weight_init: str = "kaiming_uniform", score_init: str = "kaiming_normal",
+           scale: Optional[str] = None, seed: int = 0,
+           include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None,
+           batchnorm: str = "non_affine", bias: str = "zero",
+           config: Optional[FreezeConfig] = None) -> nn.Module:
+    """Freeze ``model`` in place into a partially frozen random network and return it.
+
+    Every maskable layer's weight is replaced by seed-generated random values
+    and gets a ``FrozenSupermask``: a fraction ``prune`` of the weights is removed
+    for good, a fraction ``lock`` is kept for good, and Edge-Popup scores search
+    the rest.  Afterwards only the scores (and, if asked, BatchNorm affine
+    parameters or biases) require grad; masks follow the scores automatically.
+
+    Pass either the keyword arguments or ``config=FreezeConfig(...)``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if config is None:
+        config = FreezeConfig(prune=prune, lock=lock, sparsity=sparsity, distribution=distribution,
+                              scope=scope, weight_init=weight_init, score_init=score_init,
+                              scale=scale, seed=seed, include=include, exclude=exclude,
+                              batchnorm=batchnorm, bias=bias)
+    else:
+        config = dataclasses.replace(config)  # validates, fills the default sparsity
+    if getattr(model, "_fslt_group", None) is not None or any(
+            L.is_frozen_layer(m) for m in model.modules()):
+        raise ValueError("model is already frozen (it has FrozenSupermask layers); "
+                         "freeze a freshly built model instead")
+
+    # Validate everything before touching the model, so bad input leaves it unchanged.
+    targets = L.find_maskable(model, config.include, config.exclude)
+    if not targets:
+        raise ValueError("model has no maskable layer (Conv*d, Linear, timm or PyG Linear) "
+                         f"matching include={config.include} exclude={config.exclude}")
+    for name, module in targets:
+        L.check_initialized(name, module)
+        if parametrize.is_parametrized(module, "weight"):
+            raise ValueError(f"layer {name!r} already has a weight parametrization; "
+                             "remove it before freezing")
+
+    shapes = [L.weight_shape(m) for _, m in targets]
+    counts = freezing.frozen_counts(shapes, config.prune, config.lock, config.distribution)
+    supermasks = []
+    for (name, module), shape, (n_pruned, n_locked) in zip(targets, shapes, counts):
+        device, dtype = module.weight.device, module.weight.dtype
+        weight = L.random_weight(config.weight_init, config.seed, name, shape, device, dtype)
+        scores = L.random_weight(config.score_init, config.seed, name, shape, device,
+                                 torch.float32, stream="score")
+        code = freezing.frozen_code(config.seed, name, shape, n_pruned, n_locked, device)
+        supermask = FrozenSupermask(name, scores, code)
+        # The random weight becomes a buffer: it is never a trainable parameter.
+        del module._parameters["weight"]
+        module.register_buffer("weight", weight)
+        parametrize.register_parametrization(module, "weight", supermask, unsafe=True)
+        supermasks.append(supermask)
+        if getattr(module, "bias", None) is not None:
+            if config.bias == "zero":
+                with torch.no_grad():
+                    module.bias.zero_()
+            module.bias.requires_grad_(config.bias == "train")
+
+    _freeze_other_parameters(model, config)
+    model._fslt_group = SupermaskGroup(supermasks, config.sparsity, config.scope, config.scale)
+    model.fslt_config = config
+    model.register_forward_pre_hook(_refresh_hook)
+    return model
+
+
+def _freeze_other_parameters(model: nn.Module, config: FreezeConfig) -> None:
+    """Everything but the scores stops training (unless the config keeps it trainable)."""
+    for module in model.modules():
+        if L.is_frozen_layer(module):
+            continue
+        trainable_norm = L.is_norm(module) and config.batchnorm == "affine"
+        if L.is_norm(module) and config.batchnorm == "non_affine":
+            with torch.no_grad():
+                if getattr(module, "weight", None) is not None:
+                    module.weight.fill_(1.0)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+        for pname, param in module.named_parameters(recurse=False):
+            if isinstance(module, FrozenSupermask) and pname == "scores":
+                continue
+            param.requires_grad_(trainable_norm)

@@ -1,0 +1,114 @@
+"""How many weights of each layer are pruned or locked, and which ones.
+
+The per-layer counts follow the reference implementation's rule: a layer-wise
+density distribution (``epl``, ``erk`` or ``igq``) is evaluated once at the
+density ``1 - prune`` to get the pruned count and once at ``1 - (prune + lock)``
+to get the frozen count; ``locked = frozen - pruned``.  Within a layer the frozen
+positions are a uniformly random subset of exact size, drawn from the
+counter-based generator so the pattern regenerates from the seed alone.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+
+from . import rng
+
+DISTRIBUTIONS = ("epl", "erk", "igq")
+
+PRUNED, FREE, LOCKED = -1, 0, 1
+
+
+def round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def _erk_densities(shapes: Sequence[tuple[int, ...]], density: float) -> list[float]:
+    """Erdos-Renyi-Kernel: density proportional to sum(shape)/prod(shape), capped at 1."""
+    counts = [math.prod(s) for s in shapes]
+    raw = [sum(s) / c for s, c in zip(shapes, counts)]
+    dense: set[int] = set()
+    while True:
+        budget = density * sum(counts) - sum(counts[i] for i in dense)
+        rest = [i for i in range(len(shapes)) if i not in dense]
+        denom = sum(raw[i] * counts[i] for i in rest)
+        eps = budget / denom if denom > 0 else 0.0
+        over = [i for i in rest if eps * raw[i] > 1.0]
+        if not over:
+            break
+        dense.update(over)
+    return [1.0 if i in dense else max(0.0, eps * raw[i]) for i in range(len(shapes))]
+
+
+def _igq_densities(shapes: Sequence[tuple[int, ...]], density: float) -> list[float]:
+    """Ideal Gas Quotas (Vysogorets & Kempe, 2021): layer l keeps n_l / (F * n_l + 1)."""
+    counts = [math.prod(s) for s in shapes]
+    total = sum(counts)
+    target = density * total
+    if density >= 1.0:
+        return [1.0] * len(shapes)
+    if density <= 0.0:
+        return [0.0] * len(shapes)
+
+    def kept(force: float) -> float:
+        return sum(c / (force * c + 1.0) for c in counts)
+
+    lo, hi = 0.0, 1.0
+    while kept(hi) > target:
+        hi *= 2.0
+    for _ in range(200):  # bisection on the "force"; kept() is decreasing in it
+        mid = 0.5 * (lo + hi)
+        if kept(mid) > target:
+            lo = mid
+        else:
+            hi = mid
+    force = 0.5 * (lo + hi)
+    return [1.0 / (force * c + 1.0) for c in counts]
+
+
+def layer_densities(distribution: str, shapes: Sequence[tuple[int, ...]], density: float) -> list[float]:
+    if distribution == "epl":
+        return [density] * len(shapes)
+    if distribution == "erk":
+        return _erk_densities(shapes, density)
+    if distribution == "igq":
+        return _igq_densities(shapes, density)
+    raise ValueError(f"distribution must be one of {DISTRIBUTIONS}, got {distribution!r}")
+
+
+def frozen_counts(shapes: Sequence[tuple[int, ...]], prune: float, lock: float,
+                  distribution: str = "epl") -> list[tuple[int, int]]:
+    """(pruned, locked) count for each layer."""
+    counts = [math.prod(s) for s in shapes]
+    keep_after_prune = layer_densities(distribution, shapes, 1.0 - prune)
+    keep_after_freeze = layer_densities(distribution, shapes, max(0.0, 1.0 - prune - lock))
+    out = []
+    for n, dp, df in zip(counts, keep_after_prune, keep_after_freeze):
+        n_pruned = n - min(n, round_half_up(dp * n))
+        n_frozen = n - min(n, round_half_up(df * n))
+        out.append((n_pruned, max(0, n_frozen - n_pruned)))
+    return out
+
+
+def frozen_code(seed: int, name: str, shape: Sequence[int], n_pruned: int, n_locked: int,
+                device=None) -> torch.Tensor:
+    """Ternary int8 code (-1 pruned, +1 locked, 0 free) with exactly the given counts.
+
+    Positions are ranked by their 32-bit hash (index breaks ties), which is a
+    uniformly random permutation; the first ``n_pruned`` are pruned and the next
+    ``n_locked`` locked.  A sparse source (prune p, lock 0) therefore prunes the
+    same positions as a frozen source with the same seed and prune ratio.
+    """
+    n = math.prod(shape)
+    if n >= 2 ** 31:
+        raise ValueError(f"layer {name!r} has {n} weights; at most 2**31 - 1 per layer are supported")
+    if n_pruned + n_locked > n:
+        raise ValueError(f"layer {name!r}: {n_pruned} pruned + {n_locked} locked exceeds {n} weights")
+    keys = rng.bits(seed, name, "freeze", n, device) * n + torch.arange(n, device=device)
+    order = torch.argsort(keys)
+    code = torch.zeros(n, dtype=torch.int8, device=device)
+    code[order[:n_pruned]] = PRUNED
+    code[order[n_pruned:n_pruned + n_locked]] = LOCKED
+    return code.view(tuple(shape))

@@ -1,0 +1,113 @@
+"""Which modules carry a maskable weight, and how their random weights are drawn."""
+from __future__ import annotations
+
+import fnmatch
+import math
+import sys
+from typing import Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.nn.parameter import UninitializedParameter
+from torch.nn.utils import parametrize
+
+from . import rng
+
+WEIGHT_INITS = ("kaiming_uniform", "kaiming_normal", "signed_kaiming_constant")
+SCORE_INITS = ("kaiming_normal", "kaiming_uniform")
+
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+
+def _is_pyg_linear(module: nn.Module) -> bool:
+    if "torch_geometric" not in sys.modules:  # never import PyG just to look
+        return False
+    from torch_geometric.nn.dense.linear import Linear as PygLinear
+    return isinstance(module, PygLinear)
+
+
+def is_maskable(module: nn.Module) -> bool:
+    """Convs (any dim, grouped, transposed, timm subclasses), linears (torch, timm, PyG)."""
+    return isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) or _is_pyg_linear(module)
+
+
+def is_norm(module: nn.Module) -> bool:
+    return isinstance(module, _NORM_TYPES) or type(module).__name__.endswith(("Norm", "Norm1d", "Norm2d"))
+
+
+def is_frozen_layer(module: nn.Module) -> bool:
+    return parametrize.is_parametrized(module, "weight") and any(
+        type(p).__name__ == "FrozenSupermask" for p in module.parametrizations["weight"])
+
+
+def _matches(name: str, patterns: Optional[Sequence[str]]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns or ())
+
+
+def find_maskable(model: nn.Module, include: Optional[Sequence[str]] = None,
+                  exclude: Optional[Sequence[str]] = None) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of every layer to mask, in registration order.
+
+    ``include``/``exclude`` are fnmatch patterns on qualified module names
+    (e.g. ``"layer4.*"``, ``"fc"``); ``include=None`` means every maskable layer.
+    """
+    out = []
+    for name, module in model.named_modules():
+        if not is_maskable(module):
+            continue
+        if include is not None and not _matches(name, include):
+            continue
+        if _matches(name, exclude):
+            continue
+        out.append((name, module))
+    return out
+
+
+def check_initialized(name: str, module: nn.Module) -> None:
+    weight = module.weight
+    if isinstance(weight, UninitializedParameter) or getattr(module, "in_channels", 0) == -1:
+        raise ValueError(
+            f"layer {name!r} ({type(module).__name__}) is lazy and not initialised yet; "
+            "run one forward pass with example inputs before calling timm_fslt.freeze")
+
+
+def fan_in(shape: Sequence[int]) -> int:
+    """torch's fan-in of a weight of this shape (conv: in/groups * kernel, linear: in)."""
+    if len(shape) < 2:
+        return max(int(shape[0]), 1) if shape else 1
+    return int(shape[1]) * math.prod(shape[2:])
+
+
+_RELU_GAIN = math.sqrt(2.0)
+
+
+def random_weight(kind: str, seed: int, name: str, shape: Sequence[int], device=None,
+                  dtype=torch.float32, stream: str = "weight") -> torch.Tensor:
+    """Regenerable initial values for one layer (weights or scores).
+
+    kaiming_uniform: U(-b, b), b = sqrt(2) * sqrt(3 / fan_in)
+    kaiming_normal:  N(0, 2 / fan_in)
+    signed_kaiming_constant: +-sqrt(2) / sqrt(fan_in), the sign a fair coin
+    """
+    n = math.prod(shape)
+    std = _RELU_GAIN / math.sqrt(fan_in(shape))
+    if kind == "kaiming_uniform":
+        values = (rng.uniform(seed, name, stream, n, device) * 2.0 - 1.0) * (std * math.sqrt(3.0))
+    elif kind == "kaiming_normal":
+        values = rng.normal(seed, name, stream, n, device) * std
+    elif kind == "signed_kaiming_constant":
+        sign = (rng.bits(seed, name, stream, n, device) >> 31).to(torch.float64) * 2.0 - 1.0
+        values = sign * std
+    else:
+        raise ValueError(f"init must be one of {WEIGHT_INITS}, got {kind!r}")
+    return values.to(dtype).view(tuple(shape))
+
+
+def weight_shape(module: nn.Module) -> tuple[int, ...]:
+    return tuple(module.weight.shape)
+
+
+def iter_frozen(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
+    for name, module in model.named_modules():
+        if is_frozen_layer(module):
+            yield name, module

@@ -1,0 +1,145 @@
+"""The ``FrozenSupermask`` parametrization and the group that keeps masks current.
+
+A ``FrozenSupermask`` is attached with ``torch.nn.utils.parametrize`` to the
+weight of a conv or linear layer, so the layer keeps its class and its own
+forward (timm's ``Conv2dSame``/``StdConv2d`` padding and standardisation still
+apply): reading ``layer.weight`` yields ``W * mask * scale``.  ``W`` is the random
+weight, a buffer that never trains; ``scores`` is the only parameter.
+
+The masks of all layers of one model belong to a ``SupermaskGroup``.  The group
+notices that scores changed (their autograd version counters move whenever an
+optimizer or ``load_state_dict`` writes them) at the next forward and recomputes
+every mask at once: one selection for the whole model in ``global`` scope, one
+per layer in ``layerwise`` scope.  No extra call is needed in a training loop.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from . import freezing
+from .threshold import topk_mask
+
+SCOPES = ("global", "layerwise")
+SCALES = (None, "static", "dynamic")
+
+
+class _MaskedWeight(torch.autograd.Function):
+    """``W * mask * scale`` forward; straight-through gradient ``dL/ds = dL/dW_eff * W * scale``."""
+
+    @staticmethod
+    def forward(ctx, weight, scores, mask, scale):
+        ctx.save_for_backward(weight, scale)
+        out = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+        return out.mul_(scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, scale = ctx.saved_tensors
+        return None, (grad * weight).mul_(scale).to(grad.dtype), None, None
+
+
+class FrozenSupermask(nn.Module):
+    """Parametrization of one layer's weight: frozen code, scores and the current mask.
+
+    Attributes:
+        scores: learnable real-valued scores, same shape as the weight.
+        frozen: int8 ternary code, -1 pruned, +1 locked, 0 free (searched).
+        mask: bool, the current supermask (locked | selected free weights).
+        layer_name: qualified name of the layer inside the frozen model (the RNG key).
+    """
+
+    def __init__(self, layer_name: str, scores: torch.Tensor, frozen: torch.Tensor):
+        super().__init__()
+        self.layer_name = layer_name
+        self.scores = nn.Parameter(scores)
+        self.register_buffer("frozen", frozen.to(torch.int8))
+        self.register_buffer("mask", frozen == freezing.LOCKED, persistent=False)
+        self.register_buffer("scale", torch.ones((), dtype=torch.float32, device=scores.device),
+                             persistent=False)
+        self.group: Optional[SupermaskGroup] = None
+        self._seen_version = -1
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        group = self.group
+        if group is not None and not torch.compiler.is_compiling() \
+                and self.scores._version != self._seen_version:
+            # Reached when this layer is called outside the root model's forward
+            # (e.g. model.forward_features) right after an optimizer step.
+            group.refresh()
+        return _MaskedWeight.apply(weight, self.scores, self.mask, self.scale.to(weight.dtype))
+
+    # -- counts -------------------------------------------------------------------
+    @property
+    def numel(self) -> int:
+        return self.frozen.numel()
+
+    def counts(self) -> dict:
+        frozen = self.frozen
+        pruned = int((frozen == freezing.PRUNED).sum())
+        locked = int((frozen == freezing.LOCKED).sum())
+        kept = int(self.mask.sum())
+        return {"numel": frozen.numel(), "pruned": pruned, "locked": locked,
+                "free": frozen.numel() - pruned - locked, "kept": kept}
+
+    def extra_repr(self) -> str:
+        return f"layer={self.layer_name!r}, shape={tuple(self.frozen.shape)}"
+
+
+class SupermaskGroup:
+    """All ``FrozenSupermask``s of one model and the rule that turns scores into masks."""
+
+    def __init__(self, layers: list[FrozenSupermask], sparsity: float, scope: str,
+                 scale: Optional[str]):
+        self.layers = layers
+        self.sparsity = sparsity
+        self.scope = scope
+        self.scale_mode = scale
+        for layer in layers:
+            layer.group = self
+        self.refresh(force=True)
+
+    def _versions(self):
+        return [layer.scores._version for layer in self.layers]
+
+    def is_stale(self) -> bool:
+        return any(layer.scores._version != layer._seen_version for layer in self.layers)
+
+    def kept_target(self) -> int:
+        total = sum(layer.numel for layer in self.layers)
+        return freezing.round_half_up((1.0 - self.sparsity) * total)
+
+    @torch.no_grad()
+    def refresh(self, force: bool = False) -> None:
+        """Recompute every mask from the current scores (no-op when nothing changed)."""
+        if not force and not self.is_stale():
+            return
+        frees = [layer.frozen == freezing.FREE for layer in self.layers]
+        values = [layer.scores.detach().abs()[free] for layer, free in zip(self.layers, frees)]
+        if self.scope == "global":
+            locked = sum(int((layer.frozen == freezing.LOCKED).sum()) for layer in self.layers)
+            n_free = sum(v.numel() for v in values)
+            k = min(max(self.kept_target() - locked, 0), n_free)
+            flat = torch.cat([v.float() for v in values]) if values else torch.empty(0)
+            selected = topk_mask(flat, k).split([v.numel() for v in values])
+        else:
+            selected = []
+            for layer, v in zip(self.layers, values):
+                locked = int((layer.frozen == freezing.LOCKED).sum())
+                kept = freezing.round_half_up((1.0 - self.sparsity) * layer.numel)
+                selected.append(topk_mask(v.float(), min(max(kept - locked, 0), v.numel())))
+        for layer, free, sel in zip(self.layers, frees, selected):
+            mask = layer.mask
+            torch.eq(layer.frozen, freezing.LOCKED, out=mask)
+            mask.masked_scatter_(free, sel)
+            if self.scale_mode == "static":
+                layer.scale.fill_(1.0 / math.sqrt(max(1.0 - self.sparsity, 1e-12)))
+            elif self.scale_mode == "dynamic":
+                density = int(mask.sum()) / max(layer.numel, 1)
+                layer.scale.fill_(1.0 / math.sqrt(max(density, 1e-12)))
+            else:
+                layer.scale.fill_(1.0)
+            layer._seen_version = layer.scores._version
