@@ -6,7 +6,7 @@ then train the scores with an ordinary PyTorch loop.
 """
 __version__ = "0.1.0"
 
-from .freeze import FreezeConfig, freeze, get_config, refresh_masks
+from .core import FreezeConfig, freeze, get_config, get_group, refresh_masks
 from .layers import find_maskable, iter_frozen
 from .materialize import materialize
 from .report import SizeReport, size_report
@@ -16,5 +16,5 @@ from . import models  # registers conv6 / resnet18_cifar in timm
 
 __all__ = [
     "FreezeConfig", "FrozenSupermask", "GENERATOR_VERSION", "SizeReport", "find_maskable",
-    "freeze", "get_config", "iter_frozen", "materialize", "refresh_masks", "size_report",
+    "freeze", "get_config", "get_group", "iter_frozen", "materialize", "refresh_masks", "size_report",
 ]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .freeze import _refresh_hook, get_group
+from .core import _refresh_hook, get_group
 from .layers import is_frozen_layer
 
 

@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .freeze import get_group
+from .core import get_group
 from .layers import is_frozen_layer, is_norm
 
 

@@ -28,18 +28,25 @@ SCALES = (None, "static", "dynamic")
 
 
 class _MaskedWeight(torch.autograd.Function):
-    """``W * mask * scale`` forward; straight-through gradient ``dL/ds = dL/dW_eff * W * scale``."""
+    """``W * mask * scale`` forward, straight-through estimator backward.
+
+    The mask is chosen by ``|s|``, and the estimator treats the mask as the identity
+    of ``|s|``: ``dL/d|s| = dL/dW_eff * W * scale``, so by the chain rule
+    ``dL/ds = dL/dW_eff * W * scale * sign(s)`` (as Edge-Popup's reference does by
+    selecting on ``scores.abs()`` inside autograd).
+    """
 
     @staticmethod
     def forward(ctx, weight, scores, mask, scale):
-        ctx.save_for_backward(weight, scale)
+        ctx.save_for_backward(weight, scores, scale)
         out = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
         return out.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
-        weight, scale = ctx.saved_tensors
-        return None, (grad * weight).mul_(scale).to(grad.dtype), None, None
+        weight, scores, scale = ctx.saved_tensors
+        grad_scores = (grad * weight).mul_(scale).mul_(torch.sign(scores))
+        return None, grad_scores.to(scores.dtype), None, None
 
 
 class FrozenSupermask(nn.Module):
