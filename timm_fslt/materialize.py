@@ -5,10 +5,22 @@ import copy
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 
 from .core import _refresh_hook, get_group
 from .layers import is_frozen_layer
+
+
+def _unparametrize(module: nn.Module) -> None:
+    """Replace the parametrized weight by a plain Parameter holding its current value.
+
+    ``parametrize.remove_parametrizations`` deletes the property from the module's
+    class, and a deep copy shares that dynamically created class with the original
+    model, so it would break the original. Swapping the class back is local.
+    """
+    value = module.weight.detach().clone()
+    module.__class__ = module.__class__.__bases__[0]
+    del module._modules["parametrizations"]
+    module.weight = nn.Parameter(value)
 
 
 def materialize(model: nn.Module) -> nn.Module:
@@ -24,10 +36,7 @@ def materialize(model: nn.Module) -> nn.Module:
     with torch.no_grad():
         for _, module in list(plain.named_modules()):
             if is_frozen_layer(module):
-                parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
-                # freeze() made the random weight a buffer; an ordinary layer owns a Parameter.
-                weight = module._buffers.pop("weight")
-                module.weight = nn.Parameter(weight.detach().clone())
+                _unparametrize(module)
     for key, hook in list(plain._forward_pre_hooks.items()):
         if hook is _refresh_hook:
             del plain._forward_pre_hooks[key]

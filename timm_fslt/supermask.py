@@ -19,11 +19,25 @@ from typing import Optional
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import freezing
 from .threshold import topk_mask
 
 SCOPES = ("global", "layerwise")
+
+# Fused optimizers (e.g. Adam(fused=True)) update parameters without moving their
+# version counters, so every optimizer step also bumps this counter; a group
+# whose last refresh predates a step recomputes its masks at the next forward.
+_optimizer_steps = 0
+
+
+def _count_optimizer_step(optimizer, args, kwargs) -> None:
+    global _optimizer_steps
+    _optimizer_steps += 1
+
+
+register_optimizer_step_post_hook(_count_optimizer_step)
 SCALES = (None, "static", "dynamic")
 
 
@@ -72,8 +86,8 @@ class FrozenSupermask(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         group = self.group
-        if group is not None and not torch.compiler.is_compiling() \
-                and self.scores._version != self._seen_version:
+        if group is not None and not torch.compiler.is_compiling() and (
+                self.scores._version != self._seen_version or group._seen_steps != _optimizer_steps):
             # Reached when this layer is called outside the root model's forward
             # (e.g. model.forward_features) right after an optimizer step.
             group.refresh()
@@ -102,6 +116,7 @@ class SupermaskGroup:
     def __init__(self, layers: list[FrozenSupermask], sparsity: float, scope: str,
                  scale: Optional[str]):
         self.layers = layers
+        self._seen_steps = -1
         self.sparsity = sparsity
         self.scope = scope
         self.scale_mode = scale
@@ -109,11 +124,9 @@ class SupermaskGroup:
             layer.group = self
         self.refresh(force=True)
 
-    def _versions(self):
-        return [layer.scores._version for layer in self.layers]
-
     def is_stale(self) -> bool:
-        return any(layer.scores._version != layer._seen_version for layer in self.layers)
+        return self._seen_steps != _optimizer_steps or any(
+            layer.scores._version != layer._seen_version for layer in self.layers)
 
     def kept_target(self) -> int:
         total = sum(layer.numel for layer in self.layers)
@@ -150,3 +163,4 @@ class SupermaskGroup:
             else:
                 layer.scale.fill_(1.0)
             layer._seen_version = layer.scores._version
+        self._seen_steps = _optimizer_steps

@@ -16,7 +16,7 @@ def _ch(base: int, width: float) -> int:
 
 class Conv6(nn.Module):
     def __init__(self, num_classes: int = 10, in_chans: int = 3, width: float = 1.0,
-                 img_size: int = 32, drop_rate: float = 0.0, **kwargs):
+                 img_size: int = 32, drop_rate: float = 0.0, device=None, dtype=None, **kwargs):
         super().__init__()
         c1, c2, c3 = _ch(64, width), _ch(128, width), _ch(256, width)
         hidden = _ch(256, width)
@@ -37,6 +37,8 @@ class Conv6(nn.Module):
         self.num_features = hidden
         self.head_drop = nn.Dropout(drop_rate)
         self.fc = nn.Linear(hidden, num_classes, bias=False) if num_classes > 0 else nn.Identity()
+        if device is not None or dtype is not None:
+            self.to(device=device, dtype=dtype)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)

@@ -1,0 +1,34 @@
+"""Small shared pieces for the core tests."""
+import torch
+import torch.nn.functional as F
+
+import timm_fslt
+
+
+def trainable(model):
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def fit(model, inputs, target, steps=40, lr=0.5, loss_fn=None):
+    """A plain training loop on a fixed batch; returns (first loss, last loss)."""
+    loss_fn = loss_fn or F.cross_entropy
+    opt = torch.optim.SGD(trainable(model), lr=lr, momentum=0.9, weight_decay=1e-4)
+    first = None
+    for _ in range(steps):
+        out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+        loss = loss_fn(out, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        first = loss.item() if first is None else first
+    with torch.no_grad():
+        out = model(*inputs) if isinstance(inputs, tuple) else model(inputs)
+        return first, loss_fn(out, target).item()
+
+
+def snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def masks(model):
+    return [layer.mask.clone() for layer in timm_fslt.get_group(model).layers]
