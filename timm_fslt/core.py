@@ -48,6 +48,10 @@ class FreezeConfig:
     bias: str = "zero"
 
     def __post_init__(self):
+        for arg in ("include", "exclude"):
+            if isinstance(getattr(self, arg), (str, bytes)):
+                raise TypeError(f"{arg} must be a list of module-name patterns (str), got the single "
+                                f"string {getattr(self, arg)!r}; wrap it in a list")
         if self.include is not None:
             self.include = list(self.include)
         if self.exclude is not None:
