@@ -83,6 +83,10 @@ class FrozenSupermask(nn.Module):
                              persistent=False)
         self.group: Optional[SupermaskGroup] = None
         self._seen_version = -1
+        # Weights cut out by structural compaction (timm_fslt.compact) stay in the
+        # sparsity budget (the kept ones like locked weights), so other masks do not move.
+        self.removed_numel = 0
+        self.removed_kept = 0
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         group = self.group
@@ -129,7 +133,7 @@ class SupermaskGroup:
             layer.scores._version != layer._seen_version for layer in self.layers)
 
     def kept_target(self) -> int:
-        total = sum(layer.numel for layer in self.layers)
+        total = sum(layer.numel + layer.removed_numel for layer in self.layers)
         return freezing.round_half_up((1.0 - self.sparsity) * total)
 
     @torch.no_grad()
@@ -140,7 +144,8 @@ class SupermaskGroup:
         frees = [layer.frozen == freezing.FREE for layer in self.layers]
         values = [layer.scores.detach().abs()[free] for layer, free in zip(self.layers, frees)]
         if self.scope == "global":
-            locked = sum(int((layer.frozen == freezing.LOCKED).sum()) for layer in self.layers)
+            locked = sum(int((layer.frozen == freezing.LOCKED).sum()) + layer.removed_kept
+                         for layer in self.layers)
             n_free = sum(v.numel() for v in values)
             k = min(max(self.kept_target() - locked, 0), n_free)
             flat = torch.cat([v.float() for v in values]) if values else torch.empty(0)
@@ -148,8 +153,8 @@ class SupermaskGroup:
         else:
             selected = []
             for layer, v in zip(self.layers, values):
-                locked = int((layer.frozen == freezing.LOCKED).sum())
-                kept = freezing.round_half_up((1.0 - self.sparsity) * layer.numel)
+                locked = int((layer.frozen == freezing.LOCKED).sum()) + layer.removed_kept
+                kept = freezing.round_half_up((1.0 - self.sparsity) * (layer.numel + layer.removed_numel))
                 selected.append(topk_mask(v.float(), min(max(kept - locked, 0), v.numel())))
         for layer, free, sel in zip(self.layers, frees, selected):
             mask = layer.mask
@@ -158,7 +163,7 @@ class SupermaskGroup:
             if self.scale_mode == "static":
                 layer.scale.fill_(1.0 / math.sqrt(max(1.0 - self.sparsity, 1e-12)))
             elif self.scale_mode == "dynamic":
-                density = int(mask.sum()) / max(layer.numel, 1)
+                density = (int(mask.sum()) + layer.removed_kept) / max(layer.numel + layer.removed_numel, 1)
                 layer.scale.fill_(1.0 / math.sqrt(max(density, 1e-12)))
             else:
                 layer.scale.fill_(1.0)
