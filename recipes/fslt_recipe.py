@@ -1,0 +1,357 @@
+"""What the three recipes share: the command line, presets, model building and the run.
+
+Each recipe (``cifar10.py``, ``imagenet.py``, ``ogbn_arxiv.py``) only adds its data
+and model; the training itself is ``timm_fslt.train.train``.  Settings come from,
+in increasing priority: the defaults below, a preset (``presets/<name>.yaml``),
+then the command line.  Everything is checked before data is read or anything
+trains, and every error names the option at fault.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional, Sequence
+
+import yaml
+
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+
+# Defaults under every preset (a preset overrides them, the command line overrides both).
+BASE = {
+    "model": None, "model_kwargs": {}, "method": "ticket",
+    "prune": 0.0, "lock": 0.0, "sparsity": None, "distribution": "epl", "scope": "global",
+    "weight_init": "kaiming_uniform", "score_init": "kaiming_normal", "scale": None,
+    "batchnorm": "non_affine", "bias": "zero",
+    "epochs": 100, "batch_size": 128, "eval_batch_size": None, "optimizer": "sgd", "lr": 0.1,
+    "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False, "scheduler": "cosine", "warmup_epochs": 0,
+    "label_smoothing": 0.0, "grad_accum": 1, "mixed_precision": "no", "seed": 0, "num_workers": 4,
+    "limit_train_batches": None, "limit_eval_batches": None, "val_fraction": 0.2,
+    "output_dir": None, "resume": False, "overwrite": False, "keep_checkpoints": 1, "stop_after": None,
+    "log_with": [], "log_every": 50, "push_to_hub": None, "hub_private": False, "save_ticket": True,
+    "progress": True, "cpu": False,
+    "data": None, "hf_token": None, "img_size": None, "data_root": None, "download": False,
+    "sweep": [],
+}
+FREEZE_KEYS = ("prune", "lock", "sparsity", "distribution", "scope", "weight_init", "score_init", "scale",
+               "batchnorm", "bias", "seed")
+METHODS = ("ticket", "weights")
+
+
+class RecipeError(ValueError):
+    """Bad recipe input, reported before anything trains."""
+
+
+def _kwargs_value(text: str):
+    return yaml.safe_load(text)
+
+
+def parse_model_kwargs(items: Sequence[str]) -> dict:
+    """``--model-kwargs width=0.25 hidden=16`` or ``--model-kwargs '{"width": 0.25}'``."""
+    out: dict = {}
+    for item in items or ():
+        item = item.strip()
+        if item.startswith("{"):
+            try:
+                value = json.loads(item)
+            except json.JSONDecodeError as err:
+                raise RecipeError(f"--model-kwargs: {item!r} is not valid JSON ({err})") from None
+            if not isinstance(value, dict):
+                raise RecipeError(f"--model-kwargs: {item!r} must be a JSON object")
+            out.update(value)
+        elif "=" in item:
+            key, value = item.split("=", 1)
+            if not key.isidentifier():
+                raise RecipeError(f"--model-kwargs: {key!r} is not a keyword name")
+            out[key] = _kwargs_value(value)
+        else:
+            raise RecipeError(f"--model-kwargs: expected key=value or a JSON object, got {item!r}")
+    return out
+
+
+def _resume_arg(text: str):
+    return True if text in ("", "latest") else text
+
+
+def build_parser(recipe: str, description: str, *, image: bool) -> argparse.ArgumentParser:
+    """The command line every recipe accepts; recipe-specific data options depend on ``image``."""
+    S = argparse.SUPPRESS
+    p = argparse.ArgumentParser(prog=f"recipes/{recipe}.py", description=description,
+                                argument_default=S,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", help="preset name in recipes/presets (or a .yaml path); "
+                                    "default: the recipe's preset for --model")
+    g = p.add_argument_group("model and method")
+    g.add_argument("--model", help="model name (timm name for the image recipes, 'gin' for ogbn_arxiv)")
+    g.add_argument("--model-kwargs", dest="model_kwargs", nargs="+", metavar="KEY=VALUE",
+                   help="extra model constructor kwargs, e.g. width=0.25 (or one JSON object)")
+    g.add_argument("--method", choices=METHODS,
+                   help="ticket: Edge-Popup score search in a (partially) frozen random network; "
+                        "weights: ordinary weight training of the same architecture (upper reference)")
+    g.add_argument("--prune", type=float, help="fraction of weights pruned for good (P)")
+    g.add_argument("--lock", type=float, help="fraction of weights kept for good (L)")
+    g.add_argument("--sparsity", type=float, help="ticket sparsity K in [P, 1 - L] (default: middle)")
+    g.add_argument("--distribution", choices=("epl", "erk", "igq"))
+    g.add_argument("--scope", choices=("global", "layerwise"))
+    g.add_argument("--weight-init", dest="weight_init",
+                   choices=("kaiming_uniform", "kaiming_normal", "signed_kaiming_constant"))
+    g.add_argument("--score-init", dest="score_init", choices=("kaiming_normal", "kaiming_uniform"))
+    g.add_argument("--scale", choices=("none", "static", "dynamic"))
+    g.add_argument("--batchnorm", choices=("non_affine", "affine", "keep"))
+    g.add_argument("--bias", choices=("zero", "train", "keep"))
+    g.add_argument("--seed", type=int, help="seed of weights, freezing, scores, split and data order")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int)
+    g.add_argument("--batch-size", dest="batch_size", type=int,
+                   help="global batch size (all processes and accumulation steps together)")
+    g.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, help="per-process eval batch")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"))
+    g.add_argument("--lr", type=float)
+    g.add_argument("--momentum", type=float)
+    g.add_argument("--weight-decay", dest="weight_decay", type=float)
+    g.add_argument("--nesterov", action="store_true")
+    g.add_argument("--scheduler", choices=("cosine", "constant"))
+    g.add_argument("--warmup-epochs", dest="warmup_epochs", type=int)
+    g.add_argument("--label-smoothing", dest="label_smoothing", type=float)
+    g.add_argument("--grad-accum", dest="grad_accum", type=int, help="gradient accumulation steps")
+    g.add_argument("--mixed-precision", dest="mixed_precision", choices=("no", "fp16", "bf16"))
+    g.add_argument("--bf16", dest="mixed_precision", action="store_const", const="bf16")
+    g.add_argument("--fp16", dest="mixed_precision", action="store_const", const="fp16")
+    g.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    g = p.add_argument_group("data")
+    if image:
+        g.add_argument("--data", help="Hub dataset id, a save_to_disk DatasetDict folder, or an image "
+                                      "folder with train/ and test/ (or val/)")
+        g.add_argument("--hf-token", dest="hf_token", help="Hub token for gated datasets (default: HF_TOKEN)")
+        g.add_argument("--img-size", dest="img_size", type=int)
+        g.add_argument("--val-fraction", dest="val_fraction", type=float,
+                       help="share of the train split held out for validation (paper: 0.2, i.e. 4:1)")
+    else:
+        g.add_argument("--data-root", dest="data_root", help="folder that holds (or receives) ogbn_arxiv/")
+        g.add_argument("--download", action="store_true", help="let ogb download OGBN-Arxiv if missing")
+    g.add_argument("--num-workers", dest="num_workers", type=int)
+    g.add_argument("--limit-train-batches", dest="limit_train_batches", type=int,
+                   help="train batches per epoch and process (quick runs)")
+    g.add_argument("--limit-eval-batches", dest="limit_eval_batches", type=int)
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", dest="output_dir")
+    g.add_argument("--resume", nargs="?", const=True, type=_resume_arg,
+                   help="continue the run in --output-dir from its latest checkpoint; 'auto': only if "
+                        "there is one; or a checkpoint folder")
+    g.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a run")
+    g.add_argument("--stop-after", dest="stop_after", type=int,
+                   help="stop after this many epochs (time-limited jobs); continue with --resume")
+    g.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int)
+    g.add_argument("--log-with", dest="log_with", nargs="+",
+                   help="extra Accelerate trackers (tensorboard, wandb, ...); metrics.jsonl is always written")
+    g.add_argument("--log-every", dest="log_every", type=int)
+    g.add_argument("--push-to-hub", dest="push_to_hub", metavar="REPO_ID", help="upload the ticket to the Hub")
+    g.add_argument("--hub-private", dest="hub_private", action="store_true")
+    g.add_argument("--no-ticket", dest="save_ticket", action="store_false", help="do not save a ticket")
+    g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    return p
+
+
+def load_preset(name_or_path: str) -> dict:
+    path = Path(name_or_path)
+    if path.suffix not in (".yaml", ".yml"):
+        path = PRESETS_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+        raise RecipeError(f"--preset: no preset {name_or_path!r} (known: {known}, or a path to a .yaml file)")
+    with open(path, encoding="utf-8") as f:
+        preset = yaml.safe_load(f) or {}
+    if not isinstance(preset, dict):
+        raise RecipeError(f"--preset: {str(path)!r} must hold a mapping of option: value")
+    unknown = sorted(set(preset) - set(BASE))
+    if unknown:
+        raise RecipeError(f"--preset: {str(path)!r} has unknown keys {unknown}")
+    return preset
+
+
+def resolve_settings(parser: argparse.ArgumentParser, argv: Optional[Sequence[str]], *, recipe: str,
+                     default_model: str) -> dict:
+    """Defaults < preset < command line; returns a plain dict with every option."""
+    args = vars(parser.parse_args(argv))
+    explicit = set(args)
+    model = args.get("model")
+    preset_name = args.get("preset")
+    if preset_name is None:
+        candidate = f"{recipe}_{model or default_model}"
+        preset_name = candidate if (PRESETS_DIR / f"{candidate}.yaml").is_file() else f"{recipe}_{default_model}"
+    preset = load_preset(preset_name)
+    cli_kwargs = parse_model_kwargs(args.pop("model_kwargs", None))
+    settings = {**BASE, **preset, **args}
+    settings["preset"] = preset_name
+    settings["model"] = settings["model"] or default_model
+    settings["model_kwargs"] = {**(preset.get("model_kwargs") or {}), **cli_kwargs}
+    if settings["scale"] == "none":
+        settings["scale"] = None
+    settings["_explicit"] = sorted(explicit)
+    check_settings(settings)
+    return settings
+
+
+def init_processes(s: dict) -> None:
+    """Set up the (distributed) process state first, so data preparation can run on the
+    main process first; ``train`` later finds the same state (same --cpu, precision)."""
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    PartialState(cpu=s["cpu"] or parse_flag_from_env("ACCELERATE_USE_CPU"))
+
+
+def check_settings(s: dict) -> None:
+    """Everything that can be checked without data, so bad input fails in seconds."""
+    import timm_fslt
+
+    if s["method"] not in METHODS:
+        raise RecipeError(f"--method must be one of {list(METHODS)}, got {s['method']!r}")
+    if s["method"] == "weights":
+        given = [f"--{k}" for k in ("prune", "lock", "sparsity") if k in s["_explicit"]]
+        if given:
+            raise RecipeError(f"{', '.join(given)} only apply to --method ticket (weight training has no masks)")
+        if s["push_to_hub"]:
+            raise RecipeError("--push-to-hub uploads a ticket; it needs --method ticket")
+    else:
+        try:
+            timm_fslt.FreezeConfig(**{k: s[k] for k in FREEZE_KEYS})
+        except (TypeError, ValueError) as err:
+            raise RecipeError(f"--{str(err)}") from None
+    if not isinstance(s["model_kwargs"], dict):
+        raise RecipeError(f"--model-kwargs must be a mapping, got {s['model_kwargs']!r}")
+
+
+def train_config(s: dict, output_dir: str, *, architecture: Optional[dict] = None,
+                 dataset_ids: Sequence[str] = ()):
+    from timm_fslt.train import TrainConfig
+
+    try:
+        return TrainConfig(
+            output_dir=output_dir, epochs=s["epochs"], batch_size=s["batch_size"],
+            eval_batch_size=s["eval_batch_size"], optimizer=s["optimizer"], lr=s["lr"], momentum=s["momentum"],
+            weight_decay=s["weight_decay"], nesterov=s["nesterov"], scheduler=s["scheduler"],
+            warmup_epochs=s["warmup_epochs"], label_smoothing=s["label_smoothing"],
+            grad_accum_steps=s["grad_accum"], mixed_precision=s["mixed_precision"], seed=s["seed"],
+            num_workers=s["num_workers"], limit_train_batches=s["limit_train_batches"],
+            limit_eval_batches=s["limit_eval_batches"], resume=s["resume"], overwrite=s["overwrite"],
+            keep_checkpoints=s["keep_checkpoints"], stop_after=s["stop_after"], log_with=s["log_with"],
+            log_every=s["log_every"], progress=s["progress"], save_ticket=s["save_ticket"],
+            architecture=architecture if s["method"] == "ticket" else None, dataset_ids=dataset_ids,
+            push_to_hub=s["push_to_hub"], hub_private=s["hub_private"], cpu=s["cpu"])
+    except ValueError as err:
+        raise RecipeError(_as_option(str(err))) from None
+
+
+# TrainConfig field -> command-line option, for error messages.
+_OPTIONS = {"grad_accum_steps": "--grad-accum", "batch_size": "--batch-size", "eval_batch_size": "--eval-batch-size",
+            "weight_decay": "--weight-decay", "warmup_epochs": "--warmup-epochs",
+            "label_smoothing": "--label-smoothing", "mixed_precision": "--mixed-precision",
+            "num_workers": "--num-workers", "limit_train_batches": "--limit-train-batches",
+            "limit_eval_batches": "--limit-eval-batches", "keep_checkpoints": "--keep-checkpoints",
+            "stop_after": "--stop-after", "log_every": "--log-every", "log_with": "--log-with"}
+
+
+def _as_option(message: str) -> str:
+    for field, option in _OPTIONS.items():
+        message = message.replace(field, option)
+    head = message.split(" ", 1)[0]
+    return message if head.startswith("--") else f"--{message}"
+
+
+def default_output_dir(recipe: str, s: dict) -> str:
+    if s["output_dir"]:
+        return s["output_dir"]
+    if s["method"] == "weights":
+        tag = "weights"
+    else:
+        k = "mid" if s["sparsity"] is None else f"{s['sparsity']:g}"
+        tag = f"p{s['prune']:g}-l{s['lock']:g}-k{k}"
+    return os.path.join("runs", recipe, f"{s['model']}-{tag}-seed{s['seed']}")
+
+
+def check_timm_model(name: str) -> None:
+    import timm
+    import timm_fslt  # noqa: F401  (registers conv6 / resnet18_cifar)
+
+    if not isinstance(name, str) or not timm.is_model(name):
+        raise RecipeError(f"--model: unknown model {name!r}; give a timm model name "
+                          "(e.g. conv6, resnet18_cifar, resnet18; see timm.list_models())")
+
+
+def build_timm_model(s: dict, num_classes: int):
+    """The recipe's model: frozen for --method ticket, as built for --method weights."""
+    import timm
+    import timm_fslt
+    from accelerate.utils import set_seed
+
+    kwargs = dict(s["model_kwargs"])
+    if kwargs.setdefault("num_classes", num_classes) != num_classes:
+        raise RecipeError(f"--model-kwargs num_classes={kwargs['num_classes']} but the data has "
+                          f"{num_classes} classes")
+    set_seed(s["seed"])  # weight training starts from the same initialisation on every process
+    try:
+        model = timm.create_model(s["model"], **kwargs)
+    except TypeError as err:
+        raise RecipeError(f"--model-kwargs: {s['model']} rejected {kwargs}: {err}") from None
+    architecture = {"timm": s["model"], "kwargs": kwargs}
+    return freeze_if_ticket(model, s), architecture
+
+
+def freeze_if_ticket(model, s: dict):
+    import timm_fslt
+
+    if s["method"] == "ticket":
+        timm_fslt.freeze(model, **{k: s[k] for k in FREEZE_KEYS})
+    return model
+
+
+def run(recipe: str, s: dict, model, data, *, task=None, architecture: Optional[dict] = None,
+        dataset_ids: Sequence[str] = (), extra_info: Optional[dict] = None) -> dict:
+    """Train (timm_fslt.train.train) and print a one-screen summary."""
+    from timm_fslt.train import train
+
+    output_dir = default_output_dir(recipe, s)
+    config = train_config(s, output_dir, architecture=architecture, dataset_ids=dataset_ids)
+    info = {"recipe": recipe, "preset": s["preset"], "model": s["model"], "model_kwargs": s["model_kwargs"],
+            "method": s["method"], "data": data.fingerprint(), **(extra_info or {})}
+    if s["method"] == "ticket":
+        info["freeze"] = {k: s[k] for k in FREEZE_KEYS}
+    if recipe != "ogbn_arxiv":
+        info["val_fraction"] = s["val_fraction"]
+    results = train(model, data.train, data.val, data.test, config, task=task, run_info=info)
+    if results.get("completed"):
+        _print_summary(results)
+    return results
+
+
+def _print_summary(results: dict) -> None:
+    from accelerate import PartialState
+
+    if not PartialState().is_main_process:
+        return
+    totals = results["size_report"]["totals"]
+    acc = results["accuracy"]
+    print(f"\nbest val acc {acc['val']:.4f} (epoch {results['best_epoch']}), test acc "
+          f"{acc['test'] if acc['test'] is None else format(acc['test'], '.4f')}, sparsity "
+          f"{results['sparsity']:.4f}")
+    if "ticket_bits" in totals:
+        print(f"ticket {totals['ticket_bits']:,} bits ({totals['compression_vs_dense_source']:.2f}x smaller "
+              f"than a dense-source ticket) -> {results.get('ticket_dir', '(not saved)')}")
+    else:
+        print(f"model {totals['model_bits']:,} bits -> {results.get('model_file')}")
+    print(f"results -> {os.path.join(results['output_dir'], 'results.json')}")
+
+
+def main_guard(fn: Callable[[], Any]) -> None:
+    """Run a recipe's main; bad input exits with the message, not a traceback."""
+    from timm_fslt.data import DataError
+    from timm_fslt.train import RunConfigError
+
+    try:
+        fn()
+    except (RecipeError, DataError, RunConfigError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)

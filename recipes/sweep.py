@@ -1,0 +1,165 @@
+"""Run a recipe at several (prune, lock, sparsity) points; collect results; plot accuracy vs size.
+
+    accelerate launch recipes/sweep.py --recipe cifar10 --output-dir runs/sweep-conv6 -- --model conv6
+    accelerate launch recipes/sweep.py --recipe ogbn_arxiv --points 0,0,0.7 0.5,0,0.7 0.49,0.21,0.7 \\
+        --weights --output-dir runs/sweep-gin -- --data-root data/ogb
+
+Everything after ``--`` goes to the recipe unchanged.  Without ``--points`` the
+preset's ``sweep`` list is used.  Each point runs in ``<output-dir>/p<P>-l<L>-k<K>``
+with ``--resume auto``: a finished point is read back, an interrupted one continues,
+so re-running the same command completes a sweep.  ``--weights`` adds the weight-
+trained model of the same architecture as the upper reference.
+
+Writes ``<output-dir>/sweep.json`` (one row per point) and, with two or more ticket
+points, ``<output-dir>/accuracy_vs_size.png``: test accuracy against ticket size in
+bits (log scale), dense-source, sparse-source and frozen tickets marked apart.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from typing import Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import fslt_recipe as R  # noqa: E402
+
+RECIPES = ("cifar10", "imagenet", "ogbn_arxiv")
+RESERVED = ("--prune", "--lock", "--sparsity", "--output-dir", "--method", "--resume", "--overwrite")
+
+
+def parse_point(text: str) -> tuple:
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise R.RecipeError(f"--points: {text!r} is not 'prune,lock' or 'prune,lock,sparsity'") from None
+    if len(values) not in (2, 3):
+        raise R.RecipeError(f"--points: {text!r} is not 'prune,lock' or 'prune,lock,sparsity'")
+    return values if len(values) == 3 else values + (None,)
+
+
+def point_kind(prune: float, lock: float) -> str:
+    if lock > 0:
+        return "frozen"
+    return "sparse source" if prune > 0 else "dense source"
+
+
+def point_name(prune: float, lock: float, sparsity: Optional[float]) -> str:
+    k = "mid" if sparsity is None else f"{sparsity:g}"
+    return f"p{prune:g}-l{lock:g}-k{k}"
+
+
+def _row(name: str, kind: str, point: tuple, results: dict) -> dict:
+    totals = results["size_report"]["totals"]
+    prune, lock, sparsity = point
+    return {"name": name, "kind": kind, "prune": prune, "lock": lock, "sparsity_target": sparsity,
+            "sparsity": results["sparsity"], "val_acc": results["accuracy"]["val"],
+            "test_acc": results["accuracy"]["test"], "ticket_bits": totals.get("ticket_bits"),
+            "mask_bits": totals.get("mask_bits"), "model_bits": totals.get("model_bits"),
+            "fp32_dense_bits": totals.get("fp32_dense_bits"), "wall_time_s": results.get("wall_time_s"),
+            "output_dir": results["output_dir"]}
+
+
+def run_point(recipe, recipe_args: Sequence[str], out_dir: str, extra: Sequence[str]) -> dict:
+    """Results of one point: read back if it finished before, else (continue to) run it."""
+    path = os.path.join(out_dir, "results.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            done = json.load(f)
+        if done.get("completed"):
+            return done
+    return recipe.main([*recipe_args, *extra, "--output-dir", out_dir, "--resume", "auto"])
+
+
+def plot_accuracy_vs_size(rows: list, path: str, title: str = "") -> Optional[str]:
+    """Test accuracy against model size (log bits); None when there are fewer than 2 tickets."""
+    tickets = [r for r in rows if r["ticket_bits"] and r["test_acc"] is not None]
+    if len(tickets) < 2:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    styles = {"dense source": ("s", "tab:gray"), "sparse source": ("^", "tab:blue"), "frozen": ("o", "tab:red")}
+    for kind, (marker, color) in styles.items():
+        pts = sorted((r for r in tickets if r["kind"] == kind), key=lambda r: r["ticket_bits"])
+        if pts:
+            ax.plot([r["ticket_bits"] for r in pts], [100 * r["test_acc"] for r in pts], marker=marker,
+                    color=color, linestyle="-" if len(pts) > 1 else "none", label=f"{kind} ticket")
+            for r in pts:
+                ax.annotate(f"{r['prune']:g}/{r['lock']:g}", (r["ticket_bits"], 100 * r["test_acc"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
+    for r in rows:
+        if r["kind"] == "weights" and r["test_acc"] is not None:
+            ax.axhline(100 * r["test_acc"], color="black", linestyle="--", linewidth=1,
+                       label=f"weight training ({r['model_bits']:,} bits)")
+    ax.set_xscale("log")
+    ax.set_xlabel("model size [bits] (ticket: 1 bit per free weight + non-regenerable state)")
+    ax.set_ylabel("test accuracy [%]")
+    ax.set_title(title or "accuracy vs model size")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    own, rest = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
+    p = argparse.ArgumentParser(prog="recipes/sweep.py", description=__doc__.split("\n")[0])
+    p.add_argument("--recipe", required=True, choices=RECIPES)
+    p.add_argument("--points", nargs="+", metavar="P,L[,K]",
+                   help="(prune, lock[, sparsity]) points; default: the preset's sweep list")
+    p.add_argument("--weights", action="store_true", help="add the weight-trained reference")
+    p.add_argument("--output-dir", required=True)
+    args = p.parse_args(own)
+    clash = [a for a in rest if a.split("=")[0] in RESERVED]
+    if clash:
+        raise R.RecipeError(f"the sweep sets {', '.join(sorted(set(clash)))} itself; remove them after '--'")
+    recipe = importlib.import_module(args.recipe)
+    settings = R.resolve_settings(recipe.parser(), rest, recipe=recipe.RECIPE, default_model=recipe.DEFAULT_MODEL)
+    points = [parse_point(t) for t in args.points] if args.points else \
+        [tuple(pt) + (None,) * (3 - len(pt)) for pt in settings["sweep"]]
+    if not points and not args.weights:
+        raise R.RecipeError("--points: nothing to run (the preset has no sweep list)")
+    for prune, lock, sparsity in points:  # all points checked before the first one trains
+        R.check_settings({**settings, "prune": prune, "lock": lock, "sparsity": sparsity, "method": "ticket"})
+
+    rows = []
+    for point in points:
+        prune, lock, sparsity = point
+        name = point_name(*point)
+        extra = ["--method", "ticket", "--prune", str(prune), "--lock", str(lock)]
+        if sparsity is not None:
+            extra += ["--sparsity", str(sparsity)]
+        results = run_point(recipe, rest, os.path.join(args.output_dir, name), extra)
+        rows.append(_row(name, point_kind(prune, lock), point, results))
+    if args.weights:
+        results = run_point(recipe, rest, os.path.join(args.output_dir, "weights"), ["--method", "weights"])
+        rows.append(_row("weights", "weights", (0.0, 0.0, None), results))
+
+    from accelerate import PartialState
+    from timm_fslt.train import write_json_atomic
+
+    summary = {"recipe": args.recipe, "model": settings["model"], "points": rows}
+    if PartialState().is_main_process:
+        plot = plot_accuracy_vs_size(rows, os.path.join(args.output_dir, "accuracy_vs_size.png"),
+                                     title=f"{args.recipe}: {settings['model']}")
+        summary["plot"] = plot
+        write_json_atomic(os.path.join(args.output_dir, "sweep.json"), summary)
+        for r in rows:
+            size = r["ticket_bits"] or r["model_bits"]
+            print(f"{r['name']:<22} {r['kind']:<14} test acc {r['test_acc']:.4f}  size {size:,} bits")
+    return summary
+
+
+if __name__ == "__main__":
+    R.main_guard(main)

@@ -1,0 +1,267 @@
+"""The shared training loop (timm_fslt.train): resume, checkpoints, selection, trackers, errors.
+
+Small in-memory data and a Conv6 at 1/16 width, so each run takes a second or two.
+"""
+import json
+import os
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+import timm
+import timm_fslt
+from timm_fslt.train import (ClassificationTask, RunConfigError, TrainConfig, build_optimizer,
+                             check_masks_in_sync, latest_checkpoint, mask_digest, read_jsonl, train)
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each run builds its own Accelerator; forget the process-wide singletons between tests.
+    One thread: these models are tiny, and OpenMP threads only add contention."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def _data(n=48, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    x = torch.randn(n, 3, 32, 32, generator=g) * 0.5 + y.view(-1, 1, 1, 1).float() * 0.3
+    return TensorDataset(x, y)
+
+
+TRAIN, VAL, TEST = _data(48, 0), _data(16, 1), _data(16, 2)
+
+
+def _model(prune=0.3, lock=0.2, sparsity=None, seed=3):
+    # timm_fslt.create_model records the architecture, so the run can save a ticket.
+    model = timm_fslt.create_model("conv6", width=0.0625, num_classes=4)
+    return timm_fslt.freeze(model, prune, lock, sparsity=sparsity, seed=seed)
+
+
+def _config(out, **kw):
+    base = dict(output_dir=str(out), epochs=3, batch_size=16, lr=0.2, limit_train_batches=2, progress=False,
+                save_ticket=False, num_workers=0)
+    return TrainConfig(**{**base, **kw})
+
+
+class _KilledAt(ClassificationTask):
+    """Dies (like a SIGINT) at the n-th training batch: a run killed in the middle of an epoch."""
+
+    def __init__(self, at_batch):
+        super().__init__()
+        self.at, self.seen = at_batch, 0
+
+    def loss(self, model, batch):
+        self.seen += 1
+        if self.seen == self.at:
+            raise KeyboardInterrupt("killed")
+        return super().loss(model, batch)
+
+
+def _scores(model):
+    return {layer.layer_name: layer.scores.detach().clone() for layer in timm_fslt.get_group(model).layers}
+
+
+def test_resume_after_a_kill_mid_epoch_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
+    full_model = _model()
+    full = train(full_model, TRAIN, VAL, TEST, _config(tmp_path / "full"))
+
+    with pytest.raises(KeyboardInterrupt):  # dies in epoch 2, after the epoch-1 checkpoint
+        train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "killed"), task=_KilledAt(3))
+    ckpt = latest_checkpoint(str(tmp_path / "killed"))
+    assert ckpt is not None and ckpt.endswith("epoch_0001")
+    assert not any(d.startswith(".tmp") for d in os.listdir(os.path.dirname(ckpt)))
+
+    resumed_model = _model()
+    resumed = train(resumed_model, TRAIN, VAL, TEST, _config(tmp_path / "killed", resume=True))
+    assert resumed["history"] == full["history"]  # losses, accuracies, lr: identical floats
+    assert resumed["accuracy"] == full["accuracy"] and resumed["test"] == full["test"]
+    assert resumed["best_epoch"] == full["best_epoch"]
+    assert resumed["mask_digests"] == full["mask_digests"]
+    for name, s in _scores(full_model).items():
+        assert torch.equal(_scores(resumed_model)[name], s), name
+    # The scores really moved, so the comparison above is not between two initial states.
+    assert any(not torch.equal(s, _scores(_model())[n]) for n, s in _scores(full_model).items())
+
+
+def test_stop_after_then_resume_equals_one_run_and_writes_results_only_at_the_end(tmp_path):
+    full = train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "a", epochs=2))
+    part = train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "b", epochs=2, stop_after=1))
+    assert part["completed"] is False and part["stopped_after_epoch"] == 1
+    assert not (tmp_path / "b" / "results.json").exists()
+    rest = train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "b", epochs=2, resume="auto"))
+    assert rest["history"] == full["history"] and rest["accuracy"] == full["accuracy"]
+    on_disk = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert on_disk["accuracy"] == full["accuracy"] and on_disk["completed"] is True
+
+
+def test_a_crash_while_writing_a_checkpoint_leaves_the_previous_one_usable(tmp_path, monkeypatch):
+    from accelerate import Accelerator
+
+    real_save = Accelerator.save_state
+    calls = {"n": 0}
+
+    def dying_save(self, output_dir=None, **kw):
+        calls["n"] += 1
+        if calls["n"] == 2:  # epoch 2: half a checkpoint, then the process dies
+            os.makedirs(output_dir, exist_ok=True)
+            with open(os.path.join(output_dir, "model.safetensors"), "wb") as f:
+                f.write(b"partial")
+            raise KeyboardInterrupt("killed while saving")
+        return real_save(self, output_dir, **kw)
+
+    monkeypatch.setattr(Accelerator, "save_state", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "run", epochs=2))
+    monkeypatch.setattr(Accelerator, "save_state", real_save)
+    assert latest_checkpoint(str(tmp_path / "run")).endswith("epoch_0001")
+    resumed = train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "run", epochs=2, resume=True))
+    full = train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "ref", epochs=2))
+    assert resumed["history"] == full["history"]
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["epoch_0002", "latest"]
+
+
+def test_best_val_epoch_is_the_one_tested_and_saved(tmp_path):
+    res = train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "r", epochs=3, save_ticket=True))
+    accs = [h["val_acc"] for h in res["history"]]
+    assert res["best_epoch"] == accs.index(max(accs)) + 1
+    assert res["accuracy"]["val"] == max(accs)
+    ticket = timm_fslt.load_ticket(res["ticket_dir"])
+    x, y = TEST.tensors
+    with torch.no_grad():
+        logits = ticket(x)
+    # The saved ticket is the best-val model: it reproduces the reported test metrics.
+    assert (logits.argmax(-1) == y).float().mean().item() == pytest.approx(res["accuracy"]["test"], abs=1e-9)
+    loss = torch.nn.functional.cross_entropy(logits.double(), y).item()
+    assert loss == pytest.approx(res["test"]["loss"], rel=1e-5)
+
+
+def test_results_hold_accuracy_sparsity_size_report_and_wall_time(tmp_path):
+    res = train(_model(0.3, 0.2, 0.6), TRAIN, VAL, TEST, _config(tmp_path / "r", epochs=1))
+    on_disk = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert set(on_disk["accuracy"]) == {"val", "test"}
+    assert on_disk["sparsity"] == pytest.approx(0.6, abs=1e-3)
+    totals = on_disk["size_report"]["totals"]
+    assert totals["mask_bits"] == totals["free"] and totals["ticket_bits"] >= totals["mask_bits"]
+    assert on_disk["wall_time_s"] > 0 and res["wall_time_s"] == on_disk["wall_time_s"]
+
+
+def test_jsonl_tracker_records_config_and_each_epoch(tmp_path):
+    train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "r", epochs=2, log_every=1))
+    records = read_jsonl(str(tmp_path / "r" / "metrics.jsonl"))
+    assert records[0]["event"] == "config" and records[0]["config"]["identity/train/lr"] == 0.2
+    epochs = [r for r in records if r["event"] == "metrics" and "epoch" in r]
+    assert [r["epoch"] for r in epochs] == [1, 2]
+    assert all({"train/loss", "val/acc", "val/loss", "lr", "sparsity"} <= set(r) for r in epochs)
+    steps = [r for r in records if r["event"] == "metrics" and "train/step_loss" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3, 4]
+
+
+def test_tensorboard_tracker_writes_event_files_when_asked(tmp_path):
+    train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "r", epochs=1, log_with=["tensorboard"]))
+    events = [f for _, _, files in os.walk(tmp_path / "r" / "logs") for f in files if "tfevents" in f]
+    assert events
+
+
+def test_unknown_tracker_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match="log_with: unknown tracker 'nosuchtracker'"):
+        train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "r", log_with=["nosuchtracker"]))
+    assert not (tmp_path / "r" / "checkpoints").exists()
+
+
+def test_only_parameters_that_require_grad_reach_the_optimizer():
+    model = _model()
+    opt = build_optimizer(model, TrainConfig())
+    in_opt = {id(p) for group in opt.param_groups for p in group["params"]}
+    scores = {id(layer.scores) for layer in timm_fslt.get_group(model).layers}
+    assert in_opt == scores
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+    assert opt.defaults["weight_decay"] == 1e-4
+    adamw = build_optimizer(model, TrainConfig(optimizer="adamw", lr=0.01))
+    assert isinstance(adamw, torch.optim.AdamW)
+
+
+def test_gradient_accumulation_takes_one_optimizer_step_per_global_batch(tmp_path):
+    one = _model()
+    a = train(one, TRAIN, VAL, TEST, _config(tmp_path / "a", epochs=1, limit_train_batches=2))
+    acc = _model()
+    b = train(acc, TRAIN, VAL, TEST, _config(tmp_path / "b", epochs=1, grad_accum_steps=2,
+                                             limit_train_batches=4))
+    # Same 32 samples, same 2 optimizer steps: 2 batches of 16, or 4 micro-batches of 8.
+    assert a["global_steps"] == b["global_steps"] == 2
+    for name, s in _scores(one).items():
+        torch.testing.assert_close(_scores(acc)[name], s, rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
+    res = train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "r", epochs=1, mixed_precision="bf16"))
+    assert res["completed"] and all(torch.isfinite(torch.tensor(h["train_loss"])) for h in res["history"])
+
+
+def test_weight_training_saves_a_plain_model_and_reports_its_size(tmp_path):
+    model = timm.create_model("conv6", width=0.0625, num_classes=4)
+    res = train(model, TRAIN, VAL, TEST, _config(tmp_path / "w", epochs=1))
+    assert res["method"] == "weights" and res["sparsity"] == 0.0
+    assert res["size_report"]["totals"]["model_bits"] == 32 * sum(p.numel() for p in model.parameters())
+    assert os.path.exists(res["model_file"]) and "ticket_dir" not in res
+
+
+def test_resume_with_another_configuration_is_refused_naming_what_differs(tmp_path):
+    train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "r", epochs=2, stop_after=1))
+    with pytest.raises(RunConfigError, match=r"different configuration: .*train\.lr: 0\.2 \(checkpoint\) != 0\.05"):
+        train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "r", epochs=2, lr=0.05, resume=True))
+    with pytest.raises(RunConfigError, match=r"model\.freeze\.prune: 0\.3 \(checkpoint\) != 0\.4"):
+        train(_model(prune=0.4), TRAIN, VAL, TEST, _config(tmp_path / "r", epochs=2, resume=True))
+
+
+def test_a_fresh_run_refuses_an_output_dir_holding_another_run(tmp_path):
+    train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "r", epochs=1))
+    with pytest.raises(FileExistsError, match="already holds a run.*--resume.*--overwrite"):
+        train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "r", epochs=1))
+    again = train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "r", epochs=1, overwrite=True))
+    assert again["completed"]
+
+
+def test_resume_without_a_checkpoint_says_so(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no checkpoint to resume"):
+        train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "empty", resume=True))
+
+
+def test_global_batch_must_split_over_processes_and_accumulation(tmp_path):
+    with pytest.raises(ValueError, match=r"batch_size \(10\) is the global batch .* 1 \* 4"):
+        train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "r", batch_size=10, grad_accum_steps=4,
+                                                  limit_train_batches=4))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("optimizer", "adam", "optimizer must be one of"),
+    ("epochs", 0, "epochs must be a positive int"),
+    ("mixed_precision", "fp8", "mixed_precision must be one of"),
+    ("limit_train_batches", 3, "multiple of grad_accum_steps"),
+])
+def test_bad_train_config_values_are_named(field, value, message):
+    kw = {field: value}
+    if field == "limit_train_batches":
+        kw["grad_accum_steps"] = 2
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kw)
+
+
+def test_mask_digest_follows_the_masks_and_the_sync_check_gathers_one_per_process():
+    from accelerate import Accelerator
+
+    model = _model()
+    before = mask_digest(model)
+    assert mask_digest(_model()) == before  # regenerated from the seed: same masks
+    layer = timm_fslt.get_group(model).layers[0]
+    with torch.no_grad():
+        layer.scores.mul_(-1).add_(torch.linspace(-3, 3, layer.scores.numel()).view_as(layer.scores))
+    assert mask_digest(model) != before
+    assert check_masks_in_sync(Accelerator(cpu=True), model) == [mask_digest(model)]
