@@ -18,3 +18,15 @@ __all__ = [
     "FreezeConfig", "FrozenSupermask", "GENERATOR_VERSION", "SizeReport", "find_maskable",
     "freeze", "get_config", "get_group", "iter_frozen", "materialize", "refresh_masks", "size_report",
 ]
+
+# Structural compaction and the torch-pruning bridge import torch-pruning on first use.
+_LAZY = {"compact": "compaction", "restore_structure": "compaction",
+         "torch_pruning_kwargs": "integrations.torch_pruning"}
+__all__ += list(_LAZY)
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
