@@ -13,10 +13,14 @@ from .report import SizeReport, size_report
 from .rng import GENERATOR_VERSION
 from .supermask import FrozenSupermask
 from . import models  # registers conv6 / resnet18_cifar in timm
+from .errors import TicketError
+from .ticket import create_model, load_ticket, save_ticket
+from .hub import push_to_hub
 
 __all__ = [
     "FreezeConfig", "FrozenSupermask", "GENERATOR_VERSION", "SizeReport", "find_maskable",
     "freeze", "get_config", "get_group", "iter_frozen", "materialize", "refresh_masks", "size_report",
+    "TicketError", "create_model", "load_ticket", "push_to_hub", "save_ticket",
 ]
 
 # Structural compaction and the torch-pruning bridge import torch-pruning on first use.

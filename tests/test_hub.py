@@ -1,0 +1,210 @@
+"""Sharing tickets on the Hub: huggingface_hub's real upload and download paths against a local
+Hub-compatible server (tests/hub_server.py), and loading a repo id from the offline Hub cache.
+
+HF_ENDPOINT and HF_HUB_OFFLINE are read when huggingface_hub is imported, so every Hub client
+runs in a subprocess with its own environment and a temporary HF_HOME.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from types import SimpleNamespace
+
+import huggingface_hub
+import pytest
+import safetensors.torch
+import torch
+from huggingface_hub import ModelCard
+
+import timm_fslt
+from timm_fslt import hub as hub_mod
+from timm_fslt.errors import TicketChecksumError, TicketError
+
+from hub_server import HubServer
+
+REPO = Path(__file__).resolve().parents[1]
+TOKEN = "hf_test_token"
+TICKET_FILES = ["config.json", "state.safetensors", "supermask.safetensors"]
+
+
+@pytest.fixture(scope="module")
+def hub():
+    with HubServer(token=TOKEN, lifetime=300) as server:
+        yield server
+
+
+def _env(hub, hf_home, offline=False):
+    env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1" if offline else "0",
+               HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1", OUTDATED_IGNORE="1")
+    for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN_PATH"):
+        env.pop(key, None)
+    return env
+
+
+def _run(args, env):
+    run = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    return run
+
+
+def _routes(log):
+    return [(method, path.split("?")[0]) for method, path in log]
+
+
+@pytest.fixture(scope="module")
+def pushed(hub, resnet_ticket, tmp_path_factory):
+    """The ResNet ticket pushed with ``python -m timm_fslt push`` (the ``fslt push`` command)."""
+    start = len(hub.log)
+    run = _run(["-m", "timm_fslt", "push", str(resnet_ticket.dir), "tester/resnet-ticket", "--token", TOKEN,
+                "--metric", "accuracy=0.625", "--dataset", "uoft-cs/cifar10", "--message", "first ticket"],
+               _env(hub, tmp_path_factory.mktemp("hf-push")))
+    return SimpleNamespace(repo_id="tester/resnet-ticket", stdout=run.stdout, log=hub.log[start:])
+
+
+def test_fslt_push_uploads_the_ticket_files_unchanged_and_a_model_card(hub, pushed, resnet_ticket):
+    assert "pushed" in pushed.stdout and "tester/resnet-ticket/commit/" in pushed.stdout
+    # The regular (base64 NDJSON) upload path of huggingface_hub, step by step.
+    assert _routes(pushed.log) == [
+        ("POST", "/api/repos/create"), ("POST", "/api/validate-yaml"),
+        ("POST", "/api/models/tester/resnet-ticket/preupload/main"),
+        ("POST", "/api/models/tester/resnet-ticket/commit/main")]
+    assert hub.repos[pushed.repo_id].head.summary == "first ticket"
+    assert not hub.repos[pushed.repo_id].private
+
+    files = hub.files(pushed.repo_id)
+    assert sorted(files) == ["README.md"] + TICKET_FILES
+    for name in TICKET_FILES:
+        assert files[name] == (resnet_ticket.dir / name).read_bytes(), name
+
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.library_name == "timm_fslt" and card.data.license == "apache-2.0"
+    assert {"strong-lottery-ticket", "pruning", "timm"} <= set(card.data.tags)
+    assert card.data.datasets == ["uoft-cs/cifar10"] and card.data.metrics == ["accuracy"]
+    (result,) = card.data.eval_results
+    assert (result.metric_type, result.metric_value, result.dataset_type) == ("accuracy", 0.625, "uoft-cs/cifar10")
+    report = timm_fslt.size_report(resnet_ticket.model)
+    for line in ('model = timm_fslt.load_ticket("tester/resnet-ticket")', "| accuracy | 0.625 | uoft-cs/cifar10 |",
+                 "| prune ratio | 0.35 |", "| lock ratio | 0.35 |", "| seed | 11 |",
+                 f"| freezing ratio (measured) | {report.freezing_ratio:.4f} |",
+                 f"| supermask (1 bit per free weight) | {report.mask_bits:,} |",
+                 f"| **ticket** | **{report.ticket_bits:,}** ({(report.ticket_bits + 7) // 8:,} bytes) |"):
+        assert line in card.text, line
+
+
+_DOWNLOAD = """
+import sys
+from huggingface_hub import snapshot_download
+print(snapshot_download(sys.argv[1]))
+"""
+
+_LOAD_OFFLINE = """
+import sys, torch, safetensors.torch as st, timm_fslt
+from timm_fslt import cli
+repo_id, inputs, outputs = sys.argv[1:]
+model = timm_fslt.load_ticket(repo_id)
+with torch.no_grad():
+    st.save_file({"out": model(st.load_file(inputs)["x"])}, outputs)
+assert cli.main(["info", repo_id]) == 0
+"""
+
+
+def test_a_pushed_ticket_loads_by_repo_id_from_the_offline_hub_cache(hub, pushed, resnet_ticket, tmp_path):
+    hf_home = tmp_path / "hf"
+    # huggingface_hub's own download fills HF_HOME with the real cache layout.
+    _run(["-c", _DOWNLOAD, pushed.repo_id], _env(hub, hf_home))
+    cached = hf_home / "hub" / "models--tester--resnet-ticket"
+    commit = (cached / "refs" / "main").read_text()
+    assert commit == hub.repos[pushed.repo_id].head.oid
+    assert sorted(os.listdir(cached / "snapshots" / commit)) == ["README.md"] + TICKET_FILES
+
+    inputs = tmp_path / "inputs.safetensors"
+    safetensors.torch.save_file({"x": resnet_ticket.x}, inputs)
+    requests_before = len(hub.log)
+    run = _run(["-c", _LOAD_OFFLINE, pushed.repo_id, str(inputs), str(tmp_path / "out.safetensors")],
+               _env(hub, hf_home, offline=True))
+    assert len(hub.log) == requests_before  # served from the cache alone
+    assert torch.equal(safetensors.torch.load_file(tmp_path / "out.safetensors")["out"], resnet_ticket.out)
+    assert str(timm_fslt.size_report(resnet_ticket.model)) in run.stdout
+
+
+def test_push_to_hub_of_a_model_uploads_its_ticket_and_card(resnet_ticket, monkeypatch):
+    # The HTTP side is the one tested above; here: what a pushed model object becomes.
+    calls = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        calls["create_repo"] = (repo_id, kwargs)
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        calls["files"] = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+        calls["upload"] = (repo_id, kwargs)
+        return "commit-info"
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    result = timm_fslt.push_to_hub(resnet_ticket.model, "me/r18", private=True, token="t",
+                                   metrics={"accuracy": 0.625}, datasets=["uoft-cs/cifar10"])
+    assert result == "commit-info"
+    assert calls["create_repo"] == ("me/r18", {"private": True, "exist_ok": True, "repo_type": "model"})
+    assert calls["upload"] == ("me/r18", {"repo_type": "model", "commit_message": "Upload timm_fslt ticket"})
+    assert sorted(calls["files"]) == ["README.md"] + TICKET_FILES
+    for name in ("supermask.safetensors", "state.safetensors"):
+        assert calls["files"][name] == (resnet_ticket.dir / name).read_bytes()
+    config = json.loads(calls["files"]["config.json"])
+    assert config["datasets"] == ["uoft-cs/cifar10"] and config["metrics"] == {"accuracy": 0.625}
+    assert 'timm_fslt.load_ticket("me/r18")' in calls["files"]["README.md"].decode()
+
+
+# -- in-process checks (no network) ------------------------------------------------------------
+
+def test_push_to_hub_rejects_a_repo_id_without_namespace(resnet_ticket):
+    with pytest.raises(TicketError, match=r"repo_id must be a Hub repo id 'user/name', got 'resnet'"):
+        timm_fslt.push_to_hub(resnet_ticket.dir, "resnet")
+
+
+def test_push_to_hub_verifies_the_ticket_before_uploading(resnet_ticket, tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("nothing may be uploaded from a corrupted ticket")
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", no_network)
+    directory = Path(shutil.copytree(resnet_ticket.dir, tmp_path / "t"))
+    path = directory / "supermask.safetensors"
+    path.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 1]))
+    with pytest.raises(TicketChecksumError, match=r"supermask.safetensors' is corrupted"):
+        timm_fslt.push_to_hub(directory, "tester/broken")
+
+
+def test_an_uncached_repo_id_offline_gives_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(TicketError, match=r"no local directory 'tester/missing', and the Hub repo 'tester/missing' "
+                                          r"could not be fetched \(nor found in the local Hub cache\)"):
+        timm_fslt.load_ticket("tester/missing", cache_dir=tmp_path)
+
+
+def test_a_path_that_is_neither_a_ticket_nor_a_repo_id_is_reported(tmp_path):
+    with pytest.raises(TicketError, match=r"no ticket directory at '.*/a/b/c', and it is not a Hub repo id"):
+        timm_fslt.load_ticket(tmp_path / "a" / "b" / "c")
+
+
+def test_model_card_without_datasets_lists_metrics_but_no_model_index(resnet_ticket):
+    config = timm_fslt.ticket.read_config(resnet_ticket.dir)
+    card = hub_mod.model_card(config, "me/t")
+    assert card.data.metrics == ["accuracy"] and card.data.eval_results is None
+    assert "| accuracy | 0.625 |" in card.text
+    assert json.loads(json.dumps(card.data.to_dict()))["library_name"] == "timm_fslt"
+
+
+def test_hub_server_stops_itself_after_its_lifetime():
+    server = HubServer(lifetime=0.3).start()
+    url = server.url + "/api/whoami-v2"
+    with pytest.raises(urllib.error.HTTPError):  # alive: answers 401 without a token
+        urllib.request.urlopen(url, timeout=5)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not server._stopped:
+        time.sleep(0.05)
+    assert server._stopped
+    with pytest.raises(urllib.error.URLError):
+        urllib.request.urlopen(url, timeout=2)

@@ -1,0 +1,111 @@
+"""The ``fslt`` command (also ``python -m timm_fslt``).
+
+    fslt info TICKET                 size report and config of a ticket (directory or Hub repo id)
+    fslt push TICKET REPO_ID         upload a saved ticket and its model card to the Hub
+    fslt demo [ARGS...]              run timm_fslt.demo.main(ARGS)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import math
+import sys
+from typing import Optional, Sequence
+
+from .errors import TicketError
+
+
+def _metric(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not sep or not name or not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER (e.g. accuracy=0.91), got {text!r}")
+    return name, number
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fslt", description="Compact strong lottery tickets in partially frozen random networks.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    info = sub.add_parser("info", help="print a ticket's size report and config")
+    info.add_argument("ticket", help="ticket directory or Hub repo id (user/name)")
+    info.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    info.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+
+    push = sub.add_parser("push", help="upload a saved ticket and a generated model card to the Hub")
+    push.add_argument("ticket", help="ticket directory (written by timm_fslt.save_ticket)")
+    push.add_argument("repo_id", help="Hub model repo id, user/name (created if missing)")
+    push.add_argument("--private", action="store_true", help="create the repo as private")
+    push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
+    push.add_argument("--message", default=None, help="commit message")
+    push.add_argument("--metric", action="append", type=_metric, default=[], metavar="NAME=VALUE",
+                      help="a result to show on the model card (repeatable), e.g. accuracy=0.91")
+    push.add_argument("--dataset", action="append", default=[], metavar="DATASET_ID",
+                      help="Hub dataset id the metrics were measured on (repeatable)")
+
+    sub.add_parser("demo", help="run the demo (timm_fslt.demo); arguments are passed on", add_help=False)
+    return parser
+
+
+def _info(args) -> int:
+    from .hub import resolve_ticket
+    from .ticket import read_ticket, size_report_from_config
+
+    directory = resolve_ticket(args.ticket, revision=args.revision)
+    config, _, _ = read_ticket(directory)  # verifies both checksums
+    report = size_report_from_config(config)
+    if args.json:
+        print(json.dumps({"ticket": str(directory), "size_report": report.to_dict(), "config": config}, indent=2))
+        return 0
+    print(f"ticket: {directory}")
+    print("files: config.json, supermask.safetensors, state.safetensors (sha256 verified)")
+    print()
+    print(report)
+    print()
+    print("config.json:")
+    print(json.dumps(config, indent=2))
+    return 0
+
+
+def _push(args) -> int:
+    from .hub import push_to_hub
+
+    info = push_to_hub(args.ticket, args.repo_id, private=args.private, token=args.token,
+                       commit_message=args.message, metrics=dict(args.metric) or None,
+                       datasets=args.dataset or None)
+    print(f"pushed {args.ticket} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
+    return 0
+
+
+def _demo(rest: list[str]) -> int:
+    try:
+        demo = importlib.import_module("timm_fslt.demo")
+    except ModuleNotFoundError as err:
+        if err.name != "timm_fslt.demo":
+            raise
+        print("fslt demo: the demo is not available in this installation (no module timm_fslt.demo)",
+              file=sys.stderr)
+        return 2
+    code = demo.main(rest)
+    return int(code or 0)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Run the ``fslt`` command line; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "demo":  # everything after "demo" belongs to the demo's own parser
+        return _demo(argv[1:])
+    try:
+        args = _parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, or a usage error argparse already printed
+        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
+    try:
+        return _info(args) if args.command == "info" else _push(args)
+    except TicketError as err:
+        print(f"fslt {args.command}: error: {err}", file=sys.stderr)
+        return 1
