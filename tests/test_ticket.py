@@ -261,6 +261,25 @@ def test_a_compacted_structure_is_stored_and_restored_after_freezing_before_the_
     assert torch.equal(_eval_outputs(loaded, *conv6_ticket.inputs), conv6_ticket.out)
 
 
+def test_a_ticket_compacted_by_timm_fslt_compact_round_trips_with_identical_outputs(tmp_path):
+    from timm_fslt.compaction import compact
+
+    model = timm_fslt.freeze(timm_fslt.create_model("conv6", width=0.125), prune=0.97, lock=0.0, seed=3)
+    x = torch.randn(2, 3, 32, 32)
+    compacted, report = compact(model, x)
+    assert report["channels_removed"] > 0  # dead channels exist at this sparsity
+    timm_fslt.save_ticket(compacted, tmp_path / "t")
+    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    assert config["structure"] == compacted.fslt_structure
+    free = timm_fslt.size_report(compacted).free
+    assert free < timm_fslt.size_report(model).free
+    assert config["files"]["supermask.safetensors"]["bytes"] == 8 + _header(tmp_path / "t" / "supermask.safetensors")[0] \
+        + math.ceil(free / 8)
+    loaded = timm_fslt.load_ticket(tmp_path / "t")
+    assert loaded.fslt_structure == compacted.fslt_structure
+    assert torch.equal(_eval_outputs(loaded, x), _eval_outputs(compacted, x))
+
+
 # -- bad input: a clear error, nothing lost ------------------------------------------------------
 
 def test_truncated_mask_file_is_reported(conv6_ticket, tmp_path):
