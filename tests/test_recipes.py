@@ -212,6 +212,24 @@ def test_sweep_runs_points_collects_results_and_plots_accuracy_against_ticket_bi
     assert os.path.getmtime(out / "p0-l0-k0.5" / "results.json") == stamp
 
 
+def test_train_val_split_is_four_to_one_disjoint_and_fixed_by_the_seed():
+    from timm_fslt.data import split_train_val
+
+    train, val = split_train_val(50000, 0.2, seed=0)
+    assert (len(train), len(val)) == (40000, 10000) and not set(train) & set(val)
+    assert split_train_val(50000, 0.2, seed=0) == (train, val)
+    assert split_train_val(50000, 0.2, seed=1)[1] != val
+
+
+def test_imagenet_data_reads_a_saved_dataset_with_image_column_and_validation_split(tmp_path):
+    path = write_saved_image_dataset(tmp_path / "inet", image_column="image", test_split="validation",
+                                     n_train=10, n_test=4, size=40)
+    data = load_imagenet(str(path), img_size=32)
+    assert (len(data.train), len(data.val), len(data.test), data.num_classes) == (8, 2, 4, 10)
+    x, y = data.test[1]
+    assert x.shape == (3, 32, 32) and y == 1
+
+
 @pytest.mark.parametrize("preset,expected", [
     ("cifar10_conv6", {"model": "conv6", "epochs": 100, "batch_size": 128, "optimizer": "sgd", "lr": 0.01}),
     ("cifar10_resnet18_cifar", {"model": "resnet18_cifar", "epochs": 100, "batch_size": 128, "lr": 0.1}),
