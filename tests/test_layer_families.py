@@ -133,3 +133,19 @@ def test_lazy_layers_ask_for_a_forward_first():
     model = nn.Sequential(PygLinear(-1, 4))
     model(torch.randn(2, 3))
     timm_fslt.freeze(model, prune=0.2, lock=0.2)
+
+
+def test_frozen_pyg_linear_state_dict_holds_no_computed_weight_and_loads_strictly():
+    from timm_fslt.models.gin import gin
+
+    a = timm_fslt.freeze(gin(8, 3, hidden=16, num_layers=3), prune=0.35, lock=0.35)
+    state = a.state_dict()
+    # PyG's Linear would write W * mask under "<layer>.weight": regenerable, so never stored
+    assert not [k for k in state if k.endswith("nn.0.weight") or k == "readout.weight"]
+    b = timm_fslt.freeze(gin(8, 3, hidden=16, num_layers=3), prune=0.35, lock=0.35)
+    b.load_state_dict(state, strict=True)
+    report = timm_fslt.size_report(a)
+    assert not any(k.endswith(".weight") for k in report.state_tensors)
+    # the materialized model is a plain PyG model again, with its own weight key
+    plain = timm_fslt.materialize(a)
+    gin(8, 3, hidden=16, num_layers=3).load_state_dict(plain.state_dict(), strict=True)

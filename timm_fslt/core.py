@@ -181,6 +181,7 @@ def freeze(model: nn.Module, prune: float = 0.0, lock: float = 0.0, *,
         del module._parameters["weight"]
         module.register_buffer("weight", weight)
         parametrize.register_parametrization(module, "weight", supermask, unsafe=True)
+        _plain_state_dict(module)
         supermasks.append(supermask)
         if getattr(module, "bias", None) is not None:
             if config.bias == "zero":
@@ -193,6 +194,21 @@ def freeze(model: nn.Module, prune: float = 0.0, lock: float = 0.0, *,
     model.fslt_config = config
     model.register_forward_pre_hook(_refresh_hook)
     return model
+
+
+def _plain_state_dict(module: nn.Module) -> None:
+    """Give a parametrized layer torch's default state-dict (de)serialisation.
+
+    PyG's ``Linear`` overrides ``_save_to_state_dict`` to write ``self.weight``,
+    which for a frozen layer is the computed ``W * mask`` -- a regenerable tensor
+    that would then be stored and break strict loading. Patching the dynamic
+    ``Parametrized*`` class (unique to this layer; ``materialize`` swaps it back)
+    leaves the user's classes untouched.
+    """
+    cls = type(module)
+    if cls._save_to_state_dict is not nn.Module._save_to_state_dict:
+        cls._save_to_state_dict = nn.Module._save_to_state_dict
+        cls._load_from_state_dict = nn.Module._load_from_state_dict
 
 
 def _freeze_other_parameters(model: nn.Module, config: FreezeConfig) -> None:
