@@ -330,8 +330,7 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimi
 
 
 def _static_keys(model: nn.Module) -> set:
-    """State-dict keys that never change while training (random weights, frozen codes), and
-    the effective weight ``W * m`` that PyG's ``Linear`` adds to its state dict (derived)."""
+    """State-dict keys that never change while training (random weights, frozen codes)."""
     from .layers import iter_frozen
 
     keys = set()
@@ -339,7 +338,6 @@ def _static_keys(model: nn.Module) -> set:
         prefix = f"{name}." if name else ""
         keys.add(prefix + "parametrizations.weight.original")
         keys.add(prefix + "parametrizations.weight.0.frozen")
-        keys.add(prefix + "weight")
     return keys
 
 
@@ -592,9 +590,7 @@ def train(model: nn.Module, train_set, val_set, test_set=None, config: Optional[
     accelerator.register_for_checkpointing(state)
     if resume_from is not None:
         _check_checkpoint_keys(model, resume_from)
-        # strict=False only because PyG's Linear puts its derived weight W*m into its state
-        # dict but cannot load it back; _check_checkpoint_keys made sure nothing else differs.
-        accelerator.load_state(resume_from, strict=False)
+        accelerator.load_state(resume_from)
         accelerator.print(f"resumed from {resume_from} after epoch {state.epoch}")
     elif accelerator.is_main_process and config.overwrite:
         for stale in (ckpt_root, os.path.join(output_dir, RESULTS_FILE), os.path.join(output_dir, METRICS_FILE)):
