@@ -59,6 +59,8 @@ MASK_NAME = "supermask.safetensors"
 STATE_NAME = "state.safetensors"
 MASK_TENSOR = "supermask"
 CARD_NAME = "README.md"
+MAX_CONFIG_BYTES = 64 * 2**20  # a ResNet-50 ticket's config.json is ~30 KB
+DEFAULT_MAX_PARAMS = 2_000_000_000
 TICKET_FILES = (CONFIG_NAME, MASK_NAME, STATE_NAME)
 BIT_ORDER = ("layers in config order; free positions of each layer in row-major order; "
              "bit i is bit (i % 8), least significant first, of byte i // 8; padding bits are 0")
@@ -137,8 +139,49 @@ def describe_architecture(arch: Mapping) -> str:
     return f"{kind} {arch[kind]}({args})"
 
 
+TRUSTED_BUILDER_PREFIXES = ("timm_fslt.",)
+
+
+def check_builder_trusted(arch: Mapping, trust_builder: bool) -> None:
+    """Refuse to import and call a ticket's builder outside timm_fslt unless the caller trusts it.
+
+    A builder path names any importable function (``os:system`` too), so running one
+    that came with a downloaded ticket is running that ticket's code; timm names are
+    looked up in timm's registry and are always safe.
+    """
+    path = arch.get("builder")
+    if path is None or trust_builder or path.startswith(TRUSTED_BUILDER_PREFIXES):
+        return
+    raise ArchitectureError(
+        f"the ticket's architecture calls the builder {path!r}, which is outside timm_fslt; importing "
+        "and calling it runs code named by the ticket. If you trust where this ticket came from, pass "
+        "trust_builder=True to load_ticket")
+
+
+def count_parameters(arch: Mapping) -> Optional[int]:
+    """Parameter and buffer elements of an architecture, counted on the meta device (None if unknown)."""
+    try:
+        with torch.device("meta"):
+            model = build_architecture(arch)
+    except TicketError:
+        raise
+    except Exception:
+        return None
+    return sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
+
+
 def build_architecture(arch: Mapping) -> nn.Module:
     """Build the untrained model an architecture record describes (never downloads weights)."""
+    try:
+        return _build_architecture(arch)
+    except TicketError:
+        raise
+    except Exception as err:  # a constructor refusing hostile or stale kwargs, whatever its error type
+        raise ArchitectureError(f"{describe_architecture(normalize_architecture(arch))} could not be built: "
+                                f"{type(err).__name__}: {err}") from err
+
+
+def _build_architecture(arch: Mapping) -> nn.Module:
     arch = normalize_architecture(arch)
     kwargs = dict(arch["kwargs"])
     if "timm" in arch:
@@ -490,10 +533,14 @@ def read_config(directory: PathLike) -> dict:
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
         raise TicketError(f"{str(Path(directory))!r} is not a ticket: it has no {CONFIG_NAME}")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise TicketError(f"{str(path)!r} is too large ({size} bytes; a ticket's {CONFIG_NAME} is at most "
+                          f"{MAX_CONFIG_BYTES} bytes)")
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as err:
-        raise TicketError(f"{str(path)!r} is not valid JSON: {err}") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise TicketError(f"{str(path)!r} is not valid JSON: {type(err).__name__}: {err}") from None
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise TicketError(f"{str(path)!r} is not a timm_fslt ticket config (format {found!r}, "
@@ -649,7 +696,8 @@ def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
 
 
 def load_ticket(source: PathLike, *, materialize: bool = False, revision: Optional[str] = None,
-                token: Union[str, bool, None] = None, cache_dir: Optional[PathLike] = None) -> nn.Module:
+                token: Union[str, bool, None] = None, cache_dir: Optional[PathLike] = None,
+                trust_builder: bool = False, max_params: int = DEFAULT_MAX_PARAMS) -> nn.Module:
     """Rebuild a saved ticket: a local directory or a Hugging Face Hub repo id ("user/repo").
 
     The model is rebuilt from the architecture, re-frozen with the stored
@@ -660,20 +708,53 @@ def load_ticket(source: PathLike, *, materialize: bool = False, revision: Option
 
     revision, token, cache_dir: passed to ``huggingface_hub.snapshot_download`` for
     repo ids (with ``HF_HUB_OFFLINE=1`` the local Hub cache is used).
+    trust_builder: allow an architecture ``builder`` outside ``timm_fslt`` (it is
+    imported and called, i.e. it runs code the ticket names).
+    max_params: refuse architectures with more parameter elements than this,
+    counted on the meta device before anything is allocated.
     A compacted ticket (config "structure") is re-compacted with
     ``timm_fslt.compaction.restore_structure`` after freezing, before the bits apply.
+
+    Every failure is a ``timm_fslt.TicketError``: files are read as JSON and
+    safetensors only, and nothing a ticket says can run code without ``trust_builder``.
     """
     from .hub import resolve_ticket
 
+    if isinstance(max_params, bool) or not isinstance(max_params, int) or max_params < 1:
+        raise TicketError(f"max_params must be a positive int, got {max_params!r}")
     directory = resolve_ticket(source, revision=revision, token=token, cache_dir=cache_dir)
     config, packed, state = read_ticket(directory)
+    try:
+        model = _rebuild(config, packed, state, trust_builder, max_params)
+    except TicketError:
+        raise
+    except Exception as err:  # malformed content the checks above did not foresee
+        raise TicketError(f"the ticket at {str(directory)!r} could not be rebuilt: "
+                          f"{type(err).__name__}: {err}") from err
+    if materialize:
+        from .materialize import materialize as _materialize
+        return _materialize(model)
+    return model
+
+
+def _rebuild(config: dict, packed: torch.Tensor, state: Mapping[str, torch.Tensor],
+             trust_builder: bool, max_params: int) -> nn.Module:
     arch = config["architecture"]
+    check_builder_trusted(arch, trust_builder)
+    n_params = count_parameters(arch)
+    if n_params is not None and n_params > max_params:
+        raise ArchitectureError(f"{describe_architecture(arch)} has {n_params:,} parameters, more than "
+                                f"max_params={max_params:,}; pass a larger max_params to load it")
     model = build_architecture(arch)
     try:
         freeze_config = FreezeConfig(**config["freeze"])
     except (TypeError, ValueError) as err:
         raise TicketError(f"{CONFIG_NAME} 'freeze' is not a valid FreezeConfig: {err}") from err
-    freeze(model, config=freeze_config)
+    try:
+        freeze(model, config=freeze_config)
+    except (TypeError, ValueError) as err:
+        raise TicketMismatchError(f"the ticket's freeze settings do not fit {describe_architecture(arch)}: "
+                                  f"{err}") from err
     structure = config.get("structure")
     if structure is not None:
         try:
@@ -683,9 +764,9 @@ def load_ticket(source: PathLike, *, materialize: bool = False, revision: Option
                               f"timm_fslt.compaction.restore_structure is not available: {err}") from err
         try:
             restore_structure(model, structure)
-        except ValueError as err:
+        except Exception as err:
             raise TicketMismatchError(f"the ticket's compacted structure does not fit the rebuilt model: "
-                                      f"{err}") from err
+                                      f"{type(err).__name__}: {err}") from err
         if getattr(model, "fslt_structure", None) is None:
             model.fslt_structure = structure
     _check_layers(get_group(model), config, arch)
@@ -693,7 +774,4 @@ def load_ticket(source: PathLike, *, materialize: bool = False, revision: Option
     _load_state(model, state)
     model.fslt_architecture = arch
     model.eval()
-    if materialize:
-        from .materialize import materialize as _materialize
-        return _materialize(model)
     return model

@@ -1,0 +1,205 @@
+"""A hostile or corrupted ticket never crashes, hangs, runs code or eats memory.
+
+Every mutation either loads (then the model works) or raises ``TicketError``.
+Mutations that keep the checksums valid (the fuzzer re-signs config.json) reach
+the deeper checks: safetensors headers, dtypes, shapes, layer names, structure.
+"""
+import hashlib
+import json
+import resource
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import timm_fslt
+from timm_fslt.errors import TicketError
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def ticket(tmp_path_factory):
+    torch.manual_seed(0)
+    model = timm_fslt.create_model("resnet18_cifar", width=0.125)
+    timm_fslt.freeze(model, prune=0.3, lock=0.3)
+    model(torch.randn(2, 3, 32, 32))
+    path = tmp_path_factory.mktemp("fuzz") / "ticket"
+    timm_fslt.save_ticket(model, path)
+    return path
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _resign(path: Path) -> None:
+    """Make config.json's sizes and checksums agree with the (mutated) tensor files."""
+    config = json.loads((path / "config.json").read_text())
+    for name in ("supermask.safetensors", "state.safetensors"):
+        data = (path / name).read_bytes()
+        config["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def _load_or_ticket_error(path: Path) -> None:
+    try:
+        model = timm_fslt.load_ticket(path)
+    except TicketError:
+        return
+    # it loaded (e.g. a flipped bit in a BatchNorm statistic): it must still be a working model
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+_FILES = ["config.json", "supermask.safetensors", "state.safetensors"]
+# Each example that passes the checksums rebuilds a model (~1 s here), so the budgets are small;
+# derandomize keeps CI reproducible, and a longer local run is FSLT_FUZZ_EXAMPLES=500.
+import os
+_N = int(os.environ.get("FSLT_FUZZ_EXAMPLES", "15"))
+_settings = settings(max_examples=_N, deadline=60000, derandomize=True,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+@_settings
+@given(name=st.sampled_from(_FILES), cut=st.floats(0, 1, exclude_max=True), resign=st.booleans())
+def test_truncated_files(ticket, tmp_path, name, cut, resign):
+    path = _copy(ticket, tmp_path / "t")
+    data = (path / name).read_bytes()
+    (path / name).write_bytes(data[: int(len(data) * cut)])
+    if resign and name != "config.json":
+        _resign(path)
+    with pytest.raises(TicketError):
+        timm_fslt.load_ticket(path)
+
+
+@_settings
+@given(name=st.sampled_from(_FILES), flips=st.lists(st.integers(0, 10**9), min_size=1, max_size=8),
+       resign=st.booleans())
+def test_bit_flips(ticket, tmp_path, name, flips, resign):
+    path = _copy(ticket, tmp_path / "t")
+    data = bytearray((path / name).read_bytes())
+    for f in flips:
+        pos = f % (len(data) * 8)
+        data[pos // 8] ^= 1 << (pos % 8)
+    (path / name).write_bytes(bytes(data))
+    if resign and name != "config.json":
+        _resign(path)
+    _load_or_ticket_error(path)
+
+
+_json_leaf = st.one_of(
+    st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=30), st.sampled_from(["../../etc/passwd", "/abs/path", "a\x00b", "\u202e\U0001F600",
+                                           "os:system", "builtins:eval", "subprocess:run"]),
+    st.lists(st.integers(-5, 2**40), max_size=4), st.just({}), st.just([]))
+
+
+def _paths(obj, prefix=()):
+    yield prefix
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _paths(v, prefix + (k,))
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj[:6]):
+            yield from _paths(v, prefix + (i,))
+
+
+@_settings
+@given(data=st.data())
+def test_config_mutations(ticket, tmp_path, data):
+    path = _copy(ticket, tmp_path / "t")
+    config = json.loads((path / "config.json").read_text())
+    paths = [p for p in _paths(config) if p]
+    for _ in range(data.draw(st.integers(1, 3))):
+        where = data.draw(st.sampled_from(paths))
+        parent = config
+        try:
+            for key in where[:-1]:
+                parent = parent[key]
+            if data.draw(st.booleans()) and isinstance(parent, dict):
+                parent.pop(where[-1], None)
+            else:
+                parent[where[-1]] = data.draw(_json_leaf)
+        except (KeyError, IndexError, TypeError):
+            continue
+    (path / "config.json").write_text(json.dumps(config, allow_nan=True))
+    _load_or_ticket_error(path)
+
+
+def _rewrite_header(path: Path, name: str, edit) -> None:
+    raw = (path / name).read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + n])
+    edit(header)
+    new = json.dumps(header).encode()
+    (path / name).write_bytes(struct.pack("<Q", len(new)) + new + raw[8 + n:])
+    _resign(path)
+
+
+@_settings
+@given(name=st.sampled_from(["supermask.safetensors", "state.safetensors"]),
+       dtype=st.sampled_from(["U8", "I8", "F16", "BF16", "F32", "F64", "I64", "BOOL", "XX"]),
+       shape=st.lists(st.integers(0, 2**40), min_size=0, max_size=3),
+       offsets=st.one_of(st.none(), st.tuples(st.integers(-5, 2**40), st.integers(-5, 2**40))))
+def test_safetensors_header_lies_about_dtype_shape_and_size(ticket, tmp_path, name, dtype, shape, offsets):
+    path = _copy(ticket, tmp_path / "t")
+
+    def edit(header):
+        key = next(k for k in header if k != "__metadata__")
+        header[key]["dtype"] = dtype
+        header[key]["shape"] = shape
+        if offsets is not None:
+            header[key]["data_offsets"] = list(offsets)
+
+    _rewrite_header(path, name, edit)
+    _load_or_ticket_error(path)
+
+
+@pytest.mark.parametrize("builder", ["os:system", "subprocess:run", "builtins:eval", "shutil:rmtree"])
+def test_a_ticket_cannot_make_the_loader_call_arbitrary_functions(ticket, tmp_path, builder, monkeypatch):
+    import os
+    import subprocess
+    called = []
+    monkeypatch.setattr(os, "system", lambda *a, **k: called.append(a))
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: called.append(a))
+    monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: called.append(a))
+    path = _copy(ticket, tmp_path / "t")
+    config = json.loads((path / "config.json").read_text())
+    config["architecture"] = {"builder": builder, "kwargs": {}}
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(TicketError, match="trust_builder=True"):
+        timm_fslt.load_ticket(path)
+    assert called == []
+
+
+def test_huge_declared_architecture_is_refused_before_allocating(ticket, tmp_path):
+    path = _copy(ticket, tmp_path / "t")
+    config = json.loads((path / "config.json").read_text())
+    config["architecture"]["kwargs"]["num_classes"] = 10**12
+    (path / "config.json").write_text(json.dumps(config))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(TicketError, match="parameters"):
+        timm_fslt.load_ticket(path)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 1_000_000  # KiB: < 1 GB
+
+
+def test_deeply_nested_or_oversized_config_is_a_ticket_error(ticket, tmp_path):
+    path = _copy(ticket, tmp_path / "t")
+    (path / "config.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(TicketError, match="config.json"):
+        timm_fslt.load_ticket(path)
+    (path / "config.json").write_bytes(b" " * (65 * 2**20))
+    with pytest.raises(TicketError, match="too large"):
+        timm_fslt.load_ticket(path)
+
+
+def test_the_untouched_ticket_still_loads(ticket):
+    model = timm_fslt.load_ticket(ticket)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
