@@ -246,6 +246,31 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def rewind_metrics(path: str, step: int) -> None:
+    """Drop the metrics a killed run logged after its last checkpoint (and a torn last line).
+
+    A resumed run recomputes those steps exactly, so without this the log would
+    hold them twice; with it, the log of an interrupted-and-resumed run has the
+    same metric records as an uninterrupted one.
+    """
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue  # a line cut short by the kill
+            if record.get("event") == "metrics" and isinstance(record.get("step"), int) and record["step"] > step:
+                continue
+            kept.append(json.dumps(record, sort_keys=True) + "\n")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+
+
 # -- mask agreement across processes ---------------------------------------------------
 def mask_digest(model: nn.Module) -> str:
     """sha256 of a frozen model's current masks (of an ordinary model: its parameters)."""
@@ -591,6 +616,8 @@ def train(model: nn.Module, train_set, val_set, test_set=None, config: Optional[
     if resume_from is not None:
         _check_checkpoint_keys(model, resume_from)
         accelerator.load_state(resume_from)
+        if accelerator.is_main_process:
+            rewind_metrics(os.path.join(output_dir, METRICS_FILE), state.global_step)
         accelerator.print(f"resumed from {resume_from} after epoch {state.epoch}")
     elif accelerator.is_main_process and config.overwrite:
         for stale in (ckpt_root, os.path.join(output_dir, RESULTS_FILE), os.path.join(output_dir, METRICS_FILE)):
