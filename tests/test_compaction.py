@@ -139,6 +139,26 @@ def test_compacted_ticket_regenerates_from_seed_and_structure():
     assert fresh.fslt_structure == structure
 
 
+def test_compacted_gin_ticket_saves_and_reloads_with_identical_outputs(tmp_path):
+    # BatchNorm entries and the carried-over budget go through the real ticket files
+    # (a Conv6 round trip, without either, is in test_ticket.py)
+    model, inputs = small_gin(prune=0.9, lock=0.0, sparsity=0.95, seed=5), graph()
+    with torch.no_grad():  # BatchNorm statistics a ticket must store
+        model.train()
+        model(*graph(seed=2))
+    compacted, _ = compact(model, inputs)
+    kwargs = {"in_channels": 8, "num_classes": 4, "hidden": 16, "num_layers": 3}
+    directory = timm_fslt.save_ticket(compacted, tmp_path / "ticket",
+                                      architecture={"builder": "timm_fslt.models.gin:gin", "kwargs": kwargs})
+    loaded = timm_fslt.load_ticket(directory)
+    assert loaded.fslt_structure == compacted.fslt_structure
+    for name, layer in frozen_layers(compacted).items():
+        assert torch.equal(supermask(frozen_layers(loaded)[name]).mask, supermask(layer).mask), name
+    compacted.eval(), loaded.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(*inputs), compacted(*inputs))
+
+
 # -- bad input ------------------------------------------------------------------------------------
 def test_compact_and_restore_refuse_models_that_are_not_frozen():
     plain = gin(8, 4, hidden=16, num_layers=3)

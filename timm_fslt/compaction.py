@@ -53,9 +53,9 @@ from torch_pruning import ops as tp_ops
 from .core import get_group
 from .integrations.torch_pruning import (
     FrozenDepthwiseConvPruner, FrozenLayerPruner, _RecordedCoupledPruner, _RecordedPruner,
-    _build_pruners, _is_depthwise, _is_grouped, _is_pyg_linear, _weight_dims,
-    count_ops_and_params, plain_class, root_module_types)
-from .layers import is_frozen_layer
+    _build_pruners, _is_depthwise, _is_grouped, _weight_dims, count_ops_and_params, plain_class,
+    root_module_types)
+from .layers import _is_pyg_linear, is_frozen_layer
 
 __all__ = ["compact", "restore_structure", "find_dead_channels"]
 
@@ -108,7 +108,7 @@ def _is_weight_path(node) -> bool:
 
 def _channel_slices(weight: torch.Tensor, dim: int) -> torch.Tensor:
     """Per channel along ``dim``: True when every weight of that channel is exactly zero."""
-    return (weight.detach().transpose(0, dim).reshape(weight.shape[dim], -1) == 0).all(1)
+    return (weight.detach().transpose(0, dim).reshape(weight.shape[dim], -1) == 0).all(1).cpu()
 
 
 def _bn_maps_zero_to_zero(bn: nn.Module) -> torch.Tensor:
@@ -270,8 +270,6 @@ def _outputs_match(reference: list, outputs: list) -> tuple[bool, float]:
 
 def _channel_report(before: dict, after: dict) -> dict:
     def sizes(entry):
-        if entry.get("frozen"):
-            return {k: len(v) for k, v in entry["kept"].items()}
         return {k: len(v) for k, v in entry["kept"].items()}
 
     def source(entry):

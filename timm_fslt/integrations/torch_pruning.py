@@ -496,11 +496,11 @@ class SupermaskImportance(tp.importance.Importance):
         self.criterion = criterion
         self.normalizer = normalizer
 
-    def _values(self, supermask, weight: torch.Tensor) -> torch.Tensor:
+    def _values(self, layer: nn.Module, supermask) -> torch.Tensor:
         if self.criterion == "kept":
             return supermask.mask.float()
         if self.criterion == "magnitude":
-            return weight.detach().abs().float()
+            return layer.weight.detach().abs().float()  # W * mask * scale
         return supermask.scores.detach().abs().float() * (supermask.frozen == FREE)
 
     @torch.no_grad()
@@ -521,7 +521,7 @@ class SupermaskImportance(tp.importance.Importance):
             out_dim, in_dim = _weight_dims(layer)
             is_out = fn.__func__ is FrozenLayerPruner.prune_out_channels or _is_depthwise(layer)
             dim = out_dim if is_out else in_dim
-            values = self._values(supermask, layer.weight)
+            values = self._values(layer, supermask)
             per_channel = values.transpose(0, dim).reshape(values.shape[dim], -1).sum(1)
             local = per_channel[torch.as_tensor(idxs, dtype=torch.long, device=per_channel.device)]
             if total is None:
