@@ -307,9 +307,15 @@ def compact(model: nn.Module, example_inputs, *, zero_channels: bool = True,
     group.refresh()
     was_training = model.training
     model.eval()
+    if not isinstance(example_inputs, (torch.Tensor, tuple, list, dict)):
+        raise TypeError("example_inputs must be a tensor, a tuple of positional inputs or a dict of "
+                        f"keyword inputs, got {type(example_inputs).__name__}")
     try:
         with torch.no_grad():
             reference = [t.detach().clone() for t in _flatten(_forward(model, example_inputs))]
+    except Exception as err:  # the user's inputs, not compaction, are at fault here
+        raise ValueError(f"example_inputs do not run through the model: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0]}") from err
     finally:
         model.train(was_training)
     if not reference:

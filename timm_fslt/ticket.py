@@ -86,7 +86,10 @@ def create_model(model_name: str, **kwargs) -> nn.Module:
     needs pretrained weights).
     """
     import timm
+    from . import models  # noqa: F401  (registers conv6 / resnet18_cifar in timm)
 
+    if not isinstance(model_name, str) or not timm.is_model(model_name):
+        raise ValueError(f"model_name must be a timm model name (see timm.list_models()), got {model_name!r}")
     model = timm.create_model(model_name, **kwargs)
     model.fslt_architecture = {
         "timm": model_name,
