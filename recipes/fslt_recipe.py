@@ -31,7 +31,7 @@ BASE = {
     "limit_train_batches": None, "limit_eval_batches": None, "val_fraction": 0.2,
     "output_dir": None, "resume": False, "overwrite": False, "keep_checkpoints": 1, "stop_after": None,
     "log_with": [], "log_every": 50, "push_to_hub": None, "hub_private": False, "save_ticket": True,
-    "progress": True, "cpu": False,
+    "progress": True, "cpu": False, "check_finite": True, "check_sync_every": 0,
     "data": None, "hf_token": None, "img_size": None, "data_root": None, "download": False,
     "sweep": [],
 }
@@ -147,6 +147,10 @@ def build_parser(recipe: str, description: str, *, image: bool) -> argparse.Argu
     g.add_argument("--log-with", dest="log_with", nargs="+",
                    help="extra Accelerate trackers (tensorboard, wandb, ...); metrics.jsonl is always written")
     g.add_argument("--log-every", dest="log_every", type=int)
+    g.add_argument("--check-sync-every", dest="check_sync_every", type=int,
+                   help="verify every N steps that all processes hold identical masks (default: each epoch)")
+    g.add_argument("--no-check-finite", dest="check_finite", action="store_false",
+                   help="do not stop at the first non-finite loss")
     g.add_argument("--push-to-hub", dest="push_to_hub", metavar="REPO_ID", help="upload the ticket to the Hub")
     g.add_argument("--hub-private", dest="hub_private", action="store_true")
     g.add_argument("--no-ticket", dest="save_ticket", action="store_false", help="do not save a ticket")
@@ -240,7 +244,8 @@ def train_config(s: dict, output_dir: str, *, architecture: Optional[dict] = Non
             keep_checkpoints=s["keep_checkpoints"], stop_after=s["stop_after"], log_with=s["log_with"],
             log_every=s["log_every"], progress=s["progress"], save_ticket=s["save_ticket"],
             architecture=architecture if s["method"] == "ticket" else None, dataset_ids=dataset_ids,
-            push_to_hub=s["push_to_hub"], hub_private=s["hub_private"], cpu=s["cpu"])
+            push_to_hub=s["push_to_hub"], hub_private=s["hub_private"], cpu=s["cpu"],
+            check_finite=s["check_finite"], check_sync_every=s["check_sync_every"])
     except ValueError as err:
         raise RecipeError(_as_option(str(err))) from None
 
@@ -251,7 +256,8 @@ _OPTIONS = {"grad_accum_steps": "--grad-accum", "batch_size": "--batch-size", "e
             "label_smoothing": "--label-smoothing", "mixed_precision": "--mixed-precision",
             "num_workers": "--num-workers", "limit_train_batches": "--limit-train-batches",
             "limit_eval_batches": "--limit-eval-batches", "keep_checkpoints": "--keep-checkpoints",
-            "stop_after": "--stop-after", "log_every": "--log-every", "log_with": "--log-with"}
+            "stop_after": "--stop-after", "log_every": "--log-every", "log_with": "--log-with",
+            "check_sync_every": "--check-sync-every"}
 
 
 def _as_option(message: str) -> str:

@@ -158,13 +158,21 @@ def test_cifar10_recipe_under_accelerate_launch_with_two_processes_keeps_masks_i
            "--main_process_port", "29517", os.path.join(recipes_dir(), "cifar10.py"), "--cpu",
            "--data", str(data["cifar_saved"]), *CONV6, "--epochs", "1", "--limit-train-batches", "2",
            "--batch-size", "8", "--num-workers", "0", "--no-progress", "--lr", "5.0",
-           "--output-dir", str(out)]
+           "--check-sync-every", "1", "--log-every", "1", "--output-dir", str(out)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OUTDATED_IGNORE": "1", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, cwd=repo_root(), env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["num_processes"] == 2
     assert len(res["mask_digests"]) == 2 and res["mask_digests"][0] == res["mask_digests"][1]
+    # masks were compared across the two processes after every optimizer step, not only per epoch
+    assert res["step_sync_checks"] == res["global_steps"] == 2
+    # only the main process writes: one config record, each step logged once
+    from timm_fslt.train import read_jsonl
+    records = read_jsonl(out / "metrics.jsonl")
+    assert [r["event"] for r in records].count("config") == 1
+    steps = [r["step"] for r in records if "train/step_loss" in r]
+    assert steps == [1, 2]
     fresh = timm_fslt.freeze(timm_fslt.create_model("conv6", width=0.0625, num_classes=10),
                              0.49, 0.21, sparsity=0.7, seed=0)
     from timm_fslt.train import mask_digest

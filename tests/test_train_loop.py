@@ -265,3 +265,32 @@ def test_mask_digest_follows_the_masks_and_the_sync_check_gathers_one_per_proces
         layer.scores.mul_(-1).add_(torch.linspace(-3, 3, layer.scores.numel()).view_as(layer.scores))
     assert mask_digest(model) != before
     assert check_masks_in_sync(Accelerator(cpu=True), model) == [mask_digest(model)]
+
+
+def test_a_nonfinite_loss_stops_the_run_naming_the_cause(tmp_path):
+    x, y = TRAIN.tensors
+    poisoned = TensorDataset(torch.where(torch.arange(len(x)).view(-1, 1, 1, 1) == 3, float("nan"), x), y)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step \d \(epoch 1\): every trainable tensor "
+                                                 r"is finite, so the inputs .*check_finite=False"):
+        train(_model(), poisoned, VAL, config=_config(tmp_path / "nan"))
+
+
+def test_nonfinite_scores_are_named_when_the_loss_blows_up(tmp_path):
+    model = _model()
+    layer = timm_fslt.get_group(model).layers[2]
+
+    class Poison(ClassificationTask):
+        def loss(self, model, batch):
+            with torch.no_grad():
+                layer.scores[0, 0, 0, 0] = float("inf")
+            return super().loss(model, batch) * float("inf")
+
+    with pytest.raises(FloatingPointError, match=r"non-finite values in features\.5\.parametrizations\.weight\.0\.scores"):
+        train(model, TRAIN, VAL, config=_config(tmp_path / "inf"), task=Poison())
+
+
+def test_the_finite_check_can_be_turned_off(tmp_path):
+    x, y = TRAIN.tensors
+    poisoned = TensorDataset(torch.where(torch.arange(len(x)).view(-1, 1, 1, 1) == 3, float("nan"), x), y)
+    config = _config(tmp_path / "off", check_finite=False, epochs=1, limit_train_batches=1)
+    train(_model(), poisoned, VAL, config=config)  # runs to the end, however meaningless

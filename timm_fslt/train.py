@@ -51,7 +51,7 @@ METRICS_FILE = "metrics.jsonl"
 TICKET_DIR = "ticket"
 
 # TrainConfig fields that do not change what a run computes; a resumed run may change them.
-_VOLATILE_FIELDS = ("output_dir", "resume", "overwrite", "keep_checkpoints", "stop_after", "log_with",
+_VOLATILE_FIELDS = ("check_finite", "check_sync_every", "output_dir", "resume", "overwrite", "keep_checkpoints", "stop_after", "log_with",
                     "project_name", "progress", "log_every", "save_ticket", "push_to_hub", "hub_private",
                     "num_workers", "cpu", "architecture", "dataset_ids")
 
@@ -68,6 +68,10 @@ class TrainConfig:
     or the path of a checkpoint folder.  ``stop_after``: stop after that many epochs
     in this invocation (for time-limited jobs; continue with ``resume``).
     ``limit_train_batches`` / ``limit_eval_batches`` shorten each epoch (per process).
+    ``check_finite``: stop with ``FloatingPointError`` at the first non-finite loss,
+    naming the layers whose scores went non-finite (costs one device sync per step).
+    ``check_sync_every``: also verify every N optimizer steps that all processes hold
+    identical masks (0: once per epoch, which always happens).
     """
 
     output_dir: str = "runs/fslt"
@@ -102,6 +106,8 @@ class TrainConfig:
     push_to_hub: Optional[str] = None
     hub_private: bool = False
     cpu: bool = False
+    check_finite: bool = True
+    check_sync_every: int = 0
 
     def __post_init__(self):
         self.log_with = tuple(self.log_with or ())
@@ -133,6 +139,9 @@ class TrainConfig:
             raise ValueError(f"warmup_epochs must lie in [0, epochs), got {self.warmup_epochs}")
         if self.num_workers < 0:
             raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if isinstance(self.check_sync_every, bool) or not isinstance(self.check_sync_every, int) \
+                or self.check_sync_every < 0:
+            raise ValueError(f"check_sync_every must be an int >= 0 (0: once per epoch), got {self.check_sync_every!r}")
         if self.limit_train_batches is not None and self.limit_train_batches % self.grad_accum_steps:
             raise ValueError(f"limit_train_batches ({self.limit_train_batches}) must be a multiple of "
                              f"grad_accum_steps ({self.grad_accum_steps}) so each epoch ends on an optimizer step")
@@ -304,6 +313,16 @@ def check_masks_in_sync(accelerator, model: nn.Module) -> list[str]:
         raise RuntimeError("supermasks differ between processes (the global threshold must be identical "
                            f"everywhere): digests per process {digests}")
     return digests
+
+
+def _nonfinite_message(model: nn.Module, loss: torch.Tensor, state, epoch: int) -> str:
+    bad = [name for name, p in model.named_parameters()
+           if p.requires_grad and not bool(torch.isfinite(p.detach()).all())]
+    where = (f"non-finite values in {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}" if bad else
+             "every trainable tensor is finite, so the inputs or the learning rate are the likely cause")
+    return (f"loss is {float(loss.detach())} at step {state.global_step + 1} (epoch {epoch + 1}): {where}. "
+            "Lower the learning rate or check the data; resume from the last checkpoint with --resume. "
+            "(TrainConfig(check_finite=False) turns this check off.)")
 
 
 # -- checkpointed state ----------------------------------------------------------------
@@ -630,6 +649,7 @@ def train(model: nn.Module, train_set, val_set, test_set=None, config: Optional[
 
     show = config.progress and accelerator.is_main_process
     digests = check_masks_in_sync(accelerator, model)
+    sync_checks = 0  # per-step checks of this invocation (the per-epoch ones always run)
     epochs_this_call = 0
     while state.epoch < config.epochs:
         if config.stop_after is not None and epochs_this_call >= config.stop_after:
@@ -647,6 +667,8 @@ def train(model: nn.Module, train_set, val_set, test_set=None, config: Optional[
         for batch in bar:
             with accelerator.accumulate(model):
                 loss = task.loss(model, batch)
+                if config.check_finite and not bool(torch.isfinite(loss.detach())):
+                    raise FloatingPointError(_nonfinite_message(unwrapped, loss, state, epoch))
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -659,6 +681,9 @@ def train(model: nn.Module, train_set, val_set, test_set=None, config: Optional[
                     bar.set_postfix(loss=f"{value:.4f}")
                     accelerator.log({"train/step_loss": value, "lr": scheduler.get_last_lr()[0]},
                                     step=state.global_step)
+                if config.check_sync_every and state.global_step % config.check_sync_every == 0:
+                    check_masks_in_sync(accelerator, model)
+                    sync_checks += 1
         lr = scheduler.get_last_lr()[0]
         scheduler.step()
         totals = accelerator.reduce(torch.stack([loss_sum, torch.tensor(
@@ -698,6 +723,7 @@ def train(model: nn.Module, train_set, val_set, test_set=None, config: Optional[
                      "test": test["acc"] if test else None},
         "val": state.best_val, "test": test, "best_epoch": state.best_epoch, "epochs": config.epochs,
         "global_steps": state.global_step, "history": state.history, "mask_digests": digests,
+        "step_sync_checks": sync_checks,
         "num_processes": n_proc, "run": run_info, "config": config.to_dict(), "output_dir": output_dir,
     }
     if frozen:
