@@ -37,10 +37,14 @@ def main(argv=None) -> int:
     val_idx, test_idx = rest[: rest.numel() // 2], rest[rest.numel() // 2:]
     splits = [GraphSplit(data.x, data.edge_index, data.y, idx) for idx in (train_idx, val_idx, test_idx)]
 
-    # PyG's GIN: GINConv layers around MLPs built from torch_geometric's own Linear.
+    # PyG's GIN: GINConv layers around MLPs built from torch_geometric's own Linear.  jk="cat"
+    # keeps every conv at the hidden width and classifies with one Linear over all layers'
+    # features (without it the last GINConv squeezes through a 4-unit hidden layer, where a
+    # random sparse mask easily leaves no path).  No normalisation layers, so the kept weights
+    # are scaled by 1/sqrt(density) instead (scale="static") to keep activations at the dense scale.
     model = GIN(in_channels=data.num_features, hidden_channels=args.hidden, num_layers=3,
-                out_channels=int(data.y.max()) + 1, norm="batch_norm")
-    timm_fslt.freeze(model, prune=args.prune, lock=args.lock, seed=0)
+                out_channels=int(data.y.max()) + 1, jk="cat")
+    timm_fslt.freeze(model, prune=args.prune, lock=args.lock, seed=0, scale="static")
     print(timm_fslt.size_report(model))
 
     # AdamW for GNNs, as the paper does on OGBN-Arxiv.

@@ -134,4 +134,4 @@ def test_default_settings_frozen_ticket_beats_chance_by_a_wide_margin(tmp_path):
     results = json.loads((out / demo.RESULTS_FILE).read_text())
     (row,) = results["summary"]
     assert results["settings"]["epochs"] == demo.DEFAULTS["epochs"]
-    assert row["test_acc"] > 0.6  # chance is 0.1 on ten balanced classes
+    assert row["test_acc"] > 0.8  # chance is 0.1 on ten balanced classes

@@ -60,7 +60,7 @@ MARKER_FILE = ".fslt_demo"  # marks a directory as the demo's own, so a rerun ma
 # (Ramanujan et al.'s choice, also the paper's ImageNet setting) and the static
 # 1/sqrt(density) scale (the net has no normalisation) helped every source kind;
 # width 0.375 keeps the frozen ticket within about two points of the dense-source one.
-DEFAULTS = dict(model="mnist_cnn", width=0.375, epochs=10, ratios=(0.5, 0.7, 0.9), seeds=(0, 1),
+DEFAULTS = dict(model="mnist_cnn", width=0.375, epochs=10, ratios=(0.5, 0.7, 0.9), seeds=(0, 1, 2),
                 lr=0.1, weights_lr=0.05, batch_size=32, weight_init="signed_kaiming_constant", scale="static",
                 methods=KINDS, out="fslt_demo", threads=1)
 # --quick: tiny settings for tests and smoke checks (seconds, not minutes).
@@ -403,6 +403,8 @@ def format_comparisons(comps: list[dict]) -> str:
 
 
 # -- plot -----------------------------------------------------------------------------------
+_LEGEND = {"weights": "weights trained (fp32)", "dense": "dense source (prune 0, lock 0)",
+           "sparse": "sparse source (prune f, lock 0)", "frozen": "frozen source (prune = lock = f/2)"}
 _STYLE = {"weights": dict(marker="*", color="black", ms=13), "dense": dict(marker="s", color="tab:blue", ms=9),
           "sparse": dict(marker="^", color="tab:orange", ms=9), "frozen": dict(marker="o", color="tab:green", ms=9)}
 
@@ -424,7 +426,7 @@ def plot(summary: list[dict], path: Path, title: str) -> Path:
         errs = [100 * s["test_acc_std"] for s in pts]
         style = _STYLE[kind]
         ax.errorbar(xs, ys, yerr=errs if any(errs) else None, linestyle="-" if len(pts) > 1 else "none",
-                    label=_METHOD_NAMES[kind], capsize=3, **style)
+                    label=_LEGEND[kind], capsize=3, **style)
         for s, x, y in zip(pts, xs, ys):
             if kind in ("sparse", "frozen"):
                 ax.annotate(f"{100 * s['matched_ratio']:g}%", (x, y), textcoords="offset points",
@@ -438,7 +440,8 @@ def plot(summary: list[dict], path: Path, title: str) -> Path:
     ax.set_xscale("log")
     ax.set_xlabel("model size (bits to store the ticket / trained weights)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title, fontsize=10)
+    ax.set_title(title + "\nlabels: freezing ratio f; a sparse and a frozen point with the same f have "
+                 "the same ticket size", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
