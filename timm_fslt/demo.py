@@ -283,7 +283,11 @@ def build_model(args, point: Point, seed: int) -> torch.nn.Module:
     from .core import freeze
     from .ticket import create_model
 
-    model = create_model(args.model, num_classes=10, in_chans=1, width=args.width)
+    # The seed fixes the weight-trained reference's initial weights too (a frozen source
+    # regenerates its weights from the seed anyway); the global RNG is left untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = create_model(args.model, num_classes=10, in_chans=1, width=args.width)
     if point.kind != "weights":
         freeze(model, prune=point.prune, lock=point.lock, sparsity=point.sparsity, seed=seed,
                weight_init=args.weight_init, scale=args.scale)
