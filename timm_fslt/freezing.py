@@ -15,6 +15,7 @@ from typing import Sequence
 import torch
 
 from . import rng
+from .threshold import keys_topk_mask
 
 DISTRIBUTIONS = ("epl", "erk", "igq")
 
@@ -106,9 +107,15 @@ def frozen_code(seed: int, name: str, shape: Sequence[int], n_pruned: int, n_loc
         raise ValueError(f"layer {name!r} has {n} weights; at most 2**31 - 1 per layer are supported")
     if n_pruned + n_locked > n:
         raise ValueError(f"layer {name!r}: {n_pruned} pruned + {n_locked} locked exceeds {n} weights")
-    keys = rng.bits(seed, name, "freeze", n, device) * n + torch.arange(n, device=device)
-    order = torch.argsort(keys)
-    code = torch.zeros(n, dtype=torch.int8, device=device)
-    code[order[:n_pruned]] = PRUNED
-    code[order[n_pruned:n_pruned + n_locked]] = LOCKED
+    n_frozen = n_pruned + n_locked
+    if n_frozen == 0:
+        return torch.zeros(tuple(shape), dtype=torch.int8, device=device)
+    # Rank by (hash, index) without a sort: the first r positions in that order are
+    # the r largest of ``~(hash - 2**31)`` (an order-reversing int32 key) with ties
+    # going to the lower index -- exactly what keys_topk_mask selects, in linear time.
+    keys = rng.bits(seed, name, "freeze", n, device, dtype=torch.int32,
+                    transform=lambda h: h.sub_(1 << 31).bitwise_not_())
+    code = keys_topk_mask(keys, n_frozen).to(torch.int8)  # pruned or locked: 1
+    if n_pruned:
+        code.masked_fill_(keys_topk_mask(keys, n_pruned), PRUNED)
     return code.view(tuple(shape))

@@ -91,16 +91,20 @@ def random_weight(kind: str, seed: int, name: str, shape: Sequence[int], device=
     """
     n = math.prod(shape)
     std = _RELU_GAIN / math.sqrt(fan_in(shape))
+    # Each generator chunk is scaled in float64 and rounded once to `dtype` (the
+    # same bits as scaling the whole float64 tensor, without holding it).
     if kind == "kaiming_uniform":
-        values = (rng.uniform(seed, name, stream, n, device) * 2.0 - 1.0) * (std * math.sqrt(3.0))
+        bound = std * math.sqrt(3.0)
+        values = rng.uniform(seed, name, stream, n, device, dtype=dtype,
+                             transform=lambda u: u.mul_(2.0).sub_(1.0).mul_(bound))
     elif kind == "kaiming_normal":
-        values = rng.normal(seed, name, stream, n, device) * std
+        values = rng.normal(seed, name, stream, n, device, dtype=dtype, transform=lambda z: z.mul_(std))
     elif kind == "signed_kaiming_constant":
-        sign = (rng.bits(seed, name, stream, n, device) >> 31).to(torch.float64) * 2.0 - 1.0
-        values = sign * std
+        values = rng.bits(seed, name, stream, n, device, dtype=dtype,
+                          transform=lambda h: (h >> 31).to(torch.float64).mul_(2.0).sub_(1.0).mul_(std))
     else:
         raise ValueError(f"init must be one of {WEIGHT_INITS}, got {kind!r}")
-    return values.to(dtype).view(tuple(shape))
+    return values.view(tuple(shape))
 
 
 def weight_shape(module: nn.Module) -> tuple[int, ...]:

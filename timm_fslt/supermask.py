@@ -11,18 +11,25 @@ notices that scores changed (their autograd version counters move whenever an
 optimizer or ``load_state_dict`` writes them) at the next forward and recomputes
 every mask at once: one selection for the whole model in ``global`` scope, one
 per layer in ``layerwise`` scope.  No extra call is needed in a training loop.
+
+Cost per optimizer step (what keeps a search step as cheap as weight training):
+only the free scores are gathered (through a cached index of the free positions),
+the selection over them is linear time (``timm_fslt.threshold``), and each layer's
+mask is updated by writing its free positions only (locked and pruned positions
+never change).  The forward adds one elementwise product per layer, the backward
+three; masks are bool and frozen codes int8.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from . import freezing
-from .threshold import topk_mask
+from .threshold import keys_topk_mask, magnitude_keys
 
 SCOPES = ("global", "layerwise")
 
@@ -47,20 +54,43 @@ class _MaskedWeight(torch.autograd.Function):
     The mask is chosen by ``|s|``, and the estimator treats the mask as the identity
     of ``|s|``: ``dL/d|s| = dL/dW_eff * W * scale``, so by the chain rule
     ``dL/ds = dL/dW_eff * W * scale * sign(s)`` (as Edge-Popup's reference does by
-    selecting on ``scores.abs()`` inside autograd).
+    selecting on ``scores.abs()`` inside autograd).  ``scale`` is None when the
+    group does not scale (multiplying by 1 would only cost a pass).
     """
 
     @staticmethod
     def forward(ctx, weight, scores, mask, scale):
         ctx.save_for_backward(weight, scores, scale)
-        out = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
-        return out.mul_(scale)
+        if weight.device.type == "cpu":
+            # The product's own buffer is the only weight-sized allocation: the mask
+            # is widened into it (uint8 -> float is vectorized), then multiplied in
+            # place.  ``weight * mask`` would first make a float copy of the mask (CPU
+            # kernels do not mix dtypes) and run a slow unvectorized loop.
+            out = mask.view(torch.uint8).to(weight.dtype).mul_(weight)
+        else:  # GPU kernels cast inside the kernel: one pass, no copy
+            out = torch.mul(weight, mask)
+        return out if scale is None else out.mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
+        if not ctx.needs_input_grad[1]:
+            return None, None, None, None
         weight, scores, scale = ctx.saved_tensors
-        grad_scores = (grad * weight).mul_(scale).mul_(torch.sign(scores))
+        grad_scores = torch.mul(grad, weight)
+        if scale is not None:
+            grad_scores.mul_(scale)
+        grad_scores.mul_(torch.sign(scores))
         return None, grad_scores.to(scores.dtype), None, None
+
+
+class _FreeIndex(NamedTuple):
+    """What a refresh needs to know about one layer's frozen code (cached)."""
+
+    frozen: torch.Tensor  # the code this was computed from (identity = validity)
+    version: int  # its version counter then
+    index: Optional[torch.Tensor]  # int32 flat (row-major) positions of the free weights; None: all free
+    n_free: int
+    n_locked: int
 
 
 class FrozenSupermask(nn.Module):
@@ -87,6 +117,11 @@ class FrozenSupermask(nn.Module):
         # sparsity budget (the kept ones like locked weights), so other masks do not move.
         self.removed_numel = 0
         self.removed_kept = 0
+        # Refresh caches (plain attributes, not buffers: they never reach a state_dict
+        # or a pruner; they are rebuilt whenever `frozen` or `mask` is replaced or written).
+        self._free: Optional[_FreeIndex] = None
+        self._mask_ready: Optional[tuple] = None  # (mask, its version, _FreeIndex) last written
+        self._scale_value: Optional[float] = None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         group = self.group
@@ -95,7 +130,61 @@ class FrozenSupermask(nn.Module):
             # Reached when this layer is called outside the root model's forward
             # (e.g. model.forward_features) right after an optimizer step.
             group.refresh()
-        return _MaskedWeight.apply(weight, self.scores, self.mask, self.scale.to(weight.dtype))
+        scale = None if group is not None and group.scale_mode is None else self.scale.to(weight.dtype)
+        return _MaskedWeight.apply(weight, self.scores, self.mask, scale)
+
+    # -- refresh helpers (called by SupermaskGroup.refresh, under no_grad) ---------
+    def free_index(self) -> _FreeIndex:
+        """Positions and counts of the free weights, recomputed only if ``frozen`` changed."""
+        frozen, cached = self.frozen, self._free
+        if cached is None or cached.frozen is not frozen or cached.version != frozen._version:
+            flat = frozen.reshape(-1)
+            free = flat == freezing.FREE
+            n_free = int(free.sum())
+            # int32 (layers have < 2**31 weights): half the memory of int64 indices
+            index = None if n_free == flat.numel() else free.nonzero().squeeze(1).to(torch.int32)
+            n_locked = int((flat == freezing.LOCKED).sum())
+            cached = self._free = _FreeIndex(frozen, frozen._version, index, n_free, n_locked)
+        return cached
+
+    def _gather_free_scores(self, out: torch.Tensor, free: _FreeIndex) -> None:
+        """Write the free scores (row-major order) into the 1-D float32 ``out``:
+        their magnitudes if every weight is free, else the signed scores."""
+        scores = self.scores.detach()
+        flat = scores.view(-1) if scores.is_contiguous() else scores.reshape(-1)
+        direct = flat.dtype == out.dtype and flat.device == out.device
+        if free.index is None and direct:
+            torch.abs(flat, out=out)
+        elif free.index is None:
+            out.copy_(flat).abs_()
+        elif direct:
+            torch.index_select(flat, 0, free.index, out=out)
+        else:
+            out.copy_(flat.index_select(0, free.index))
+
+    def _write_mask(self, selected: torch.Tensor, free: _FreeIndex) -> None:
+        """Set the mask: locked weights, plus the free weights flagged in ``selected``."""
+        mask = self.mask
+        if free.index is None:
+            mask.copy_(selected.view(mask.shape))
+        else:
+            ready = self._mask_ready
+            if ready is None or ready[0] is not mask or ready[1] != mask._version or ready[2] is not free:
+                # Pruned and locked positions only change with the frozen code (or if
+                # someone wrote the mask), so this runs once, not every step.
+                torch.eq(self.frozen, freezing.LOCKED, out=mask)
+            index = free.index.to(device=mask.device, dtype=torch.int64)  # index_copy_ wants int64
+            if mask.is_contiguous():
+                mask.view(-1).index_copy_(0, index, selected.to(mask.device))
+            else:  # e.g. channels_last: the index is row-major
+                flat = mask.reshape(-1).index_copy_(0, index, selected.to(mask.device))
+                mask.copy_(flat.view(mask.shape))
+        self._mask_ready = (mask, mask._version, free)
+
+    def _set_scale(self, value: float) -> None:
+        if value != self._scale_value:  # a fill per layer per step costs more than this check
+            self.scale.fill_(value)
+            self._scale_value = value
 
     # -- counts -------------------------------------------------------------------
     @property
@@ -141,31 +230,36 @@ class SupermaskGroup:
         """Recompute every mask from the current scores (no-op when nothing changed)."""
         if not force and not self.is_stale():
             return
-        frees = [layer.frozen == freezing.FREE for layer in self.layers]
-        values = [layer.scores.detach().abs()[free] for layer, free in zip(self.layers, frees)]
+        layers = self.layers
+        frees = [layer.free_index() for layer in layers]
+        sizes = [free.n_free for free in frees]
+        device = layers[0].scores.device if layers else None
+        # |s| of every free weight, back to back (float32: the selection's key order).
+        flat = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+        for layer, free, part in zip(layers, frees, flat.split(sizes)):
+            layer._gather_free_scores(part, free)
+        if any(free.index is not None for free in frees):
+            flat.abs_()
+        keys = magnitude_keys(flat)
         if self.scope == "global":
-            locked = sum(int((layer.frozen == freezing.LOCKED).sum()) + layer.removed_kept
-                         for layer in self.layers)
-            n_free = sum(v.numel() for v in values)
-            k = min(max(self.kept_target() - locked, 0), n_free)
-            flat = torch.cat([v.float() for v in values]) if values else torch.empty(0)
-            selected = topk_mask(flat, k).split([v.numel() for v in values])
+            locked = sum(free.n_locked + layer.removed_kept for layer, free in zip(layers, frees))
+            k = min(max(self.kept_target() - locked, 0), keys.numel())
+            selected = keys_topk_mask(keys, k).split(sizes)
         else:
             selected = []
-            for layer, v in zip(self.layers, values):
-                locked = int((layer.frozen == freezing.LOCKED).sum()) + layer.removed_kept
+            for layer, free, part in zip(layers, frees, keys.split(sizes)):
+                locked = free.n_locked + layer.removed_kept
                 kept = freezing.round_half_up((1.0 - self.sparsity) * (layer.numel + layer.removed_numel))
-                selected.append(topk_mask(v.float(), min(max(kept - locked, 0), v.numel())))
-        for layer, free, sel in zip(self.layers, frees, selected):
-            mask = layer.mask
-            torch.eq(layer.frozen, freezing.LOCKED, out=mask)
-            mask.masked_scatter_(free, sel)
+                selected.append(keys_topk_mask(part, min(max(kept - locked, 0), free.n_free)))
+        for layer, free, sel in zip(layers, frees, selected):
+            layer._write_mask(sel, free)
             if self.scale_mode == "static":
-                layer.scale.fill_(1.0 / math.sqrt(max(1.0 - self.sparsity, 1e-12)))
+                layer._set_scale(1.0 / math.sqrt(max(1.0 - self.sparsity, 1e-12)))
             elif self.scale_mode == "dynamic":
-                density = (int(mask.sum()) + layer.removed_kept) / max(layer.numel + layer.removed_numel, 1)
-                layer.scale.fill_(1.0 / math.sqrt(max(density, 1e-12)))
+                kept = free.n_locked + int(torch.count_nonzero(sel)) + layer.removed_kept
+                density = kept / max(layer.numel + layer.removed_numel, 1)
+                layer._set_scale(1.0 / math.sqrt(max(density, 1e-12)))
             else:
-                layer.scale.fill_(1.0)
+                layer._set_scale(1.0)
             layer._seen_version = layer.scores._version
         self._seen_steps = _optimizer_steps

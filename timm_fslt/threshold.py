@@ -1,33 +1,153 @@
-"""Exact top-k selection of scores with deterministic tie-breaking.
+"""Exact top-k selection with deterministic tie-breaking, in linear time.
 
 ``topk_mask(values, k)`` marks exactly ``k`` entries: every value above the k-th
 largest, then as many of the values equal to it as are still needed, lowest index
-first.  That is the same set a stable descending sort would keep, found in O(n)
-with ``torch.kthvalue`` (quickselect on the CPU, radix select on CUDA) instead of
-an O(n log n) sort.
+first.  That is the set a stable descending sort keeps (``reference_topk_mask``),
+including the sort's conventions ``-0.0 == +0.0`` and NaN above ``+inf``.
+
+Nothing is sorted.  Values are mapped to integer keys with the same order (for
+non-negative float32, such as score magnitudes, the IEEE bit pattern already is
+one: ``magnitude_keys``), and ``kth_largest`` finds the k-th largest key:
+
+* up to ``_DIRECT`` keys: ``torch.kthvalue`` (quickselect on the CPU, radix select
+  on CUDA);
+* more: a strided sample of ``_SAMPLE`` keys gives a bracket ``[lo, hi]`` around
+  the wanted rank (``4 sqrt(sample size)`` sample positions either side: at least
+  8 standard deviations of a quantile's sampled rank); one pass counts the keys
+  above ``hi``, one collects the few (about 3 %) inside the bracket, and
+  ``kthvalue`` on those finishes.  If the bracket misses (only adversarial
+  layouts, e.g. a period equal to the sampling stride, can make it), ``kthvalue``
+  on all keys runs instead: the answer is always exact, only its cost depends on
+  the data.  Neither path sorts, and nothing runs ``torch.sort``, whose parallel
+  CPU path is slow when other processes share the cores.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+
+_DIRECT = 1 << 20  # below this many keys, kthvalue on all of them is as fast
+_SAMPLE = 1 << 16  # sample size of the bracketing step
+
+# Every NaN bit pattern of a non-negative float32 is clamped to this key: above
+# +inf (0x7F800000) and equal to each other, as torch.sort orders them.
+NAN_KEY_32 = 0x7F800001
+_MAG_MASK = {torch.int32: 0x7FFFFFFF, torch.int64: 0x7FFFFFFFFFFFFFFF}
+_INF_KEY = {torch.int32: 0x7F800000, torch.int64: 0x7FF0000000000000}
+
+
+def magnitude_keys(values: torch.Tensor) -> torch.Tensor:
+    """In place: reinterpret non-negative float32 ``values`` as ordered int32 keys.
+
+    ``values`` must hold ``|x|`` (sign bit clear, e.g. from ``abs_``); it is
+    overwritten (NaNs are clamped to ``NAN_KEY_32``) and returned viewed as int32.
+    """
+    if values.dtype != torch.float32:
+        raise TypeError(f"values must be float32 magnitudes, got {values.dtype}")
+    return values.view(torch.int32).clamp_max_(NAN_KEY_32)
+
+
+def order_keys(values: torch.Tensor) -> torch.Tensor:
+    """Integer keys ordered like ``torch.sort`` orders ``values`` (integers pass through).
+
+    Floats: ``key = +bits`` for positive, ``-magnitude bits`` for negative numbers,
+    so ``-0.0`` and ``+0.0`` share key 0; every NaN gets the same key above ``+inf``.
+    """
+    if not values.is_floating_point():
+        return values if values.dtype in (torch.int32, torch.int64) else values.to(torch.int64)
+    if values.dtype != torch.float64:
+        values = values.to(torch.float32)
+    int_dtype = torch.int32 if values.dtype == torch.float32 else torch.int64
+    raw = values.view(int_dtype)
+    mag = raw & _MAG_MASK[int_dtype]
+    nan = mag > _INF_KEY[int_dtype]
+    key = torch.where(raw < 0, -mag, mag)
+    return key.masked_fill_(nan, _INF_KEY[int_dtype] + 1)
+
+
+def _count(mask: torch.Tensor) -> int:
+    return int(torch.count_nonzero(mask))
+
+
+def _bracketed(keys: torch.Tensor, k: int):
+    """(kth, n_above, n_ties) from a sample bracket, or None if the bracket misses."""
+    n = keys.numel()
+    sample = keys[::n // _SAMPLE]
+    s = sample.numel()
+    rank = (n - k) * s // n  # where the k-th largest sits in the ascending sample
+    margin = 4 * math.isqrt(s) + 8
+    lo_at, hi_at = rank - margin, rank + margin
+    if lo_at <= 0 and hi_at >= s - 1:
+        return None
+
+    def sample_at(i):  # the i-th smallest sampled key
+        return torch.kthvalue(sample, i + 1).values
+
+    if hi_at < s - 1:
+        above = keys > sample_at(hi_at)
+        n_above_hi = _count(above)
+        inside = torch.logical_not(above) if lo_at <= 0 else (keys >= sample_at(lo_at)).logical_xor_(above)
+    else:
+        n_above_hi = 0
+        inside = keys >= sample_at(lo_at)
+    need = k - n_above_hi  # rank of the k-th largest among the keys inside the bracket
+    candidates = keys[inside]
+    if not 1 <= need <= candidates.numel():
+        return None
+    kth = torch.kthvalue(candidates, candidates.numel() - need + 1).values
+    return (int(kth), n_above_hi + _count(candidates > kth), _count(candidates == kth))
+
+
+def _check_k(keys: torch.Tensor, k: int) -> None:
+    if keys.dim() != 1 or keys.is_floating_point():
+        raise ValueError(f"keys must be a 1-D integer tensor, got {keys.dtype} of shape {tuple(keys.shape)}")
+    if not 1 <= k <= keys.numel():
+        raise ValueError(f"k must lie in [1, {keys.numel()}], got {k}")
+
+
+def kth_largest(keys: torch.Tensor, k: int) -> tuple[int, int, int]:
+    """For 1-D integer ``keys`` and ``1 <= k <= n``: the k-th largest key, how many
+    keys are above it, and how many equal it."""
+    _check_k(keys, k)
+    if keys.numel() > _DIRECT:
+        found = _bracketed(keys, k)
+        if found is not None:
+            return found
+    kth = torch.kthvalue(keys, keys.numel() - k + 1).values  # the (n - k + 1)-th smallest
+    return int(kth), _count(keys > kth), _count(keys == kth)
+
+
+def keys_topk_mask(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Boolean mask of the ``k`` largest integer ``keys`` (ties: lower index wins)."""
+    n = keys.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=keys.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=keys.device)
+    _check_k(keys, k)
+    found = _bracketed(keys, k) if n > _DIRECT else None
+    if found is None:
+        kth = int(torch.kthvalue(keys, n - k + 1).values)
+        at_least = keys >= kth
+        if _count(at_least) == k:  # the usual case: no tie to break at the threshold
+            return at_least
+        n_above = _count(keys > kth)
+    else:
+        kth, n_above, n_ties = found
+        if n_above + n_ties == k:
+            return keys >= kth
+    # Keep only the first `k - n_above` tied entries in index order.
+    ties = keys == kth
+    keep_ties = torch.cumsum(ties, 0, dtype=torch.int32) <= k - n_above
+    return (keys > kth).logical_or_(ties.logical_and_(keep_ties))
 
 
 def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
     """Boolean mask of the ``k`` largest entries of a 1-D tensor (ties: lower index wins)."""
-    n = values.numel()
-    if k <= 0:
-        return torch.zeros(n, dtype=torch.bool, device=values.device)
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool, device=values.device)
-    # The k-th largest value, i.e. the (n - k + 1)-th smallest.
-    kth = torch.kthvalue(values, n - k + 1).values
-    above = values > kth
-    ties = values == kth
-    need = k - int(above.sum())
-    n_ties = int(ties.sum())
-    if n_ties == need:
-        return above | ties
-    # Keep only the first `need` tied entries in index order.
-    return above | (ties & (torch.cumsum(ties, 0, dtype=torch.int32) <= need))
+    if values.dim() != 1:
+        raise ValueError(f"values must be 1-D, got shape {tuple(values.shape)}")
+    return keys_topk_mask(order_keys(values), k)
 
 
 def reference_topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
