@@ -205,3 +205,16 @@ def test_deepcopy_of_a_frozen_model_is_independent():
     assert timm_fslt.get_group(twin) is not timm_fslt.get_group(model)
     assert timm_fslt.get_group(twin).layers[0] is twin.features[0].parametrizations.weight[0]
     assert any(not torch.equal(a, b) for a, b in zip(masks(model), masks(twin)))
+
+
+def test_nonfinite_scores_are_refused_naming_the_layer():
+    model = conv6(prune=0.2, lock=0.2)
+    layer = model.features[5].parametrizations.weight[0]
+    free = (layer.frozen == 0).nonzero()[0].tolist()
+    with torch.no_grad():
+        layer.scores[tuple(free)] = float("nan")
+    with pytest.raises(FloatingPointError, match=r"non-finite \(NaN or Inf\) scores in layer\(s\) features\.5"):
+        model(torch.randn(2, 3, 32, 32))
+    group = timm_fslt.get_group(model)
+    group.check_finite = False  # the opt-out: the selection then proceeds (NaN sorts as largest)
+    model(torch.randn(2, 3, 32, 32))

@@ -225,6 +225,8 @@ class SupermaskGroup:
         total = sum(layer.numel + layer.removed_numel for layer in self.layers)
         return freezing.round_half_up((1.0 - self.sparsity) * total)
 
+    check_finite = True  # refuse NaN/Inf scores (one isfinite pass over the free scores per step)
+
     @torch.no_grad()
     def refresh(self, force: bool = False) -> None:
         """Recompute every mask from the current scores (no-op when nothing changed)."""
@@ -240,6 +242,13 @@ class SupermaskGroup:
             layer._gather_free_scores(part, free)
         if any(free.index is not None for free in frees):
             flat.abs_()
+        if self.check_finite and not bool(torch.isfinite(flat).all()):
+            bad = [layer.layer_name for layer, part in zip(layers, flat.split(sizes))
+                   if not bool(torch.isfinite(part).all())]
+            raise FloatingPointError(
+                f"non-finite (NaN or Inf) scores in layer(s) {', '.join(bad)}: the mask cannot be chosen. "
+                "Lower the learning rate or resume from a checkpoint; set "
+                "timm_fslt.get_group(model).check_finite = False to skip this check")
         keys = magnitude_keys(flat)
         if self.scope == "global":
             locked = sum(free.n_locked + layer.removed_kept for layer, free in zip(layers, frees))
