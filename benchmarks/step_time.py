@@ -257,7 +257,7 @@ def report(results: dict) -> str:
                  f"timm {m.get('timm', '?')}, {m['threads']} torch threads; load average "
                  f"{results['load_start']} at start, {results['load_end']} at end.")
     opts = [o for o in ("autocast", "channels_last") if results["options"].get(o)]
-    if results["options"].get("malloc_mmap_threshold"):
+    if results["options"].get("malloc_mmap_threshold") and results.get("memory"):
         opts.append(f"memory runs with MALLOC_MMAP_THRESHOLD_={results['options']['malloc_mmap_threshold']}")
     if results["options"].get("device", "cpu") != "cpu":
         opts.append(f"device {results['options']['device']} ({m.get('gpu', '?')}; memory = "
