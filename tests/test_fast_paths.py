@@ -222,6 +222,19 @@ def test_masked_weight_forward_allocates_only_the_product():
         torch.testing.assert_close(out, w * sm.mask * sm.scale, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("bad", [float("inf"), -float("inf"), float("nan"), -float("nan")])
+def test_the_finite_check_on_score_bits_catches_every_nonfinite_value(bad):
+    model = timm_fslt.freeze(small_net(), prune=0.3, lock=0.3)
+    layer = timm_fslt.get_group(model).layers[-1]
+    with torch.no_grad():
+        layer.scores.view(-1)[layer.free_index().index[-1].long()] = bad
+    with pytest.raises(FloatingPointError, match=r"layer\(s\) 6"):
+        model(torch.randn(2, 3, 8, 8))
+    with torch.no_grad():
+        layer.scores.view(-1)[layer.free_index().index[-1].long()] = torch.finfo(torch.float32).max
+    model(torch.randn(2, 3, 8, 8))  # the largest finite score is fine
+
+
 # -- the frozen code and the generator ---------------------------------------------------
 def test_sort_free_frozen_code_equals_full_argsort_even_with_hash_ties(monkeypatch):
     # Make the hash low-entropy so many positions tie and ties straddle every cut.
