@@ -88,8 +88,13 @@ def sync(device: str) -> None:
         torch.cuda.synchronize(device)
 
 
-def step(model, opt, x, y, autocast: bool = False) -> None:
-    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
+def step(model, opt, x, y, autocast: bool = False, recompute: bool = False) -> None:
+    import contextlib
+    import timm_fslt
+
+    frozen = getattr(model, "_fslt_group", None) is not None
+    keep = timm_fslt.recompute_masked_weights(model) if recompute and frozen else contextlib.nullcontext()
+    with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast), keep:
         loss = F.cross_entropy(model(x), y)
     opt.zero_grad()
     loss.backward()
@@ -126,7 +131,7 @@ def time_steps(model_name: str, size: int, repeats: int, warmup: int, args) -> d
     runs = {c: build(model_name, c, args.channels_last, args.device) for c in CONFIGS}
     for c, (model, opt) in runs.items():
         for _ in range(warmup):
-            step(model, opt, x, y, args.autocast)
+            step(model, opt, x, y, args.autocast, args.recompute)
     times = {c: [] for c in CONFIGS}
     names = list(CONFIGS)
     for r in range(repeats):
@@ -134,7 +139,7 @@ def time_steps(model_name: str, size: int, repeats: int, warmup: int, args) -> d
             model, opt = runs[c]
             sync(args.device)
             t0 = time.perf_counter()
-            step(model, opt, x, y, args.autocast)
+            step(model, opt, x, y, args.autocast, args.recompute)
             sync(args.device)
             times[c].append(time.perf_counter() - t0)
     med = {c: statistics.median(v) for c, v in times.items()}
@@ -154,7 +159,7 @@ def _status_kib(field: str) -> int:
 
 
 def memory_child(model_name: str, config: str, size: int, steps: int, autocast: bool,
-                 device: str) -> None:
+                 device: str, recompute: bool = False) -> None:
     """Runs in a fresh process: prints the peak memory of a few training steps (JSON).
 
     CPU: the resident-set high-water mark (VmHWM), reset after the imports
@@ -176,7 +181,7 @@ def memory_child(model_name: str, config: str, size: int, steps: int, autocast: 
     model, opt = build(model_name, config, device=device)
     x, y = batch(model_name, size, device=device)
     for _ in range(steps):
-        step(model, opt, x, y, autocast)
+        step(model, opt, x, y, autocast, recompute)
     peak = torch.cuda.max_memory_allocated(device) if cuda else _status_kib("VmHWM") * 1024
     print(json.dumps({"peak_rss": peak, "base_rss": base}))
 
@@ -185,7 +190,8 @@ def measure_memory(model_name: str, size: int, steps: int, args) -> dict:
     out = {}
     for config in CONFIGS:
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", model_name, config,
-               str(size), str(steps), "--device", args.device] + (["--autocast"] if args.autocast else [])
+               str(size), str(steps), "--device", args.device] + (["--autocast"] if args.autocast else []) \
+            + (["--recompute"] if args.recompute else [])
         if args.threads:
             cmd += ["--threads", str(args.threads)]
         env = dict(os.environ)
@@ -256,7 +262,7 @@ def report(results: dict) -> str:
     lines.append(f"Machine: {m.get('cpu', '?')}, {m.get('cores', '?')} CPUs, torch {m['torch']}, "
                  f"timm {m.get('timm', '?')}, {m['threads']} torch threads; load average "
                  f"{results['load_start']} at start, {results['load_end']} at end.")
-    opts = [o for o in ("autocast", "channels_last") if results["options"].get(o)]
+    opts = [o for o in ("autocast", "channels_last", "recompute") if results["options"].get(o)]
     if results["options"].get("malloc_mmap_threshold") and results.get("memory"):
         opts.append(f"memory runs with MALLOC_MMAP_THRESHOLD_={results['options']['malloc_mmap_threshold']}")
     if results["options"].get("device", "cpu") != "cpu":
@@ -315,6 +321,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
     parser.add_argument("--autocast", action="store_true", help="bf16 autocast in every step")
     parser.add_argument("--channels-last", action="store_true", help="channels_last models and inputs")
+    parser.add_argument("--recompute", action="store_true",
+                        help="run the frozen forwards inside timm_fslt.recompute_masked_weights")
     parser.add_argument("--quick", action="store_true",
                         help="conv6 batch 32, 3 repeats, 2M-score threshold, ResNet-18 regeneration only")
     parser.add_argument("--json", default=None, help="also write the numbers to this file")
@@ -327,7 +335,7 @@ def main(argv=None) -> dict:
         parser.error(f"--device: expected cpu or an available cuda device, got {args.device!r}")
     if args.memory_child:
         model_name, config, size, steps = args.memory_child
-        memory_child(model_name, config, int(size), int(steps), args.autocast, args.device)
+        memory_child(model_name, config, int(size), int(steps), args.autocast, args.device, args.recompute)
         return {}
 
     models = [m for m in args.models.split(",") if m]
@@ -353,6 +361,7 @@ def main(argv=None) -> dict:
 
     results = {"machine": machine(), "load_start": loadavg(),
                "options": {"autocast": args.autocast, "channels_last": args.channels_last,
+                           "recompute": args.recompute,
                            "device": args.device, "threads": args.threads,
                            "malloc_mmap_threshold": args.malloc_mmap_threshold}}
     if "steps" not in skip:

@@ -32,6 +32,7 @@ BASE = {
     "output_dir": None, "resume": False, "overwrite": False, "keep_checkpoints": 1, "stop_after": None,
     "log_with": [], "log_every": 50, "push_to_hub": None, "hub_private": False, "save_ticket": True,
     "progress": True, "cpu": False, "check_finite": True, "check_sync_every": 0,
+    "recompute_weights": False,
     "data": None, "hf_token": None, "img_size": None, "data_root": None, "download": False,
     "sweep": [],
 }
@@ -151,6 +152,9 @@ def build_parser(recipe: str, description: str, *, image: bool) -> argparse.Argu
                    help="verify every N steps that all processes hold identical masks (default: each epoch)")
     g.add_argument("--no-check-finite", dest="check_finite", action="store_false",
                    help="do not stop at the first non-finite loss")
+    g.add_argument("--recompute-weights", dest="recompute_weights", action="store_true",
+                   help="rebuild each layer's W * mask in the backward instead of keeping it "
+                        "(less memory, same gradients)")
     g.add_argument("--push-to-hub", dest="push_to_hub", metavar="REPO_ID", help="upload the ticket to the Hub")
     g.add_argument("--hub-private", dest="hub_private", action="store_true")
     g.add_argument("--no-ticket", dest="save_ticket", action="store_false", help="do not save a ticket")
@@ -245,7 +249,8 @@ def train_config(s: dict, output_dir: str, *, architecture: Optional[dict] = Non
             log_every=s["log_every"], progress=s["progress"], save_ticket=s["save_ticket"],
             architecture=architecture if s["method"] == "ticket" else None, dataset_ids=dataset_ids,
             push_to_hub=s["push_to_hub"], hub_private=s["hub_private"], cpu=s["cpu"],
-            check_finite=s["check_finite"], check_sync_every=s["check_sync_every"])
+            check_finite=s["check_finite"], check_sync_every=s["check_sync_every"],
+            recompute_weights=s["recompute_weights"])
     except ValueError as err:
         raise RecipeError(_as_option(str(err))) from None
 

@@ -205,6 +205,22 @@ def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
     assert res["completed"] and all(torch.isfinite(torch.tensor(h["train_loss"])) for h in res["history"])
 
 
+def test_recompute_weights_trains_the_same_scores_and_may_change_on_resume(tmp_path):
+    plain_model, recomputed_model = _model(), _model()
+    plain = train(plain_model, TRAIN, VAL, TEST, _config(tmp_path / "a", epochs=2))
+    part = train(recomputed_model, TRAIN, VAL, TEST,
+                 _config(tmp_path / "b", epochs=2, stop_after=1, recompute_weights=True))
+    assert part["completed"] is False
+    # A memory setting, not a result-changing one: resuming without it is allowed.
+    rest = train(recomputed_model, TRAIN, VAL, TEST, _config(tmp_path / "b", epochs=2, resume=True))
+    assert rest["history"] == plain["history"] and rest["mask_digests"] == plain["mask_digests"]
+    for name, s in _scores(plain_model).items():
+        assert torch.equal(_scores(recomputed_model)[name], s), name
+    # A weight-trained model has no masked weights: the option is accepted and ignored.
+    dense = timm.create_model("conv6", width=0.0625, num_classes=4)
+    assert train(dense, TRAIN, VAL, TEST, _config(tmp_path / "w", epochs=1, recompute_weights=True))["completed"]
+
+
 def test_weight_training_saves_a_plain_model_and_reports_its_size(tmp_path):
     model = timm.create_model("conv6", width=0.0625, num_classes=4)
     res = train(model, TRAIN, VAL, TEST, _config(tmp_path / "w", epochs=1))

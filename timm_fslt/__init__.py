@@ -6,7 +6,7 @@ then train the scores with an ordinary PyTorch loop.
 """
 __version__ = "0.1.0"
 
-from .core import FreezeConfig, freeze, get_config, get_group, refresh_masks
+from .core import FreezeConfig, freeze, get_config, get_group, recompute_masked_weights, refresh_masks
 from .layers import find_maskable, iter_frozen
 from .materialize import materialize
 from .report import SizeReport, size_report
@@ -19,7 +19,8 @@ from .hub import push_to_hub
 
 __all__ = [
     "FreezeConfig", "FrozenSupermask", "GENERATOR_VERSION", "SizeReport", "find_maskable",
-    "freeze", "get_config", "get_group", "iter_frozen", "materialize", "refresh_masks", "size_report",
+    "freeze", "get_config", "get_group", "iter_frozen", "materialize", "recompute_masked_weights",
+    "refresh_masks", "size_report",
     "TicketError", "create_model", "load_ticket", "push_to_hub", "save_ticket",
 ]
 

@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from . import freezing, layers as L
-from .supermask import SCALES, SCOPES, FrozenSupermask, SupermaskGroup
+from .supermask import SCALES, SCOPES, FrozenSupermask, SupermaskGroup, recompute_context
 
 BATCHNORM_MODES = ("non_affine", "affine", "keep")
 BIAS_MODES = ("zero", "train", "keep")
@@ -123,6 +123,29 @@ def get_config(model: nn.Module) -> FreezeConfig:
 def refresh_masks(model: nn.Module) -> None:
     """Recompute masks now (only needed after writing scores through ``.data``)."""
     get_group(model).refresh(force=True)
+
+
+def recompute_masked_weights(model: nn.Module):
+    """Context manager: forwards inside it keep no copy of ``W * mask`` for the backward.
+
+    A conv or linear layer saves its weight argument for the input gradient, so a
+    frozen model normally holds every masked weight (4 bytes per weight) from the
+    forward to the backward; dense weight training saves the weight itself.  Inside
+    this context each layer's masked weight is saved as a reference to the frozen
+    weight, the scores and the mask, and the backward rebuilds it (one elementwise
+    product per layer, bit-identical gradients)::
+
+        with timm_fslt.recompute_masked_weights(model):
+            loss = criterion(model(x), y)
+        loss.backward()
+
+    Only the forward needs to be inside.  Activation checkpointing inside the model
+    takes precedence in its regions; ``backward(create_graph=True)`` is supported;
+    under ``torch.compile`` nothing is recorded (the compiler decides what to save).
+    The backward refuses (``RuntimeError``) if the masks changed in place between
+    the forward and its backward, since the saved product could not be rebuilt.
+    """
+    return recompute_context(get_group(model))
 
 
 def freeze(model: nn.Module, prune: float = 0.0, lock: float = 0.0, *,

@@ -21,7 +21,10 @@ three; masks are bool and frozen codes int8.
 """
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+import weakref
 from typing import NamedTuple, Optional
 
 import torch
@@ -48,6 +51,19 @@ register_optimizer_step_post_hook(_count_optimizer_step)
 SCALES = (None, "static", "dynamic")
 
 
+def _masked_product(weight: torch.Tensor, mask: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """``W * mask * scale`` with one weight-sized allocation (no autograd)."""
+    if weight.device.type == "cpu":
+        # The product's own buffer is the only weight-sized allocation: the mask
+        # is widened into it (uint8 -> float is vectorized), then multiplied in
+        # place.  ``weight * mask`` would first make a float copy of the mask (CPU
+        # kernels do not mix dtypes) and run a slow unvectorized loop.
+        out = mask.view(torch.uint8).to(weight.dtype).mul_(weight)
+    else:  # GPU kernels cast inside the kernel: one pass, no copy
+        out = torch.mul(weight, mask)
+    return out if scale is None else out.mul_(scale)
+
+
 class _MaskedWeight(torch.autograd.Function):
     """``W * mask * scale`` forward, straight-through estimator backward.
 
@@ -61,15 +77,7 @@ class _MaskedWeight(torch.autograd.Function):
     @staticmethod
     def forward(ctx, weight, scores, mask, scale):
         ctx.save_for_backward(weight, scores, scale)
-        if weight.device.type == "cpu":
-            # The product's own buffer is the only weight-sized allocation: the mask
-            # is widened into it (uint8 -> float is vectorized), then multiplied in
-            # place.  ``weight * mask`` would first make a float copy of the mask (CPU
-            # kernels do not mix dtypes) and run a slow unvectorized loop.
-            out = mask.view(torch.uint8).to(weight.dtype).mul_(weight)
-        else:  # GPU kernels cast inside the kernel: one pass, no copy
-            out = torch.mul(weight, mask)
-        return out if scale is None else out.mul_(scale)
+        return _masked_product(weight, mask, scale)
 
     @staticmethod
     def backward(ctx, grad):
@@ -131,7 +139,13 @@ class FrozenSupermask(nn.Module):
             # (e.g. model.forward_features) right after an optimizer step.
             group.refresh()
         scale = None if group is not None and group.scale_mode is None else self.scale.to(weight.dtype)
-        return _MaskedWeight.apply(weight, self.scores, self.mask, scale)
+        out = _MaskedWeight.apply(weight, self.scores, self.mask, scale)
+        if _recording and not torch.compiler.is_compiling():  # inside recompute_masked_weights
+            for recorder in reversed(_recorders()):
+                if recorder.group is group:
+                    recorder.record(out, weight, self.scores, self.mask, scale, self.layer_name)
+                    break
+        return out
 
     # -- refresh helpers (called by SupermaskGroup.refresh, under no_grad) ---------
     def free_index(self) -> _FreeIndex:
@@ -274,3 +288,93 @@ class SupermaskGroup:
                 layer._set_scale(1.0)
             layer._seen_version = layer.scores._version
         self._seen_steps = _optimizer_steps
+
+
+# -- recomputing W * mask in the backward instead of keeping it ----------------------
+# A conv or linear layer saves its weight argument for the input gradient, so eager
+# autograd keeps every layer's ``W * mask * scale`` (4 bytes per weight) from forward
+# to backward: the largest memory cost of a search over dense weight training.
+# Inside ``recompute_masked_weights`` those products are saved as a small token
+# instead and rebuilt (one elementwise product, bit-identical) when backward needs them.
+
+_local = threading.local()  # saved-tensor hooks are per thread, so is the recorder stack
+_recording = 0  # open recompute contexts in any thread (a cheap test for every forward)
+
+
+def _recorders() -> list:
+    stack = getattr(_local, "stack", None)
+    if stack is None:
+        stack = _local.stack = []
+    return stack
+
+
+class _RecomputeToken(NamedTuple):
+    """What rebuilds one saved ``W * mask * scale`` (all persistent tensors: no copy)."""
+
+    weight: torch.Tensor
+    weight_version: int
+    scores: torch.Tensor
+    mask: torch.Tensor
+    mask_version: int
+    scale: Optional[torch.Tensor]
+    layer_name: str
+    view: Optional[tuple] = None  # (size, stride, offset) when a view of it was saved (linear: W.t())
+
+    def rebuild(self) -> torch.Tensor:
+        if self.mask._version != self.mask_version or self.weight._version != self.weight_version:
+            raise RuntimeError(
+                f"timm_fslt.recompute_masked_weights: the mask or frozen weight of layer {self.layer_name!r} "
+                "changed between the forward and its backward (the masks were refreshed by another "
+                "forward after an optimizer step, or written in place), so the masked weight this "
+                "backward needs cannot be rebuilt. Run backward before the next optimizer step, or "
+                "leave this forward outside recompute_masked_weights")
+        if torch.is_grad_enabled():  # backward(create_graph=True): rebuild with its graph
+            out = _MaskedWeight.apply(self.weight, self.scores, self.mask, self.scale)
+        else:
+            out = _masked_product(self.weight, self.mask, self.scale)
+        return out if self.view is None else out.as_strided(*self.view)
+
+
+class _Recorder:
+    def __init__(self, group: "SupermaskGroup"):
+        self.group = group
+        self.entries: dict = {}  # id(W_eff) -> (weak reference, token); dropped when W_eff dies
+
+    def record(self, out, weight, scores, mask, scale, layer_name) -> None:
+        key = id(out)
+        entries = self.entries
+        ref = weakref.ref(out, lambda _ref, key=key: entries.pop(key, None))
+        entries[key] = (ref, _RecomputeToken(weight, weight._version, scores, mask, mask._version,
+                                             scale, layer_name))
+
+
+def _pack(tensor):
+    base = tensor._base
+    for recorder in reversed(_recorders()):
+        entry = recorder.entries.get(id(tensor))
+        if entry is not None and entry[0]() is tensor:
+            return entry[1]
+        entry = None if base is None else recorder.entries.get(id(base))
+        if entry is not None and entry[0]() is base:
+            return entry[1]._replace(view=(tensor.size(), tensor.stride(), tensor.storage_offset()))
+    return tensor
+
+
+def _unpack(saved):
+    return saved.rebuild() if isinstance(saved, _RecomputeToken) else saved
+
+
+@contextlib.contextmanager
+def recompute_context(group: "SupermaskGroup"):
+    global _recording
+    recorder = _Recorder(group)
+    stack = _recorders()
+    stack.append(recorder)
+    _recording += 1
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
+            yield
+    finally:
+        _recording -= 1
+        stack.remove(recorder)
+        recorder.entries.clear()  # tokens already saved live on in their graphs

@@ -20,6 +20,7 @@ A ``task`` tells the loop what a batch is: ``ClassificationTask`` (image batches
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -39,6 +40,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from accelerate.tracking import GeneralTracker
 
 from .data import EpochShuffleSampler, first_item
+from .core import recompute_masked_weights
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "constant")
@@ -51,7 +53,7 @@ METRICS_FILE = "metrics.jsonl"
 TICKET_DIR = "ticket"
 
 # TrainConfig fields that do not change what a run computes; a resumed run may change them.
-_VOLATILE_FIELDS = ("check_finite", "check_sync_every", "output_dir", "resume", "overwrite", "keep_checkpoints", "stop_after", "log_with",
+_VOLATILE_FIELDS = ("check_finite", "check_sync_every", "recompute_weights", "output_dir", "resume", "overwrite", "keep_checkpoints", "stop_after", "log_with",
                     "project_name", "progress", "log_every", "save_ticket", "push_to_hub", "hub_private",
                     "num_workers", "cpu", "architecture", "dataset_ids")
 
@@ -72,6 +74,10 @@ class TrainConfig:
     naming the layers whose scores went non-finite (costs one device sync per step).
     ``check_sync_every``: also verify every N optimizer steps that all processes hold
     identical masks (0: once per epoch, which always happens).
+    ``recompute_weights``: run each forward inside ``timm_fslt.recompute_masked_weights``
+    (the backward rebuilds each layer's ``W * mask`` instead of keeping it: 4 bytes
+    less per weight at the peak, one elementwise product more per layer, the same
+    gradients); no effect on a model that is not frozen.
     """
 
     output_dir: str = "runs/fslt"
@@ -108,6 +114,7 @@ class TrainConfig:
     cpu: bool = False
     check_finite: bool = True
     check_sync_every: int = 0
+    recompute_weights: bool = False
 
     def __post_init__(self):
         self.log_with = tuple(self.log_with or ())
@@ -628,6 +635,9 @@ def train(model: nn.Module, train_set, val_set, test_set=None, config: Optional[
     test_loader = prepared[4] if test_set is not None else None
     scheduler = prepared[-1]
     unwrapped = accelerator.unwrap_model(model)
+    frozen = getattr(unwrapped, "_fslt_group", None) is not None
+    recompute = ((lambda: recompute_masked_weights(unwrapped)) if config.recompute_weights and frozen
+                 else contextlib.nullcontext)
     static = _static_keys(unwrapped)
 
     state = TrainState()
@@ -666,7 +676,8 @@ def train(model: nn.Module, train_set, val_set, test_set=None, config: Optional[
                    dynamic_ncols=True, disable=not show)
         for batch in bar:
             with accelerator.accumulate(model):
-                loss = task.loss(model, batch)
+                with recompute():
+                    loss = task.loss(model, batch)
                 if config.check_finite and not bool(torch.isfinite(loss.detach())):
                     raise FloatingPointError(_nonfinite_message(unwrapped, loss, state, epoch))
                 accelerator.backward(loss)
