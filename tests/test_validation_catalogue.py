@@ -33,6 +33,8 @@ def junk_dir(tmp_path):
 CATALOGUE = [
     ("size_report/not-frozen", lambda p, f, d: timm_fslt.size_report(p), ValueError,
      r"model is not frozen: call timm_fslt.freeze", "model is not frozen"),
+    ("recompute_masked_weights/not-frozen", lambda p, f, d: timm_fslt.recompute_masked_weights(p), ValueError,
+     r"model is not frozen", "model is not frozen"),
     ("materialize/not-frozen", lambda p, f, d: timm_fslt.materialize(p), ValueError,
      r"model is not frozen", "model is not frozen"),
     ("save_ticket/not-frozen", lambda p, f, d: timm_fslt.save_ticket(p, d / "t"), TicketError,
