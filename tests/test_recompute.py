@@ -167,3 +167,27 @@ def test_compiled_model_inside_the_context_matches():
     got = [p.grad for p in model.parameters() if p.requires_grad]
     for a, b in zip(expected, got):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sign_of_the_scores_is_applied_in_small_slices(monkeypatch, channels_last):
+    # The straight-through gradient g * W * sign(s) must not make a whole-layer float
+    # temporary for sign(s): at the start of the backward (the memory peak) it would
+    # sit beside the incoming gradient and the score gradient.
+    from timm_fslt import supermask
+
+    monkeypatch.setattr(supermask, "_SIGN_CHUNK", 64)
+    g = torch.Generator().manual_seed(0)
+    shape = (10, 3, 3, 3)
+    grad, scores = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    scores.view(-1)[::5] = 0.0  # sign(0) = 0: no gradient through an exact zero
+    if channels_last:
+        grad = grad.contiguous(memory_format=torch.channels_last)
+        scores = scores.contiguous(memory_format=torch.channels_last)
+    sizes = []
+    real_sign = torch.sign
+    monkeypatch.setattr(torch, "sign", lambda t: sizes.append(t.numel()) or real_sign(t))
+    out = supermask._mul_sign_(grad.clone(), scores)
+    monkeypatch.setattr(torch, "sign", real_sign)
+    assert torch.equal(out, grad * torch.sign(scores))
+    assert sum(sizes) == grad.numel() and max(sizes) <= 64 and len(sizes) == 5

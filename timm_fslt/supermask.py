@@ -64,6 +64,22 @@ def _masked_product(weight: torch.Tensor, mask: torch.Tensor, scale: Optional[to
     return out if scale is None else out.mul_(scale)
 
 
+_SIGN_CHUNK = 1 << 20  # elements of sign(s) alive at once in the backward
+
+
+def _mul_sign_(out: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``out *= sign(scores)`` in slices along dim 0, so the float ``sign`` temporary stays
+    small: a whole-layer one would be alive together with the incoming gradient and the
+    score gradient at the start of the backward, where the memory peak of a step is."""
+    n = out.numel()
+    if n <= _SIGN_CHUNK or out.dim() == 0 or out.shape[0] < 2:
+        return out.mul_(torch.sign(scores))
+    rows = max(1, _SIGN_CHUNK // (n // out.shape[0]))
+    for start in range(0, out.shape[0], rows):
+        out[start:start + rows].mul_(torch.sign(scores[start:start + rows]))
+    return out
+
+
 class _MaskedWeight(torch.autograd.Function):
     """``W * mask * scale`` forward, straight-through estimator backward.
 
@@ -87,7 +103,7 @@ class _MaskedWeight(torch.autograd.Function):
         grad_scores = torch.mul(grad, weight)
         if scale is not None:
             grad_scores.mul_(scale)
-        grad_scores.mul_(torch.sign(scores))
+        _mul_sign_(grad_scores, scores)
         return None, grad_scores.to(scores.dtype), None, None
 
 
