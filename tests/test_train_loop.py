@@ -261,6 +261,8 @@ def test_global_batch_must_split_over_processes_and_accumulation(tmp_path):
     ("epochs", 0, "epochs must be a positive int"),
     ("mixed_precision", "fp8", "mixed_precision must be one of"),
     ("limit_train_batches", 3, "multiple of grad_accum_steps"),
+    ("recompute_weights", "yes", "recompute_weights must be True or False, got 'yes'"),
+    ("check_finite", 1, "check_finite must be True or False, got 1"),
 ])
 def test_bad_train_config_values_are_named(field, value, message):
     kw = {field: value}

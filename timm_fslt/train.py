@@ -152,6 +152,10 @@ class TrainConfig:
         if self.limit_train_batches is not None and self.limit_train_batches % self.grad_accum_steps:
             raise ValueError(f"limit_train_batches ({self.limit_train_batches}) must be a multiple of "
                              f"grad_accum_steps ({self.grad_accum_steps}) so each epoch ends on an optimizer step")
+        for name in ("nesterov", "overwrite", "progress", "save_ticket", "hub_private", "cpu", "check_finite",
+                     "recompute_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not (isinstance(self.resume, bool) or isinstance(self.resume, (str, os.PathLike))):
             raise ValueError(f"resume must be False, True, 'auto' or a checkpoint path, got {self.resume!r}")
 
