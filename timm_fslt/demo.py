@@ -145,44 +145,25 @@ def plan(ratios: Sequence[float], methods: Sequence[str]) -> list[Point]:
 
 
 # -- command line ---------------------------------------------------------------------------
-def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"freezing ratio must be a number in (0, 1), got {text!r}") from None
-    if not 0.0 < value < 1.0:
-        raise argparse.ArgumentTypeError(f"freezing ratio must lie in (0, 1), got {text!r}")
-    return value
+def _number(parse, ok, bad_type: str, bad_value: str):
+    """An argparse ``type=``: ``parse`` the text, refuse it unless ``ok(value)``."""
+    def convert(text: str):
+        try:
+            value = parse(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{bad_type}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"{bad_value}, got {text!r}")
+        return value
+    return convert
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"seed must be a non-negative integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+_ratio = _number(float, lambda v: 0.0 < v < 1.0, "freezing ratio must be a number in (0, 1)",
+                 "freezing ratio must lie in (0, 1)")
+_positive_int = _number(int, lambda v: v >= 1, "expected a positive integer", "expected a positive integer")
+_seed = _number(int, lambda v: v >= 0, "seed must be a non-negative integer", "seed must be a non-negative integer")
+_positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "expected a positive number",
+                          "expected a positive number")
 
 
 def build_parser() -> argparse.ArgumentParser:

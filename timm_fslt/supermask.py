@@ -72,7 +72,7 @@ def _mul_sign_(out: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     small: a whole-layer one would be alive together with the incoming gradient and the
     score gradient at the start of the backward, where the memory peak of a step is."""
     n = out.numel()
-    if n <= _SIGN_CHUNK or out.dim() == 0 or out.shape[0] < 2:
+    if n <= _SIGN_CHUNK or out.shape[0] < 2:  # (a 0-d tensor has n = 1)
         return out.mul_(torch.sign(scores))
     rows = max(1, _SIGN_CHUNK // (n // out.shape[0]))
     for start in range(0, out.shape[0], rows):
