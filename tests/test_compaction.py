@@ -128,7 +128,8 @@ def test_compacted_ticket_regenerates_from_seed_and_structure():
     # the ticket's mask bits go in as scores; the restored budget gives back exactly these masks
     with torch.no_grad():
         for name, layer in cut.items():
-            supermask(again[name]).scores.copy_(supermask(layer).mask.float())
+            sm = supermask(layer)  # (scores: the free weights only)
+            supermask(again[name]).scores.copy_(sm.mask[sm.frozen == 0].float())
         for name, buffer in compacted.named_buffers():
             if "running" in name:
                 fresh.get_buffer(name).copy_(buffer)

@@ -21,9 +21,19 @@ def _env():
     return env
 
 
-def _cmd(data, out, *extra):
-    return [sys.executable, os.path.join(recipes_dir(), "cifar10.py"), "--data", str(data),
-            "--output-dir", str(out), *ARGS, *extra]
+def _cmd(data, out, *extra, step_delay=None):
+    recipe = os.path.join(recipes_dir(), "cifar10.py")
+    args = ["--data", str(data), "--output-dir", str(out), *ARGS, *extra]
+    if step_delay is None:
+        return [sys.executable, recipe, *args]
+    # The same recipe, slowed by a pause after every optimizer step (only timing changes), so
+    # the kill reliably lands inside epoch 2 however fast this tiny network trains.
+    runner = ("import runpy, sys, time\n"
+              "from torch.optim.optimizer import register_optimizer_step_post_hook\n"
+              f"register_optimizer_step_post_hook(lambda *a: time.sleep({step_delay}))\n"
+              "sys.argv = sys.argv[1:]\n"
+              "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    return [sys.executable, "-c", runner, recipe, *args]
 
 
 def _metric_records(path):
@@ -46,7 +56,7 @@ def test_sigkill_mid_epoch_then_resume_matches_the_uninterrupted_run(tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
 
     cut = tmp_path / "cut"
-    proc = subprocess.Popen(_cmd(data, cut), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(_cmd(data, cut, step_delay=0.4), env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.monotonic() + 300
     # Epoch 1 is steps 1-4 (then a checkpoint); kill once epoch 2 has logged a step.

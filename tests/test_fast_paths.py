@@ -37,7 +37,7 @@ def small_net():
 def reference_group_masks(group):
     """Masks by boolean indexing and a full stable sort over the concatenated free |scores|."""
     frees = [layer.frozen == freezing.FREE for layer in group.layers]
-    values = [layer.scores.detach().abs()[free].float() for layer, free in zip(group.layers, frees)]
+    values = [layer.scores.detach().abs().float() for layer in group.layers]  # free weights only
     if group.scope == "global":
         locked = sum(int((layer.frozen == freezing.LOCKED).sum()) for layer in group.layers)
         k = min(max(group.kept_target() - locked, 0), sum(v.numel() for v in values))
@@ -169,13 +169,18 @@ def test_free_index_follows_a_rewritten_or_replaced_frozen_code():
     # rewritten in place (as load_state_dict does)
     new_code = torch.randint(-1, 2, layer.frozen.shape, generator=g).to(torch.int8)
     layer.frozen.copy_(new_code)
+    with pytest.raises(RuntimeError, match=r"layer '2': scores has shape .* free weights"):
+        group.refresh(force=True)  # the scores no longer fit: a clear error, not a wrong mask
+    n_free = int((new_code == freezing.FREE).sum())
+    layer._parameters["scores"] = nn.Parameter(torch.randn(n_free, generator=g))
     group.refresh(force=True)
     assert all(torch.equal(a, b) for a, b in zip(masks(model), reference_group_masks(group)))
     # replaced by a smaller tensor (as a channel pruner does), with scores and mask to match
     keep = torch.arange(0, layer.frozen.shape[0], 2)
+    dense_scores = layer.scores_like_weight().index_select(0, keep)
     layer._buffers["frozen"] = layer.frozen.index_select(0, keep).contiguous()
     layer._buffers["mask"] = layer.mask.index_select(0, keep).contiguous()
-    layer._parameters["scores"] = nn.Parameter(layer.scores.detach().index_select(0, keep).contiguous())
+    layer._parameters["scores"] = nn.Parameter(dense_scores[layer.frozen == freezing.FREE])
     group.refresh(force=True)
     assert all(torch.equal(a, b) for a, b in zip(masks(model), reference_group_masks(group)))
 
@@ -227,11 +232,11 @@ def test_the_finite_check_on_score_bits_catches_every_nonfinite_value(bad):
     model = timm_fslt.freeze(small_net(), prune=0.3, lock=0.3)
     layer = timm_fslt.get_group(model).layers[-1]
     with torch.no_grad():
-        layer.scores.view(-1)[layer.free_index().index[-1].long()] = bad
+        layer.scores[-1] = bad
     with pytest.raises(FloatingPointError, match=r"layer\(s\) 6"):
         model(torch.randn(2, 3, 8, 8))
     with torch.no_grad():
-        layer.scores.view(-1)[layer.free_index().index[-1].long()] = torch.finfo(torch.float32).max
+        layer.scores[-1] = torch.finfo(torch.float32).max
     model(torch.randn(2, 3, 8, 8))  # the largest finite score is fine
 
 
@@ -320,9 +325,16 @@ def test_channels_last_gives_the_same_outputs_and_masks():
     model = timm_fslt.freeze(small_net(), prune=0.3, lock=0.3)
     cl = copy.deepcopy(model).to(memory_format=torch.channels_last)
     layer = cl[0].parametrizations.weight[0]
-    assert not layer.scores.is_contiguous() and not layer.mask.is_contiguous()  # really channels_last
+    weight = cl[0].parametrizations.weight.original
+    assert not weight.is_contiguous() and not layer.mask.is_contiguous()  # really channels_last
+    assert layer.scores.dim() == 1  # (one score per free weight: no memory format)
     x = torch.randn(4, 3, 8, 8)
     torch.testing.assert_close(cl(x.contiguous(memory_format=torch.channels_last)), model(x))
+    # the backward gathers the strided weight gradient at the free positions in row-major order
+    cl(x.contiguous(memory_format=torch.channels_last)).square().sum().backward()
+    model(x).square().sum().backward()
+    for a, b in zip(timm_fslt.get_group(model).layers, timm_fslt.get_group(cl).layers):
+        torch.testing.assert_close(b.scores.grad, a.scores.grad)
     # new scores on both: the strided gather and mask write select exactly the same weights
     g = torch.Generator().manual_seed(6)
     with torch.no_grad():

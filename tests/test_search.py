@@ -29,6 +29,35 @@ def test_only_scores_require_grad():
     assert isinstance(conv.parametrizations.weight[0], timm_fslt.FrozenSupermask)
 
 
+@pytest.mark.parametrize("prune,lock", [(0.35, 0.35), (0.0, 0.0), (0.5, 0.5)])
+def test_scores_exist_for_free_weights_only_and_are_the_regenerated_initial_scores(prune, lock):
+    model = conv6(prune=prune, lock=lock)
+    group = timm_fslt.get_group(model)
+    n_weights = sum(layer.numel for layer in group.layers)
+    n_free = sum(layer.counts()["free"] for layer in group.layers)
+    # the trained state (scores, their gradient, momentum) is sized by the free weights
+    assert sum(p.numel() for p in trainable(model)) == n_free
+    assert abs(n_free - (1 - prune - lock) * n_weights) <= len(group.layers)  # (per-layer rounding)
+    for name, layer in timm_fslt.iter_frozen(model):
+        sm = layer.parametrizations.weight[0]
+        drawn = timm_fslt.layers.random_weight("kaiming_normal", 0, name, sm.frozen.shape, stream="score")
+        assert sm.scores.dim() == 1 and torch.equal(sm.scores.detach(), drawn[sm.frozen == freezing.FREE])
+        dense = sm.scores_like_weight(float("nan"))
+        assert torch.equal(dense[sm.frozen == freezing.FREE], sm.scores.detach())
+        assert dense[sm.frozen != freezing.FREE].isnan().all()
+
+
+def test_scores_of_the_wrong_shape_are_refused_naming_the_layer():
+    frozen = torch.tensor([[0, 1], [-1, 0]], dtype=torch.int8)
+    sm = timm_fslt.FrozenSupermask("fc", torch.randn(2, 2), frozen)
+    assert sm.scores.shape == (2,)
+    assert torch.equal(timm_fslt.FrozenSupermask("fc", torch.tensor([1.0, 2.0]), frozen).scores.detach(),
+                       torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"scores of layer 'fc' must have the weight's shape \(2, 2\) or one "
+                                         r"entry per free weight \(2,\), got \(3,\)"):
+        timm_fslt.FrozenSupermask("fc", torch.randn(3), frozen)
+
+
 def test_masks_follow_scores_after_step_without_extra_call():
     model = conv6(prune=0.35, lock=0.35)
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
@@ -97,7 +126,9 @@ def test_score_gradient_is_the_straight_through_estimator():
     # dL/dW_eff by hand, then the estimator: dL/ds = dL/dW_eff * W * scale * sign(s)
     w_eff = (w * sm.mask * sm.scale).detach().requires_grad_(True)
     ((x @ w_eff.t() - target) ** 2).sum().backward()
-    expected = w_eff.grad * w * sm.scale * torch.sign(sm.scores.detach())
+    free = sm.frozen == 0
+    assert sm.scores.shape == (int(free.sum()),)  # one score per free weight, row-major
+    expected = (w_eff.grad * w * sm.scale)[free] * torch.sign(sm.scores.detach())
     torch.testing.assert_close(sm.scores.grad, expected)
     # and the mask-side quantity is a true derivative: a numerical check along W_eff
     eps = 1e-3
@@ -210,9 +241,8 @@ def test_deepcopy_of_a_frozen_model_is_independent():
 def test_nonfinite_scores_are_refused_naming_the_layer():
     model = conv6(prune=0.2, lock=0.2)
     layer = model.features[5].parametrizations.weight[0]
-    free = (layer.frozen == 0).nonzero()[0].tolist()
     with torch.no_grad():
-        layer.scores[tuple(free)] = float("nan")
+        layer.scores[3] = float("nan")
     with pytest.raises(FloatingPointError, match=r"non-finite \(NaN or Inf\) scores in layer\(s\) features\.5"):
         model(torch.randn(2, 3, 32, 32))
     group = timm_fslt.get_group(model)

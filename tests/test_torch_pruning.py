@@ -71,7 +71,10 @@ def kill(layer, dim, channel):
     """Make one output (dim 0) or input (dim 1) channel of a frozen layer lose every kept weight,
     as a search that drove its scores to zero would (needs lock=0: locked weights stay kept)."""
     with torch.no_grad():
-        layer.parametrizations.weight[0].scores.select(dim, channel).zero_()
+        supermask = layer.parametrizations.weight[0]
+        scores = supermask.scores_like_weight()  # (scores hold the free weights only)
+        scores.select(dim, channel).zero_()
+        supermask.scores.copy_(scores[supermask.frozen == 0])
 
 
 def frozen_layers(model):
@@ -99,7 +102,8 @@ def assert_group_consistent(model):
     for name, layer in timm_fslt.iter_frozen(model):
         sm = supermask(layer)
         shape = tuple(layer.weight.shape)
-        assert tuple(sm.scores.shape) == tuple(sm.frozen.shape) == tuple(sm.mask.shape) == shape
+        assert tuple(sm.frozen.shape) == tuple(sm.mask.shape) == shape
+        assert tuple(sm.scores.shape) == (int((sm.frozen == 0).sum()),)  # one per free weight
         assert tuple(layer.parametrizations.weight.original.shape) == shape
         assert isinstance(sm.scores, nn.Parameter) and sm.scores.requires_grad
         assert f"{name}.parametrizations.weight.original" in dict(model.named_buffers())
@@ -120,6 +124,7 @@ def test_metapruner_cuts_frozen_layers_consistently_and_records_the_cut(family):
     model.eval()  # BatchNorm statistics stay put; the graph tracing runs in eval mode anyway
     reference_shape = run(model, inputs).shape
     before = {n: tuple(l.weight.shape) for n, l in timm_fslt.iter_frozen(model)}
+    scores_before = {n: supermask(l).scores_like_weight(float("nan")) for n, l in timm_fslt.iter_frozen(model)}
     pruner = tp.pruner.BasePruner(
         model, inputs, importance=ftp.SupermaskImportance(), pruning_ratio=0.25,
         ignored_layers=classifier(model) if isinstance(classifier(model), list) else [classifier(model)],
@@ -140,6 +145,13 @@ def test_metapruner_cuts_frozen_layers_consistently_and_records_the_cut(family):
     for name in changed:
         assert torch.equal(frozen_layers(model)[name].parametrizations.weight.original,
                            regenerated_weight(model, name))
+        # every surviving free weight keeps its own score (cut like the weight, then free-ordered)
+        expected = scores_before[name]
+        for dim, kept in structure[name]["kept"].items():
+            expected = expected.index_select(int(dim), torch.tensor(kept))
+        sm = supermask(frozen_layers(model)[name])
+        assert not expected[sm.frozen == 0].isnan().any()  # free before the cut, free after
+        assert torch.equal(sm.scores.detach(), expected[sm.frozen == 0])
     out.float().pow(2).mean().backward()  # the search goes on in the smaller network
     assert all(supermask(l).scores.grad is not None for l in frozen_layers(model).values())
 
@@ -224,10 +236,11 @@ def test_supermask_importance_counts_kept_weights_of_producer_and_consumer():
     assert torch.equal(kept, expected)
     assert kept[5] == 0 and int(kept.argmin()) == 5
 
-    free1, free2 = (m1.frozen == 0).float(), (m2.frozen == 0).float()
+    dense1, dense2 = torch.zeros(m1.frozen.shape), torch.zeros(m2.frozen.shape)
+    dense1[m1.frozen == 0] = m1.scores.detach().abs()  # scores of the free weights, row-major
+    dense2[m2.frozen == 0] = m2.scores.detach().abs()
     score = ftp.SupermaskImportance("score")(group)
-    expected = (m1.scores.abs() * free1).flatten(1).sum(1) + \
-        (m2.scores.abs() * free2).transpose(0, 1).flatten(1).sum(1)
+    expected = dense1.flatten(1).sum(1) + dense2.transpose(0, 1).flatten(1).sum(1)
     assert torch.allclose(score, expected)
     magnitude = ftp.SupermaskImportance("magnitude", normalizer="max")(group)
     assert magnitude.max() == 1 and magnitude[5] == 0
@@ -247,6 +260,13 @@ def test_frozen_layers_count_the_macs_of_the_equivalent_plain_layers(family):
     assert tp.utils.count_ops_and_params(model, inputs)[0] < macs / 2
     # and forgets custom hooks after a call, so ours are set on every call
     assert ftp.count_ops_and_params(model, inputs)[0] == macs
+    # per layer too: a frozen layer counts its weight, not its scores (which are fewer)
+    _, _, _, frozen_params = ftp.count_ops_and_params(model, inputs, layer_wise=True)
+    _, _, _, plain_params = ftp.count_ops_and_params(plain, inputs, layer_wise=True)
+    plain_by_name = dict(plain.named_modules())
+    for name, layer in timm_fslt.iter_frozen(model):
+        assert supermask(layer).scores.numel() < layer.weight.numel()
+        assert frozen_params[layer] == plain_params[plain_by_name[name]], name
 
 
 # -- bad input ------------------------------------------------------------------------------------------

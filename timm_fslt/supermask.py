@@ -4,7 +4,11 @@ A ``FrozenSupermask`` is attached with ``torch.nn.utils.parametrize`` to the
 weight of a conv or linear layer, so the layer keeps its class and its own
 forward (timm's ``Conv2dSame``/``StdConv2d`` padding and standardisation still
 apply): reading ``layer.weight`` yields ``W * mask * scale``.  ``W`` is the random
-weight, a buffer that never trains; ``scores`` is the only parameter.
+weight, a buffer that never trains; ``scores`` is the only parameter, and it holds
+one score per FREE weight only (1-D, in row-major order of the free positions: the
+order of a ticket's mask bits).  Pruned and locked weights never need a score, so
+a 70%-frozen layer's scores, their gradient and the optimizer's state are 30% of
+the weight's size.
 
 The masks of all layers of one model belong to a ``SupermaskGroup``.  The group
 notices that scores changed (their autograd version counters move whenever an
@@ -13,11 +17,12 @@ every mask at once: one selection for the whole model in ``global`` scope, one
 per layer in ``layerwise`` scope.  No extra call is needed in a training loop.
 
 Cost per optimizer step (what keeps a search step as cheap as weight training):
-only the free scores are gathered (through a cached index of the free positions),
+the free scores are the parameter itself (nothing to gather),
 the selection over them is linear time (``timm_fslt.threshold``), and each layer's
 mask is updated by writing its free positions only (locked and pruned positions
-never change).  The forward adds one elementwise product per layer, the backward
-three; masks are bool and frozen codes int8.
+never change).  The forward adds one elementwise product per layer; the backward
+gathers the weight gradient and the weight at the free positions (through a cached
+int32 index) and multiplies them there; masks are bool and frozen codes int8.
 """
 from __future__ import annotations
 
@@ -80,31 +85,43 @@ def _mul_sign_(out: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _free_values(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """A new 1-D tensor of ``tensor``'s entries at the row-major flat positions ``index``."""
+    if tensor.is_contiguous():
+        return tensor.view(-1).index_select(0, index)
+    return torch.take(tensor, index.long())  # take reads in logical (row-major) order: channels_last
+
+
 class _MaskedWeight(torch.autograd.Function):
     """``W * mask * scale`` forward, straight-through estimator backward.
 
     The mask is chosen by ``|s|``, and the estimator treats the mask as the identity
     of ``|s|``: ``dL/d|s| = dL/dW_eff * W * scale``, so by the chain rule
     ``dL/ds = dL/dW_eff * W * scale * sign(s)`` (as Edge-Popup's reference does by
-    selecting on ``scores.abs()`` inside autograd).  ``scale`` is None when the
-    group does not scale (multiplying by 1 would only cost a pass).
+    selecting on ``scores.abs()`` inside autograd), evaluated at the free positions
+    ``index`` only (None: every weight is free), which is where ``scores`` lives.
+    ``scale`` is None when the group does not scale (multiplying by 1 would only
+    cost a pass).
     """
 
     @staticmethod
-    def forward(ctx, weight, scores, mask, scale):
-        ctx.save_for_backward(weight, scores, scale)
+    def forward(ctx, weight, scores, mask, scale, index):
+        ctx.save_for_backward(weight, scores, scale, index)
         return _masked_product(weight, mask, scale)
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.needs_input_grad[1]:
-            return None, None, None, None
-        weight, scores, scale = ctx.saved_tensors
-        grad_scores = torch.mul(grad, weight)
+            return None, None, None, None, None
+        weight, scores, scale, index = ctx.saved_tensors
+        if index is None:  # every weight is free: elementwise, then flattened like the scores
+            grad_scores = torch.mul(grad, weight).reshape(-1)
+        else:  # (grad * W)[free] == grad[free] * W[free], bit for bit, at F instead of N elements
+            grad_scores = _free_values(grad, index).mul_(_free_values(weight, index))
         if scale is not None:
             grad_scores.mul_(scale)
         _mul_sign_(grad_scores, scores)
-        return None, grad_scores.to(scores.dtype), None, None
+        return None, grad_scores.to(scores.dtype), None, None, None
 
 
 class _FreeIndex(NamedTuple):
@@ -121,17 +138,28 @@ class FrozenSupermask(nn.Module):
     """Parametrization of one layer's weight: frozen code, scores and the current mask.
 
     Attributes:
-        scores: learnable real-valued scores, same shape as the weight.
+        scores: learnable real-valued scores of the free weights: 1-D, one per free
+            weight in row-major order of their positions (``scores_like_weight()``
+            puts them back in the weight's shape).
         frozen: int8 ternary code, -1 pruned, +1 locked, 0 free (searched).
         mask: bool, the current supermask (locked | selected free weights).
         layer_name: qualified name of the layer inside the frozen model (the RNG key).
     """
 
     def __init__(self, layer_name: str, scores: torch.Tensor, frozen: torch.Tensor):
+        """``scores``: weight-shaped (only the free positions are kept) or already 1-D free-only."""
         super().__init__()
         self.layer_name = layer_name
-        self.scores = nn.Parameter(scores)
-        self.register_buffer("frozen", frozen.to(torch.int8))
+        frozen = frozen.to(torch.int8)
+        free = frozen.reshape(-1) == freezing.FREE
+        n_free = int(free.sum())
+        if tuple(scores.shape) == tuple(frozen.shape):
+            scores = scores.reshape(-1)[free.to(scores.device)]
+        if tuple(scores.shape) != (n_free,):
+            raise ValueError(f"scores of layer {layer_name!r} must have the weight's shape {tuple(frozen.shape)} "
+                             f"or one entry per free weight ({n_free},), got {tuple(scores.shape)}")
+        self.scores = nn.Parameter(scores.contiguous())
+        self.register_buffer("frozen", frozen)
         self.register_buffer("mask", frozen == freezing.LOCKED, persistent=False)
         self.register_buffer("scale", torch.ones((), dtype=torch.float32, device=scores.device),
                              persistent=False)
@@ -155,11 +183,13 @@ class FrozenSupermask(nn.Module):
             # (e.g. model.forward_features) right after an optimizer step.
             group.refresh()
         scale = None if group is not None and group.scale_mode is None else self.scale.to(weight.dtype)
-        out = _MaskedWeight.apply(weight, self.scores, self.mask, scale)
+        # (compiled code reads the index the last refresh cached: refreshes run eagerly)
+        index = (self._free if torch.compiler.is_compiling() else self.free_index()).index
+        out = _MaskedWeight.apply(weight, self.scores, self.mask, scale, index)
         if _recording and not torch.compiler.is_compiling():  # inside recompute_masked_weights
             for recorder in reversed(_recorders()):
                 if recorder.group is group:
-                    recorder.record(out, weight, self.scores, self.mask, scale, self.layer_name)
+                    recorder.record(out, weight, self.scores, self.mask, scale, index, self.layer_name)
                     break
         return out
 
@@ -178,19 +208,28 @@ class FrozenSupermask(nn.Module):
         return cached
 
     def _gather_free_scores(self, out: torch.Tensor, free: _FreeIndex) -> None:
-        """Write the free scores (row-major order) into the 1-D float32 ``out``:
-        their magnitudes if every weight is free, else the signed scores."""
+        """Write the free scores' magnitudes into the 1-D float32 ``out``."""
         scores = self.scores.detach()
-        flat = scores.view(-1) if scores.is_contiguous() else scores.reshape(-1)
-        direct = flat.dtype == out.dtype and flat.device == out.device
-        if free.index is None and direct:
-            torch.abs(flat, out=out)
-        elif free.index is None:
-            out.copy_(flat).abs_()
-        elif direct:
-            torch.index_select(flat, 0, free.index, out=out)
+        if scores.shape != (free.n_free,):
+            raise RuntimeError(
+                f"layer {self.layer_name!r}: scores has shape {tuple(scores.shape)} but the frozen code has "
+                f"{free.n_free} free weights; scores holds one entry per free weight (1-D, row-major order). "
+                "Replace scores and frozen together (or use timm_fslt's torch-pruning pruners)")
+        if scores.dtype == out.dtype and scores.device == out.device and scores.is_contiguous():
+            torch.abs(scores, out=out)
         else:
-            out.copy_(flat.index_select(0, free.index))
+            out.copy_(scores).abs_()
+
+    def scores_like_weight(self, fill: float = 0.0) -> torch.Tensor:
+        """The scores in the weight's shape (a new tensor): ``fill`` at pruned and locked positions."""
+        free = self.free_index()
+        out = torch.full(tuple(self.frozen.shape), fill, dtype=self.scores.dtype, device=self.scores.device)
+        flat = out.view(-1)
+        if free.index is None:
+            flat.copy_(self.scores.detach())
+        else:
+            flat.index_copy_(0, free.index.to(device=out.device, dtype=torch.int64), self.scores.detach())
+        return out
 
     def _write_mask(self, selected: torch.Tensor, free: _FreeIndex) -> None:
         """Set the mask: locked weights, plus the free weights flagged in ``selected``."""
@@ -270,8 +309,6 @@ class SupermaskGroup:
         flat = torch.empty(sum(sizes), dtype=torch.float32, device=device)
         for layer, free, part in zip(layers, frees, flat.split(sizes)):
             layer._gather_free_scores(part, free)
-        if any(free.index is not None for free in frees):
-            flat.abs_()
         # |s| as int32 bits: NaN and Inf are exactly the patterns >= 0x7F800000, so one
         # max() (no temporary) checks them all.
         if self.check_finite and flat.numel() and int(flat.view(torch.int32).max()) >= 0x7F800000:
@@ -333,6 +370,7 @@ class _RecomputeToken(NamedTuple):
     mask: torch.Tensor
     mask_version: int
     scale: Optional[torch.Tensor]
+    index: Optional[torch.Tensor]
     layer_name: str
     view: Optional[tuple] = None  # (size, stride, offset) when a view of it was saved (linear: W.t())
 
@@ -345,7 +383,7 @@ class _RecomputeToken(NamedTuple):
                 "backward needs cannot be rebuilt. Run backward before the next optimizer step, or "
                 "leave this forward outside recompute_masked_weights")
         if torch.is_grad_enabled():  # backward(create_graph=True): rebuild with its graph
-            out = _MaskedWeight.apply(self.weight, self.scores, self.mask, self.scale)
+            out = _MaskedWeight.apply(self.weight, self.scores, self.mask, self.scale, self.index)
         else:
             out = _masked_product(self.weight, self.mask, self.scale)
         return out if self.view is None else out.as_strided(*self.view)
@@ -356,12 +394,12 @@ class _Recorder:
         self.group = group
         self.entries: dict = {}  # id(W_eff) -> (weak reference, token); dropped when W_eff dies
 
-    def record(self, out, weight, scores, mask, scale, layer_name) -> None:
+    def record(self, out, weight, scores, mask, scale, index, layer_name) -> None:
         key = id(out)
         entries = self.entries
         ref = weakref.ref(out, lambda _ref, key=key: entries.pop(key, None))
         entries[key] = (ref, _RecomputeToken(weight, weight._version, scores, mask, mask._version,
-                                             scale, layer_name))
+                                             scale, index, layer_name))
 
 
 def _pack(tensor):

@@ -661,17 +661,17 @@ def _apply_mask(model: nn.Module, config: dict, packed: torch.Tensor) -> None:
     group = get_group(model)
     sizes = [row["free"] for row in config["layers"]]
     selected = unpack_bits(packed, sum(sizes)).split(sizes)
-    frees = [layer.frozen == freezing.FREE for layer in group.layers]
-    top = max((float(layer.scores.detach().abs()[free].max()) for layer, free in zip(group.layers, frees)
-               if bool(free.any())), default=0.0)
+    # scores hold the free weights only, in row-major order: the order of the stored bits
+    top = max((float(layer.scores.detach().abs().max()) for layer in group.layers
+               if layer.scores.numel()), default=0.0)
     lift = torch.nextafter(torch.tensor(top, dtype=torch.float32), torch.tensor(math.inf)).item()
-    for layer, free, sel in zip(group.layers, frees, selected):
+    for layer, sel in zip(group.layers, selected):
         scores = layer.scores
-        values = scores[free]
-        magnitude = values.abs() + torch.where(sel.to(values.device), lift, 0.0).to(values.dtype)
-        scores.masked_scatter_(free, torch.where(values < 0, -magnitude, magnitude))
+        magnitude = scores.abs() + torch.where(sel.to(scores.device), lift, 0.0).to(scores.dtype)
+        scores.copy_(torch.where(scores < 0, -magnitude, magnitude))
     refresh_masks(model)
-    for layer, free, sel, row in zip(group.layers, frees, selected, config["layers"]):
+    for layer, sel, row in zip(group.layers, selected, config["layers"]):
+        free = layer.frozen == freezing.FREE
         if not torch.equal(layer.mask[free].cpu(), sel):
             kept_stored = sum(int(s.sum()) + r["locked"] for s, r in zip(selected, config["layers"]))
             kept_now = sum(int(g.mask.sum()) for g in group.layers)

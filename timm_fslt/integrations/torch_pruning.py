@@ -106,6 +106,26 @@ def _select(owner: nn.Module, name: str, dim: int, keep: torch.Tensor) -> None:
         owner._buffers[name] = old.index_select(dim, keep.to(old.device)).contiguous()
 
 
+def _select_free_scores(supermask, dim: int, keep: torch.Tensor) -> None:
+    """Cut a supermask's scores (one per free weight, row-major) like its weight along ``dim``.
+
+    Slicing keeps the row-major order of the remaining positions, so the surviving
+    free weights' scores stay in the order the cut frozen code's free index expects.
+    """
+    frozen = supermask.frozen
+    channel = torch.zeros(frozen.shape[dim], dtype=torch.bool, device=frozen.device)
+    channel[keep.to(frozen.device)] = True
+    view = [1] * frozen.dim()
+    view[dim] = -1
+    kept = channel.view(view).expand(frozen.shape)[frozen == FREE]  # over the free weights
+    old = supermask._parameters["scores"]
+    kept = kept.to(old.device)
+    new = nn.Parameter(old.detach()[kept].contiguous(), requires_grad=old.requires_grad)
+    if old.grad is not None:
+        new.grad = old.grad[kept].contiguous()
+    supermask._parameters["scores"] = new
+
+
 def _keep_list(size: int, idxs, what: str) -> list[int]:
     removed = sorted({int(i) for i in idxs})
     bad = [i for i in removed if not 0 <= i < size]
@@ -264,8 +284,9 @@ class FrozenLayerPruner(tp.pruner.BasePruningFunc):
 
         numel_before, kept_before = supermask.frozen.numel(), int(supermask.mask.sum())
         keep_t = torch.tensor(keep, dtype=torch.long)
+        _select_free_scores(supermask, dim, keep_t)  # (reads the frozen code: before it is cut)
         _select(layer.parametrizations.weight, "original", dim, keep_t)
-        for tensor_name in ("scores", "frozen", "mask"):
+        for tensor_name in ("frozen", "mask"):
             _select(supermask, tensor_name, dim, keep_t)
         if axis == "out" and getattr(layer, "bias", None) is not None:
             _select(layer, "bias", 0, keep_t)
@@ -501,7 +522,7 @@ class SupermaskImportance(tp.importance.Importance):
             return supermask.mask.float()
         if self.criterion == "magnitude":
             return layer.weight.detach().abs().float()  # W * mask * scale
-        return supermask.scores.detach().abs().float() * (supermask.frozen == FREE)
+        return supermask.scores_like_weight(0.0).abs_().float()  # 0 at pruned and locked weights
 
     @torch.no_grad()
     def __call__(self, group) -> Optional[torch.Tensor]:
@@ -554,10 +575,22 @@ def op_counting_hooks(model: nn.Module) -> dict:
 def count_ops_and_params(model: nn.Module, example_inputs, layer_wise: bool = False):
     """``tp.utils.count_ops_and_params`` that also counts frozen layers (and PyG Linears).
 
-    MACs of a frozen layer are those of the same dense plain layer (the mask is not
-    exploited); parameters count the scores, which have the weights' shape.
+    MACs and parameters of a frozen layer are those of the same dense plain layer
+    (what ``timm_fslt.materialize`` gives; the mask is not exploited): its weight
+    counts, not its scores, which exist for the free weights only.
     torch-pruning forgets custom hooks after every call, so they are set per call.
     """
     tp_op_counter.CUSTOM_MODULES_MAPPING = {**tp_op_counter.CUSTOM_MODULES_MAPPING,
                                             **op_counting_hooks(model)}
-    return tp_op_counter.count_ops_and_params(model, example_inputs, layer_wise=layer_wise)
+    result = tp_op_counter.count_ops_and_params(model, example_inputs, layer_wise=layer_wise)
+
+    def unscored(module: nn.Module) -> int:  # weights of frozen layers in module without a score
+        return sum(m.frozen.numel() - m.scores.numel() for m in module.modules()
+                   if type(m).__name__ == "FrozenSupermask")
+
+    if not layer_wise:
+        macs, params = result
+        return macs, params + unscored(model)
+    macs, params, layer_macs, layer_params = result
+    layer_params = {m: (None if n is None else n + unscored(m)) for m, n in layer_params.items()}
+    return macs, params + unscored(model), layer_macs, layer_params
