@@ -248,3 +248,27 @@ def test_nonfinite_scores_are_refused_naming_the_layer():
     group = timm_fslt.get_group(model)
     group.check_finite = False  # the opt-out: the selection then proceeds (NaN sorts as largest)
     model(torch.randn(2, 3, 32, 32))
+
+
+def test_a_state_dict_with_weight_shaped_scores_loads_their_free_entries():
+    """State dicts written before scores were stored per free weight keep loading, losslessly."""
+    trained = conv6(prune=0.3, lock=0.3)
+    with torch.no_grad():
+        for layer in timm_fslt.get_group(trained).layers:
+            layer.scores.normal_()
+    old_style = trained.state_dict()
+    for name, layer in timm_fslt.iter_frozen(trained):
+        key = f"{name}.parametrizations.weight.0.scores"
+        old_style[key] = layer.parametrizations.weight[0].scores_like_weight(float("nan"))
+        assert old_style[key].shape == layer.weight.shape
+    fresh = conv6(prune=0.3, lock=0.3)
+    fresh.load_state_dict(old_style)
+    x = torch.randn(2, 3, 32, 32)
+    for a, b in zip(timm_fslt.get_group(trained).layers, timm_fslt.get_group(fresh).layers):
+        assert torch.equal(a.scores, b.scores)
+    trained.eval(), fresh.eval()
+    assert torch.equal(trained(x), fresh(x)) and all(torch.equal(a, b) for a, b in zip(masks(trained), masks(fresh)))
+    # a wrong shape is still refused by torch, naming the parameter
+    old_style["features.0.parametrizations.weight.0.scores"] = torch.zeros(7)
+    with pytest.raises(RuntimeError, match=r"size mismatch for features\.0\.parametrizations\.weight\.0\.scores"):
+        fresh.load_state_dict(old_style)

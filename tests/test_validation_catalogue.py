@@ -29,6 +29,13 @@ def junk_dir(tmp_path):
     return tmp_path
 
 
+def _forward_with_scores_that_do_not_fit():
+    model = timm_fslt.freeze(timm_fslt.create_model("conv6", width=0.125), prune=0.2, lock=0.2)
+    layer = timm_fslt.get_group(model).layers[0]
+    layer._parameters["scores"] = torch.nn.Parameter(torch.zeros(layer.numel))  # weight-sized, not free-sized
+    timm_fslt.refresh_masks(model)
+
+
 # (id, call(plain, frozen, junk_dir), exception, message regex, README phrase)
 CATALOGUE = [
     ("size_report/not-frozen", lambda p, f, d: timm_fslt.size_report(p), ValueError,
@@ -71,6 +78,9 @@ CATALOGUE = [
      "example_inputs must be a tensor"),
     ("compact/inputs-shape", lambda p, f, d: timm_fslt.compact(f, torch.randn(1, 5, 32, 32)), ValueError,
      r"example_inputs do not run through the model: RuntimeError", "example_inputs do not run through the model"),
+    ("refresh/scores-size", lambda p, f, d: _forward_with_scores_that_do_not_fit(), RuntimeError,
+     r"layer 'features.0': scores has shape \(\d+,\) but the frozen code has \d+ free weights",
+     "scores has shape (..) but the frozen code has"),
     ("create_model/unknown", lambda p, f, d: timm_fslt.create_model("no_such_model"), ValueError,
      r"model_name must be a timm model name .*'no_such_model'", "model_name must be a timm model name"),
     ("TrainConfig/epochs", lambda p, f, d: TrainConfig(epochs=0), ValueError,

@@ -87,9 +87,9 @@ def _mul_sign_(out: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
 
 def _free_values(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """A new 1-D tensor of ``tensor``'s entries at the row-major flat positions ``index``."""
-    if tensor.is_contiguous():
-        return tensor.view(-1).index_select(0, index)
-    return torch.take(tensor, index.long())  # take reads in logical (row-major) order: channels_last
+    # (channels_last: a row-major copy first; one layer's copy is transient, and this is
+    # several times faster than torch.take, which reads strided and wants int64 indices)
+    return tensor.contiguous().view(-1).index_select(0, index)
 
 
 class _MaskedWeight(torch.autograd.Function):
@@ -192,6 +192,18 @@ class FrozenSupermask(nn.Module):
                     recorder.record(out, weight, self.scores, self.mask, scale, index, self.layer_name)
                     break
         return out
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # A state dict from before scores were stored for the free weights only holds them in
+        # the weight's shape: keep its free entries (the same scores, nothing is lost).
+        key = prefix + "scores"
+        scores, frozen = state_dict.get(key), state_dict.get(prefix + "frozen", self.frozen)
+        if (isinstance(scores, torch.Tensor) and isinstance(frozen, torch.Tensor) and scores.dim() > 1
+                and tuple(scores.shape) == tuple(frozen.shape)):
+            state_dict[key] = scores.reshape(-1)[frozen.reshape(-1).to(scores.device) == freezing.FREE]
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
 
     # -- refresh helpers (called by SupermaskGroup.refresh, under no_grad) ---------
     def free_index(self) -> _FreeIndex:
