@@ -112,3 +112,17 @@ def test_regeneration_is_bit_identical_in_a_fresh_process_with_other_threads_and
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "IDENTICAL" in out.stdout
+
+
+@pytest.mark.parametrize("kind", ["kaiming_uniform", "kaiming_normal", "signed_kaiming_constant"])
+def test_drawing_at_positions_gives_the_bits_of_the_full_draw(kind):
+    from timm_fslt.layers import random_weight
+    shape = (7, 5, 3, 3)
+    full = random_weight(kind, 3, "layer1.0.conv1", shape, stream="score")
+    g = torch.Generator().manual_seed(0)
+    positions = torch.randperm(full.numel(), generator=g)[:100].sort().values
+    part = random_weight(kind, 3, "layer1.0.conv1", shape, stream="score", positions=positions)
+    assert part.shape == (100,) and torch.equal(part, full.reshape(-1)[positions])
+    assert random_weight(kind, 3, "layer1.0.conv1", shape, positions=positions[:0]).shape == (0,)
+    with pytest.raises(ValueError, match="positions must be a 1-D integer tensor"):
+        random_weight(kind, 3, "x", shape, positions=torch.ones(3, dtype=torch.bool))

@@ -196,9 +196,11 @@ def freeze(model: nn.Module, prune: float = 0.0, lock: float = 0.0, *,
     for (name, module), shape, (n_pruned, n_locked) in zip(targets, shapes, counts):
         device, dtype = module.weight.device, module.weight.dtype
         weight = L.random_weight(config.weight_init, config.seed, name, shape, device, dtype)
-        scores = L.random_weight(config.score_init, config.seed, name, shape, device,
-                                 torch.float32, stream="score")
         code = freezing.frozen_code(config.seed, name, shape, n_pruned, n_locked, device)
+        # Scores exist for the free weights only: draw just those (same bits as the full draw).
+        free = (code.reshape(-1) == freezing.FREE).nonzero().squeeze(1)
+        scores = L.random_weight(config.score_init, config.seed, name, shape, device,
+                                 torch.float32, stream="score", positions=free)
         supermask = FrozenSupermask(name, scores, code)
         # The random weight becomes a buffer: it is never a trainable parameter.
         del module._parameters["weight"]

@@ -82,12 +82,16 @@ _RELU_GAIN = math.sqrt(2.0)
 
 
 def random_weight(kind: str, seed: int, name: str, shape: Sequence[int], device=None,
-                  dtype=torch.float32, stream: str = "weight") -> torch.Tensor:
+                  dtype=torch.float32, stream: str = "weight",
+                  positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Regenerable initial values for one layer (weights or scores).
 
     kaiming_uniform: U(-b, b), b = sqrt(2) * sqrt(3 / fan_in)
     kaiming_normal:  N(0, 2 / fan_in)
     signed_kaiming_constant: +-sqrt(2) / sqrt(fan_in), the sign a fair coin
+
+    ``positions`` (row-major element indices, e.g. of the free weights): only those
+    values, 1-D, bit-identical to ``random_weight(...).reshape(-1)[positions]``.
     """
     n = math.prod(shape)
     std = _RELU_GAIN / math.sqrt(fan_in(shape))
@@ -95,16 +99,17 @@ def random_weight(kind: str, seed: int, name: str, shape: Sequence[int], device=
     # same bits as scaling the whole float64 tensor, without holding it).
     if kind == "kaiming_uniform":
         bound = std * math.sqrt(3.0)
-        values = rng.uniform(seed, name, stream, n, device, dtype=dtype,
+        values = rng.uniform(seed, name, stream, n, device, dtype=dtype, positions=positions,
                              transform=lambda u: u.mul_(2.0).sub_(1.0).mul_(bound))
     elif kind == "kaiming_normal":
-        values = rng.normal(seed, name, stream, n, device, dtype=dtype, transform=lambda z: z.mul_(std))
+        values = rng.normal(seed, name, stream, n, device, dtype=dtype, positions=positions,
+                            transform=lambda z: z.mul_(std))
     elif kind == "signed_kaiming_constant":
-        values = rng.bits(seed, name, stream, n, device, dtype=dtype,
+        values = rng.bits(seed, name, stream, n, device, dtype=dtype, positions=positions,
                           transform=lambda h: (h >> 31).to(torch.float64).mul_(2.0).sub_(1.0).mul_(std))
     else:
         raise ValueError(f"init must be one of {WEIGHT_INITS}, got {kind!r}")
-    return values.view(tuple(shape))
+    return values if positions is not None else values.view(tuple(shape))
 
 
 def weight_shape(module: nn.Module) -> tuple[int, ...]:

@@ -97,6 +97,14 @@ def _hash_range(key: tuple[int, int, int], start: int, stop: int, device) -> tor
     return _hash_(index.bitwise_xor_(key[0]), key)  # hi = 0 for every index
 
 
+def _hasher(device, positions: Optional[torch.Tensor]) -> Callable:
+    """``hashes(key, a, b)``: hashes of the a-th to (b-1)-th element drawn -- element indices
+    ``a .. b - 1``, or ``positions[a:b]`` when only those positions are drawn."""
+    if positions is None:
+        return lambda key, a, b: _hash_range(key, a, b, device)
+    return lambda key, a, b: hash32(key, positions[a:b].to(device=device, dtype=torch.int64))
+
+
 def _fill(numel: int, dtype: torch.dtype, device, draw: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
     """``numel`` values made chunk by chunk; each chunk is converted once to ``dtype``."""
     out = torch.empty(numel, dtype=dtype, device=device)
@@ -110,17 +118,28 @@ def _fill(numel: int, dtype: torch.dtype, device, draw: Callable[[int, int], tor
 Transform = Optional[Callable[[torch.Tensor], torch.Tensor]]
 
 
+def _check_positions(positions: Optional[torch.Tensor], numel: int) -> int:
+    if positions is None:
+        return numel
+    if positions.dim() != 1 or positions.is_floating_point() or positions.dtype == torch.bool:
+        raise ValueError(f"positions must be a 1-D integer tensor of element indices, got {positions.dtype} "
+                         f"of shape {tuple(positions.shape)}")
+    return positions.numel()
+
+
 def bits(seed: int, name: str, stream: str, numel: int, device=None, *,
-         dtype: torch.dtype = torch.int64, transform: Transform = None) -> torch.Tensor:
+         dtype: torch.dtype = torch.int64, transform: Transform = None,
+         positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``numel`` 32-bit hashes (int64 tensor) for one stream of one layer.
 
     ``transform`` (optional) maps each int64 chunk to the values to store, and
     ``dtype`` is the stored dtype: a layer's values are made without a full-size
-    intermediate tensor.
+    intermediate tensor.  ``positions``: only these element indices' values.
     """
     key = stream_key(seed, name, stream)
     transform = transform or (lambda h: h)
-    return _fill(numel, dtype, device, lambda a, b: transform(_hash_range(key, a, b, device)))
+    numel, hashes = _check_positions(positions, numel), _hasher(device, positions)
+    return _fill(numel, dtype, device, lambda a, b: transform(hashes(key, a, b)))
 
 
 def _unit_(h: torch.Tensor) -> torch.Tensor:
@@ -128,15 +147,18 @@ def _unit_(h: torch.Tensor) -> torch.Tensor:
 
 
 def uniform(seed: int, name: str, stream: str, numel: int, device=None, *,
-            dtype: torch.dtype = torch.float64, transform: Transform = None) -> torch.Tensor:
+            dtype: torch.dtype = torch.float64, transform: Transform = None,
+            positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Float64 values in (0, 1), exactly representable, one per element.
 
     ``transform`` maps each float64 chunk (in place is fine) before the single
-    rounding to ``dtype``.
+    rounding to ``dtype``.  ``positions``: draw only the values of these element
+    indices (the same bits as indexing the full draw, at their cost only).
     """
     key = stream_key(seed, name, stream)
     transform = transform or (lambda u: u)
-    return _fill(numel, dtype, device, lambda a, b: transform(_unit_(_hash_range(key, a, b, device))))
+    numel, hashes = _check_positions(positions, numel), _hasher(device, positions)
+    return _fill(numel, dtype, device, lambda a, b: transform(_unit_(hashes(key, a, b))))
 
 
 # Polynomial pieces for ln and cos/sin, evaluated with plain float64 arithmetic.
@@ -188,18 +210,21 @@ def _cos_turn(h: torch.Tensor) -> torch.Tensor:
 
 
 def normal(seed: int, name: str, stream: str, numel: int, device=None, *,
-           dtype: torch.dtype = torch.float64, transform: Transform = None) -> torch.Tensor:
+           dtype: torch.dtype = torch.float64, transform: Transform = None,
+           positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Standard-normal float64 values (Box-Muller), one per element.
 
     ``transform`` maps each float64 chunk (in place is fine) before the single
-    rounding to ``dtype``.
+    rounding to ``dtype``.  ``positions``: draw only the values of these element
+    indices (the same bits as indexing the full draw, at their cost only).
     """
     k_r = stream_key(seed, name, stream + "/0")
     k_t = stream_key(seed, name, stream + "/1")
     transform = transform or (lambda z: z)
+    numel, hashes = _check_positions(positions, numel), _hasher(device, positions)
 
     def draw(a: int, b: int) -> torch.Tensor:
-        radius = _ln_(_unit_(_hash_range(k_r, a, b, device))).mul_(-2.0).sqrt_()
-        return transform(radius.mul_(_cos_turn(_hash_range(k_t, a, b, device))))
+        radius = _ln_(_unit_(hashes(k_r, a, b))).mul_(-2.0).sqrt_()
+        return transform(radius.mul_(_cos_turn(hashes(k_t, a, b))))
 
     return _fill(numel, dtype, device, draw)
