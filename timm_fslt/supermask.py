@@ -92,6 +92,11 @@ def _free_values(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().view(-1).index_select(0, index)
 
 
+def _free_entries(weight_shaped: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
+    """The entries of a weight-shaped tensor at the free positions of ``frozen``, row-major."""
+    return weight_shaped.reshape(-1)[frozen.reshape(-1).to(weight_shaped.device) == freezing.FREE]
+
+
 class _MaskedWeight(torch.autograd.Function):
     """``W * mask * scale`` forward, straight-through estimator backward.
 
@@ -151,10 +156,9 @@ class FrozenSupermask(nn.Module):
         super().__init__()
         self.layer_name = layer_name
         frozen = frozen.to(torch.int8)
-        free = frozen.reshape(-1) == freezing.FREE
-        n_free = int(free.sum())
+        n_free = int((frozen == freezing.FREE).sum())
         if tuple(scores.shape) == tuple(frozen.shape):
-            scores = scores.reshape(-1)[free.to(scores.device)]
+            scores = _free_entries(scores, frozen)
         if tuple(scores.shape) != (n_free,):
             raise ValueError(f"scores of layer {layer_name!r} must have the weight's shape {tuple(frozen.shape)} "
                              f"or one entry per free weight ({n_free},), got {tuple(scores.shape)}")
@@ -201,7 +205,7 @@ class FrozenSupermask(nn.Module):
         scores, frozen = state_dict.get(key), state_dict.get(prefix + "frozen", self.frozen)
         if (isinstance(scores, torch.Tensor) and isinstance(frozen, torch.Tensor) and scores.dim() > 1
                 and tuple(scores.shape) == tuple(frozen.shape)):
-            state_dict[key] = scores.reshape(-1)[frozen.reshape(-1).to(scores.device) == freezing.FREE]
+            state_dict[key] = _free_entries(scores, frozen)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -219,7 +223,7 @@ class FrozenSupermask(nn.Module):
             cached = self._free = _FreeIndex(frozen, frozen._version, index, n_free, n_locked)
         return cached
 
-    def _gather_free_scores(self, out: torch.Tensor, free: _FreeIndex) -> None:
+    def _write_magnitudes(self, out: torch.Tensor, free: _FreeIndex) -> None:
         """Write the free scores' magnitudes into the 1-D float32 ``out``."""
         scores = self.scores.detach()
         if scores.shape != (free.n_free,):
@@ -320,7 +324,7 @@ class SupermaskGroup:
         # |s| of every free weight, back to back (float32: the selection's key order).
         flat = torch.empty(sum(sizes), dtype=torch.float32, device=device)
         for layer, free, part in zip(layers, frees, flat.split(sizes)):
-            layer._gather_free_scores(part, free)
+            layer._write_magnitudes(part, free)
         # |s| as int32 bits: NaN and Inf are exactly the patterns >= 0x7F800000, so one
         # max() (no temporary) checks them all.
         if self.check_finite and flat.numel() and int(flat.view(torch.int32).max()) >= 0x7F800000:

@@ -38,8 +38,8 @@ from torch_pruning.pruner import function as tp_function
 from torch_pruning.utils import op_counter as tp_op_counter
 
 from ..core import get_group
-from ..freezing import FREE
 from ..layers import _is_pyg_linear, is_frozen_layer
+from ..supermask import FrozenSupermask, _free_entries
 
 __all__ = [
     "FrozenLayerPruner", "FrozenDepthwiseConvPruner", "SupermaskImportance", "StructureRecorder",
@@ -117,7 +117,7 @@ def _select_free_scores(supermask, dim: int, keep: torch.Tensor) -> None:
     channel[keep.to(frozen.device)] = True
     view = [1] * frozen.dim()
     view[dim] = -1
-    kept = channel.view(view).expand(frozen.shape)[frozen == FREE]  # over the free weights
+    kept = _free_entries(channel.view(view).expand(frozen.shape), frozen)  # over the free weights
     old = supermask._parameters["scores"]
     kept = kept.to(old.device)
     new = nn.Parameter(old.detach()[kept].contiguous(), requires_grad=old.requires_grad)
@@ -586,7 +586,7 @@ def count_ops_and_params(model: nn.Module, example_inputs, layer_wise: bool = Fa
 
     def unscored(module: nn.Module) -> int:  # weights of frozen layers in module without a score
         return sum(m.frozen.numel() - m.scores.numel() for m in module.modules()
-                   if type(m).__name__ == "FrozenSupermask")
+                   if isinstance(m, FrozenSupermask))
 
     if not layer_wise:
         macs, params = result
