@@ -44,13 +44,14 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from . import __version__, freezing
+from . import __version__
 from . import layers as L
 from .core import FreezeConfig, freeze, get_config, get_group, refresh_masks
 from .errors import (ArchitectureError, TicketChecksumError, TicketError, TicketMismatchError,
                      TicketVersionError)
 from .report import LayerSize, SizeReport, non_regenerable_state
 from .rng import GENERATOR_VERSION
+from .supermask import _free_entries
 
 FORMAT = "timm_fslt.ticket"
 FORMAT_VERSION = 1
@@ -456,7 +457,7 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
     for layer in group.layers:
         counts = layer.counts()
         layers.append({"name": layer.layer_name, "shape": list(layer.frozen.shape), **counts})
-        bits.append(layer.mask[layer.frozen == freezing.FREE].cpu())
+        bits.append(_free_entries(layer.mask, layer.frozen).cpu())
     all_bits = torch.cat(bits) if bits else torch.zeros(0, dtype=torch.bool)
     n_free = sum(row["free"] for row in layers)
     assert all_bits.numel() == n_free
@@ -671,8 +672,7 @@ def _apply_mask(model: nn.Module, config: dict, packed: torch.Tensor) -> None:
         scores.copy_(torch.where(scores < 0, -magnitude, magnitude))
     refresh_masks(model)
     for layer, sel, row in zip(group.layers, selected, config["layers"]):
-        free = layer.frozen == freezing.FREE
-        if not torch.equal(layer.mask[free].cpu(), sel):
+        if not torch.equal(_free_entries(layer.mask, layer.frozen).cpu(), sel):
             kept_stored = sum(int(s.sum()) + r["locked"] for s, r in zip(selected, config["layers"]))
             kept_now = sum(int(g.mask.sum()) for g in group.layers)
             raise TicketMismatchError(
