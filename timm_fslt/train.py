@@ -11,8 +11,11 @@ The loop runs unchanged on one CPU, one GPU or many processes (``accelerate
 launch``): mixed precision, gradient accumulation, a checkpoint after every epoch
 (written to a temporary folder, then renamed) and ``resume`` that continues a
 killed run exactly (model, scores, optimizer, scheduler, RNG states and the
-epoch's data order, which is a pure function of the seed and the epoch).  The
-model with the best validation accuracy is kept and evaluated on the test set at
+epoch's data order, which is a pure function of the seed and the epoch).  Each
+checkpoint's run_config.json records its epoch, global step and every file's size
+and sha256; resume takes the newest checkpoint that verifies (``checkpoints/latest``
+is only a hint), refuses a damaged newest one unless ``resume="fallback"``, and
+never starts over silently.  The model with the best validation accuracy is kept and evaluated on the test set at
 the end; ``results.json``, the metrics JSONL and the ticket land in ``output_dir``.
 
 A ``task`` tells the loop what a batch is: ``ClassificationTask`` (image batches
@@ -51,6 +54,12 @@ RUN_CONFIG_FILE = "run_config.json"
 RESULTS_FILE = "results.json"
 METRICS_FILE = "metrics.jsonl"
 TICKET_DIR = "ticket"
+CHECKPOINT_PREFIX = "epoch_"
+# run_config.json format 2 records epoch, global_step and every file's size and sha256
+# (format 1, before: identity and epoch only).
+CHECKPOINT_FORMAT = 2
+RESUME_MODES = ("auto", "fallback")
+_MODE_LOOKALIKES = {"auto", "fallback", "true", "false", "yes", "no", "latest", "1", "0", "none"}
 
 # TrainConfig fields that do not change what a run computes; a resumed run may change them.
 _VOLATILE_FIELDS = ("check_finite", "check_sync_every", "recompute_weights", "output_dir", "resume", "overwrite", "keep_checkpoints", "stop_after", "log_with",
@@ -66,8 +75,12 @@ class TrainConfig:
     so a run computes the same thing on 1 or 8 GPUs; it must be divisible by
     ``num_processes * grad_accum_steps``.  ``resume``: False (a fresh run; refuses an
     output_dir that already holds checkpoints unless ``overwrite``), True (continue
-    from the latest checkpoint in output_dir), ``"auto"`` (continue if there is one)
-    or the path of a checkpoint folder.  ``stop_after``: stop after that many epochs
+    from the newest checkpoint in output_dir), ``"auto"`` (continue if there is one,
+    start fresh if there is none), ``"fallback"`` (like True, but if the newest
+    checkpoint is corrupted, continue from the newest valid older one) or the path
+    of a checkpoint folder.  Checkpoints are ordered by the epoch and global step
+    their run_config.json records and verified (each file's size and sha256) before
+    use; ``checkpoints/latest`` is only a hint.  ``stop_after``: stop after that many epochs
     in this invocation (for time-limited jobs; continue with ``resume``).
     ``limit_train_batches`` / ``limit_eval_batches`` shorten each epoch (per process).
     ``check_finite``: stop with ``FloatingPointError`` at the first non-finite loss,
@@ -156,8 +169,22 @@ class TrainConfig:
                      "recompute_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if not (isinstance(self.resume, bool) or isinstance(self.resume, (str, os.PathLike))):
-            raise ValueError(f"resume must be False, True, 'auto' or a checkpoint path, got {self.resume!r}")
+        self._validate_resume()
+
+    def _validate_resume(self) -> None:
+        allowed = "resume must be False, True, 'auto', 'fallback' or a checkpoint folder path"
+        value = self.resume
+        if isinstance(value, bool) or value in RESUME_MODES:
+            return
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            raise ValueError(f"{allowed}, got {self.resume!r}")
+        if not value.strip():
+            raise ValueError(f"{allowed}, got an empty string")
+        # 'Auto', 'latest', 'true' ... would otherwise be taken for a folder and fail later, less clearly.
+        if value.strip().lower() in _MODE_LOOKALIKES and not os.path.exists(os.path.expanduser(value)):
+            raise ValueError(f"{allowed}, got {value!r} (not a mode, and no such folder)")
 
     def to_dict(self) -> dict:
         return _jsonable(dataclasses.asdict(self))
@@ -165,6 +192,12 @@ class TrainConfig:
 
 class RunConfigError(ValueError):
     """A run cannot start as configured (e.g. resuming a checkpoint of another configuration)."""
+
+
+class CheckpointError(RunConfigError):
+    """A checkpoint cannot be resumed (a file missing, truncated or altered), or none can.
+
+    The message names each checkpoint folder and what is wrong with it."""
 
 
 # -- tasks -----------------------------------------------------------------------------
@@ -266,29 +299,30 @@ def read_jsonl(path: str) -> list[dict]:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def rewind_metrics(path: str, step: int) -> None:
+def rewind_metrics(path: str, step: int) -> Optional[int]:
     """Drop the metrics a killed run logged after its last checkpoint (and a torn last line).
 
     A resumed run recomputes those steps exactly, so without this the log would
     hold them twice; with it, the log of an interrupted-and-resumed run has the
-    same metric records as an uninterrupted one.
+    same metric records as an uninterrupted one.  Returns the highest step still
+    logged (None: no metric records).
     """
     if not os.path.exists(path):
-        return
-    kept = []
+        return None
+    kept, last = [], None
     with open(path, encoding="utf-8") as f:
         for line in f:
             try:
                 record = json.loads(line)
             except ValueError:
                 continue  # a line cut short by the kill
-            if record.get("event") == "metrics" and isinstance(record.get("step"), int) and record["step"] > step:
-                continue
+            if record.get("event") == "metrics" and isinstance(record.get("step"), int):
+                if record["step"] > step:
+                    continue
+                last = record["step"] if last is None else max(last, record["step"])
             kept.append(json.dumps(record, sort_keys=True) + "\n")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(kept))
+    return last
 
 
 # -- mask agreement across processes ---------------------------------------------------
@@ -435,14 +469,20 @@ def _flat(prefix: str, value, out: dict) -> dict:
     return out
 
 
-def write_json_atomic(path: str, payload) -> None:
-    """Write JSON to ``path`` through a temporary file and a rename (never half-written)."""
+def write_text_atomic(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` through a flushed temporary file and a rename (never half-written)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(_jsonable(payload), f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())  # the rename must not reach the disk before the data
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: str, payload) -> None:
+    """Write JSON to ``path`` through a temporary file and a rename (never half-written)."""
+    write_text_atomic(path, json.dumps(_jsonable(payload), indent=2, sort_keys=True) + "\n")
 
 
 def _config_differences(stored, current, prefix="") -> list[str]:
@@ -459,15 +499,214 @@ def _config_differences(stored, current, prefix="") -> list[str]:
     return [] if stored == current else [f"{prefix}: {stored!r} (checkpoint) != {current!r} (now)"]
 
 
-def latest_checkpoint(output_dir: str) -> Optional[str]:
-    """Path of the newest complete checkpoint of a run, or None."""
-    pointer = os.path.join(output_dir, CHECKPOINTS_DIR, LATEST_FILE)
-    if not os.path.exists(pointer):
+# -- checkpoint folders: what they record, whether they are intact, which is newest -----
+@dataclass
+class CheckpointInfo:
+    """One ``checkpoints/epoch_*`` folder as its run_config.json describes it.
+
+    ``problem`` is None for a usable checkpoint, else why it cannot be resumed.  When
+    run_config.json cannot be read, ``epoch`` comes from the folder name (to place
+    the folder among the others) and ``global_step`` is None.
+    """
+
+    path: str
+    epoch: Optional[int]
+    global_step: Optional[int]
+    problem: Optional[str] = None
+    verified: bool = False  # sha256 of every file checked (not only sizes)
+
+    @property
+    def valid(self) -> bool:
+        return self.problem is None
+
+    @property
+    def order(self) -> tuple:
+        # Epoch and global step grow together within a run (steps per epoch are part of
+        # the identity); the step breaks no real tie but keeps the order on the record.
+        return (self.epoch if self.epoch is not None else -1,
+                self.global_step if self.global_step is not None else -1, os.path.basename(self.path))
+
+    def describe(self) -> str:
+        where = f"epoch {self.epoch}" + (f", step {self.global_step}" if self.global_step is not None else "")
+        return f"{self.path!r} ({where})"
+
+
+def _name_epoch(name: str) -> Optional[int]:
+    digits = name[len(CHECKPOINT_PREFIX):]
+    return int(digits) if name.startswith(CHECKPOINT_PREFIX) and digits.isdigit() else None
+
+
+def _file_record(path: str) -> dict:
+    """Size and sha256 of a file just written, flushed to the disk on the way."""
+    h, size = hashlib.sha256(), 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+            size += len(chunk)
+        with contextlib.suppress(OSError):  # not every platform fsyncs a read-only handle
+            os.fsync(f.fileno())
+    return {"bytes": size, "sha256": h.hexdigest()}
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _checkpoint_files(folder: str) -> dict:
+    """Every file accelerate wrote into ``folder`` (relative POSIX path -> size and sha256)."""
+    out = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            full = os.path.join(root, name)
+            rel = os.path.relpath(full, folder).replace(os.sep, "/")
+            if rel != RUN_CONFIG_FILE and not rel.startswith(f"{RUN_CONFIG_FILE}.tmp"):
+                out[rel] = _file_record(full)
+    return dict(sorted(out.items()))
+
+
+def _positive_int(value, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def inspect_checkpoint(path: str, verify: bool = True) -> CheckpointInfo:
+    """Read a checkpoint folder's run_config.json and check its files against it.
+
+    Checks that run_config.json parses and holds the run's identity, epoch and global
+    step, and that every file it lists is present with the recorded size (and, with
+    ``verify``, the recorded sha256).  Never raises for a damaged checkpoint: the
+    returned ``problem`` says what is wrong.  A format-1 checkpoint (written before
+    sizes and checksums were recorded) gets a lighter check of its main files.
+    """
+    path = os.path.abspath(path)
+    info = CheckpointInfo(path, _name_epoch(os.path.basename(path)), None)
+    if not os.path.isdir(path):
+        info.problem = "it is not a directory"
+        return info
+    config_path = os.path.join(path, RUN_CONFIG_FILE)
+    if not os.path.isfile(config_path):
+        info.problem = f"{RUN_CONFIG_FILE} is missing"
+        return info
+    try:
+        with open(config_path, "rb") as f:
+            raw = f.read()
+        record = json.loads(raw.decode("utf-8")) if raw.strip() else None
+    except (OSError, UnicodeDecodeError, ValueError) as err:
+        info.problem = f"{RUN_CONFIG_FILE} cannot be read ({type(err).__name__}: {err})"
+        return info
+    if record is None:
+        info.problem = f"{RUN_CONFIG_FILE} is empty"
+        return info
+    if not isinstance(record, dict):
+        info.problem = f"{RUN_CONFIG_FILE} holds a {type(record).__name__}, not a JSON object"
+        return info
+    if not _positive_int(record.get("epoch"), 1):
+        info.problem = f"{RUN_CONFIG_FILE}: 'epoch' must be an int >= 1, got {record.get('epoch', '<absent>')!r}"
+        return info
+    info.epoch = record["epoch"]
+    if not isinstance(record.get("identity"), dict) or not record["identity"]:
+        info.problem = f"{RUN_CONFIG_FILE} has no 'identity' (the run's configuration)"
+        return info
+    if "files" not in record:
+        info.problem = _check_format1(path)
+        return info
+    if not _positive_int(record.get("global_step"), 0):
+        info.problem = (f"{RUN_CONFIG_FILE}: 'global_step' must be an int >= 0, "
+                        f"got {record.get('global_step', '<absent>')!r}")
+        return info
+    info.global_step = record["global_step"]
+    files = record["files"]
+    if not isinstance(files, dict) or not files:
+        info.problem = f"{RUN_CONFIG_FILE}: 'files' must list the checkpoint's files, got {files!r}"
+        return info
+    for name, entry in files.items():
+        parts = name.split("/")
+        # A record naming files elsewhere (absolute, '..') is not ours: refuse rather than read outside.
+        if not name or name.startswith("/") or ".." in parts or "\\" in name or ":" in parts[0]:
+            info.problem = f"{RUN_CONFIG_FILE} lists a file outside the checkpoint: {name!r}"
+            return info
+        if not (isinstance(entry, dict) and _positive_int(entry.get("bytes"), 0)
+                and isinstance(entry.get("sha256"), str) and len(entry["sha256"]) == 64):
+            info.problem = f"{RUN_CONFIG_FILE}: files[{name!r}] must hold 'bytes' and a 'sha256', got {entry!r}"
+            return info
+        full = os.path.join(path, *parts)
+        if not os.path.isfile(full):
+            info.problem = f"{name} is missing ({RUN_CONFIG_FILE} records {entry['bytes']} bytes)"
+            return info
+        size = os.path.getsize(full)
+        if size != entry["bytes"]:
+            info.problem = f"{name} has {size} bytes, {RUN_CONFIG_FILE} records {entry['bytes']}"
+            return info
+    if verify:
+        for name, entry in files.items():
+            try:
+                digest = _sha256(os.path.join(path, *name.split("/")))
+            except OSError as err:
+                info.problem = f"{name} cannot be read ({err})"
+                return info
+            if digest != entry["sha256"]:
+                info.problem = (f"{name} has sha256 {digest[:12]}..., {RUN_CONFIG_FILE} records "
+                                f"{entry['sha256'][:12]}... (the file was altered or partly overwritten)")
+                return info
+        info.verified = True
+    return info
+
+
+def _check_format1(path: str) -> Optional[str]:
+    """The files a format-1 checkpoint must hold, non-empty, and a model file that opens."""
+    for name in ("model.safetensors", "optimizer.bin", "custom_checkpoint_0.pkl"):
+        full = os.path.join(path, name)
+        if not os.path.isfile(full) or os.path.getsize(full) == 0:
+            return f"{name} is {'empty' if os.path.isfile(full) else 'missing'} (format-1 checkpoint)"
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+            list(f.keys())
+    except Exception as err:  # safetensors raises its own SafetensorError and OSError
+        return f"model.safetensors cannot be read ({type(err).__name__}: {err}) (format-1 checkpoint)"
+    return None
+
+
+def list_checkpoints(output_dir: str, verify: bool = False) -> list[CheckpointInfo]:
+    """Every ``checkpoints/epoch_*`` folder of a run, oldest first by recorded epoch and step.
+
+    Without ``verify`` only sizes are checked (fast); ``problem`` says what is wrong
+    with each damaged one.  Leftover ``.tmp-*`` folders of a killed save are not listed.
+    """
+    root = os.path.join(os.path.abspath(os.path.expanduser(str(output_dir))), CHECKPOINTS_DIR)
+    if not os.path.isdir(root):
+        return []
+    found = [inspect_checkpoint(os.path.join(root, name), verify=verify)
+             for name in os.listdir(root) if name.startswith(CHECKPOINT_PREFIX)]
+    return sorted(found, key=lambda c: c.order)
+
+
+def read_latest_pointer(output_dir: str) -> Optional[str]:
+    """The folder name ``checkpoints/latest`` holds ('' when empty), None when it is missing."""
+    pointer = os.path.join(os.path.abspath(os.path.expanduser(str(output_dir))), CHECKPOINTS_DIR, LATEST_FILE)
+    try:
+        with open(pointer, encoding="utf-8") as f:
+            return f.read().strip()
+    except FileNotFoundError:
         return None
-    with open(pointer, encoding="utf-8") as f:
-        name = f.read().strip()
-    path = os.path.join(output_dir, CHECKPOINTS_DIR, name)
-    return path if os.path.isdir(path) else None
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
+def latest_checkpoint(output_dir: str) -> Optional[str]:
+    """Path of the newest valid (fully verified) checkpoint of a run, or None.
+
+    Chosen by the epoch and step each run_config.json records, never by the
+    ``latest`` pointer alone: a stale, empty or missing pointer changes nothing.
+    """
+    for info in reversed(list_checkpoints(output_dir)):
+        if info.valid and inspect_checkpoint(info.path).valid:
+            return info.path
+    return None
 
 
 def model_fingerprint(model: nn.Module) -> dict:
@@ -592,31 +831,15 @@ def train(model: nn.Module, train_set, val_set, test_set=None, config: Optional[
     identity = _jsonable(identity)
 
     # -- decide fresh start or resume before anything trains -----------------------
+    # The main process decides and every process gets the same answer (or the same error).
     ckpt_root = os.path.join(output_dir, CHECKPOINTS_DIR)
-    resume_from = None
-    if config.resume is True or config.resume == "auto":
-        resume_from = latest_checkpoint(output_dir)
-        if resume_from is None and config.resume is True:
-            raise FileNotFoundError(f"resume: no checkpoint to resume in {output_dir!r} "
-                                    f"(expected {CHECKPOINTS_DIR}/{LATEST_FILE}); start without resume")
-    elif config.resume:
-        resume_from = os.path.abspath(os.path.expanduser(str(config.resume)))
-        if not os.path.isfile(os.path.join(resume_from, RUN_CONFIG_FILE)):
-            raise FileNotFoundError(f"resume: {resume_from!r} is not a checkpoint folder "
-                                    f"(no {RUN_CONFIG_FILE})")
-    if resume_from is not None:
-        with open(os.path.join(resume_from, RUN_CONFIG_FILE), encoding="utf-8") as f:
-            stored = json.load(f)
-        diffs = _config_differences(stored.get("identity", {}), identity)
-        if diffs:
-            raise RunConfigError(f"resume: the checkpoint {resume_from!r} belongs to a different configuration: "
-                             + "; ".join(diffs) + ". Resume with the same settings, or use a new output dir.")
-    elif not config.overwrite:
-        clashes = [p for p in (latest_checkpoint(output_dir), os.path.join(output_dir, RESULTS_FILE))
-                   if p and os.path.exists(p)]
-        if clashes:
-            raise FileExistsError(f"output_dir {output_dir!r} already holds a run ({clashes[0]}); pass "
-                                  "resume (--resume) to continue it or overwrite (--overwrite) to start over")
+    resume_from, notes = _decided_by_main(accelerator, lambda: _choose_resume(config, output_dir, identity))
+    if accelerator.is_main_process:
+        for note in notes:  # a skipped (damaged) checkpoint is a warning; a stale pointer only a note
+            if note.startswith("resume: skipped"):
+                warnings.warn(note, stacklevel=2)
+            else:
+                print(note)
 
     set_seed(config.seed, device_specific=True)
     pin = accelerator.device.type == "cuda"
@@ -648,9 +871,19 @@ def train(model: nn.Module, train_set, val_set, test_set=None, config: Optional[
     accelerator.register_for_checkpointing(state)
     if resume_from is not None:
         _check_checkpoint_keys(model, resume_from)
-        accelerator.load_state(resume_from)
+        try:
+            accelerator.load_state(resume_from)
+        except Exception as err:  # verified files that still do not load: name the checkpoint
+            raise CheckpointError(f"resume: checkpoint {resume_from!r} does not load: "
+                                  f"{type(err).__name__}: {err}") from err
         if accelerator.is_main_process:
-            rewind_metrics(os.path.join(output_dir, METRICS_FILE), state.global_step)
+            last = rewind_metrics(os.path.join(output_dir, METRICS_FILE), state.global_step)
+            if last is not None and last < state.global_step:
+                # Only after going back to an older checkpoint and then forward to a newer one:
+                # the step-back dropped these records and nothing recomputes them.
+                warnings.warn(f"resume: {METRICS_FILE} has no records after step {last} but the checkpoint is at "
+                              f"step {state.global_step} (an earlier resume from an older checkpoint dropped "
+                              "them); results.json's history still holds every epoch", stacklevel=2)
         accelerator.print(f"resumed from {resume_from} after epoch {state.epoch}")
     elif accelerator.is_main_process and config.overwrite:
         for stale in (ckpt_root, os.path.join(output_dir, RESULTS_FILE), os.path.join(output_dir, METRICS_FILE)):
@@ -721,7 +954,7 @@ def train(model: nn.Module, train_set, val_set, test_set=None, config: Optional[
                          for k, v in record.items() if k != "step"}, step=state.global_step)
         accelerator.print(f"epoch {epoch + 1}/{config.epochs}: train loss {train_loss:.4f}  "
                           f"val acc {val['acc']:.4f}  (best {state.best_val['acc']:.4f} @ {state.best_epoch})")
-        _save_checkpoint(accelerator, ckpt_root, state.epoch, identity, config.keep_checkpoints)
+        _save_checkpoint(accelerator, ckpt_root, state, identity, config.keep_checkpoints, resume_from)
         epochs_this_call += 1
 
     # -- the best-val model, tested ----------------------------------------------------
@@ -760,14 +993,101 @@ def train(model: nn.Module, train_set, val_set, test_set=None, config: Optional[
     return results
 
 
+def _decided_by_main(accelerator, decide: Callable[[], Any]):
+    """Run ``decide`` on the main process only and give its result, or its exception, to all.
+
+    Every process must resume from the same checkpoint; reading and hashing the
+    checkpoints once also spares the other processes that work.
+    """
+    outcome = None
+    if accelerator.is_main_process:
+        try:
+            outcome = ("ok", decide())
+        except Exception as err:
+            outcome = ("error", err)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        outcome = broadcast_object_list([outcome])[0]
+    if outcome[0] == "error":
+        raise outcome[1]
+    return outcome[1]
+
+
+def _choose_resume(config: TrainConfig, output_dir: str, identity: dict) -> tuple[Optional[str], list[str]]:
+    """The checkpoint to resume (None: a fresh run) and notes to print; raises before anything trains."""
+    ckpt_root = os.path.join(output_dir, CHECKPOINTS_DIR)
+    mode, notes = config.resume, []
+    if mode is False:
+        if not config.overwrite:
+            # Any checkpoint folder counts, valid or not: a fresh run would overwrite it.
+            clashes = [c.path for c in list_checkpoints(output_dir)]
+            clashes += [p for p in (os.path.join(output_dir, RESULTS_FILE),) if os.path.exists(p)]
+            if clashes:
+                raise FileExistsError(f"output_dir {output_dir!r} already holds a run ({clashes[-1]}); pass "
+                                      "resume (--resume) to continue it or overwrite (--overwrite) to start over")
+        return None, notes
+    if mode is True or mode in RESUME_MODES:
+        found = list_checkpoints(output_dir)
+        if not found:
+            if mode == "auto":
+                return None, notes
+            raise FileNotFoundError(f"resume: no checkpoint to resume in {output_dir!r} (no "
+                                    f"{CHECKPOINTS_DIR}/{CHECKPOINT_PREFIX}* folder); start without resume")
+        chosen, skipped = None, []
+        for info in reversed(found):  # newest first; hash only until one holds
+            if info.valid:
+                info = inspect_checkpoint(info.path, verify=True)
+            if info.valid:
+                chosen = info
+                break
+            skipped.append(info)
+        reasons = "; ".join(f"checkpoint {c.path!r} is invalid: {c.problem}" for c in skipped)
+        if chosen is None:
+            # Starting over would overwrite these folders: never do that silently.
+            raise CheckpointError(f"resume: no valid checkpoint in {ckpt_root!r}: {reasons}. Repair or move "
+                                  "them away, or start over with resume=False and overwrite=True (--overwrite)")
+        if skipped and mode != "fallback":
+            raise CheckpointError(f"resume: {reasons}. The newest valid checkpoint is {chosen.describe()}; pass "
+                                  "resume='fallback' (--resume fallback) to continue from it")
+        for c in skipped:
+            notes.append(f"resume: skipped checkpoint {c.path!r} ({c.problem}); continuing from the older "
+                         f"{chosen.describe()}")
+        pointer = read_latest_pointer(output_dir)
+        if pointer != os.path.basename(chosen.path):
+            said = ("is missing" if pointer is None else "is empty" if not pointer else f"names {pointer!r}")
+            notes.append(f"resume: {CHECKPOINTS_DIR}/{LATEST_FILE} {said}; the newest valid checkpoint by "
+                         f"recorded epoch and step is {chosen.describe()}")
+        resume_from = chosen.path
+    else:
+        resume_from = os.path.abspath(os.path.expanduser(str(mode)))
+        if not os.path.isfile(os.path.join(resume_from, RUN_CONFIG_FILE)):
+            raise FileNotFoundError(f"resume: {resume_from!r} is not a checkpoint folder (no {RUN_CONFIG_FILE}); "
+                                    "resume takes False, True, 'auto', 'fallback' or a checkpoint folder")
+        info = inspect_checkpoint(resume_from, verify=True)
+        if not info.valid:
+            raise CheckpointError(f"resume: checkpoint {resume_from!r} is invalid: {info.problem}")
+    with open(os.path.join(resume_from, RUN_CONFIG_FILE), encoding="utf-8") as f:
+        stored = json.load(f)
+    diffs = _config_differences(stored.get("identity", {}), identity)
+    if diffs:
+        raise RunConfigError(f"resume: the checkpoint {resume_from!r} belongs to a different configuration: "
+                             + "; ".join(diffs) + ". Resume with the same settings, or use a new output dir.")
+    return resume_from, notes
+
+
 def _check_checkpoint_keys(model: nn.Module, checkpoint: str) -> None:
     from safetensors import safe_open
 
     path = os.path.join(checkpoint, "model.safetensors")
     if not os.path.exists(path):
         raise FileNotFoundError(f"resume: {checkpoint!r} has no model.safetensors")
-    with safe_open(path, "pt") as f:
-        stored = set(f.keys())
+    try:
+        with safe_open(path, "pt") as f:
+            stored = set(f.keys())
+    except Exception as err:  # SafetensorError / OSError: say which file
+        raise CheckpointError(f"resume: checkpoint {checkpoint!r} is invalid: model.safetensors cannot be "
+                              f"read ({type(err).__name__}: {err})") from err
     expected = set(model.state_dict().keys())
     if stored != expected:
         raise RunConfigError(f"resume: the model in {checkpoint!r} does not match this model: "
@@ -782,9 +1102,11 @@ def _current_sparsity(model: nn.Module) -> float:
     return 1.0 - kept / max(total, 1)
 
 
-def _save_checkpoint(accelerator, ckpt_root: str, epoch: int, identity: dict, keep: int) -> None:
-    """accelerator.save_state into a temporary folder, then rename it and move the pointer."""
-    name = f"epoch_{epoch:04d}"
+def _save_checkpoint(accelerator, ckpt_root: str, state: TrainState, identity: dict, keep: int,
+                     resumed_from: Optional[str]) -> None:
+    """accelerator.save_state into a temporary folder, record every file's size and sha256,
+    rename it into place, move the pointer, then delete what ``keep`` no longer covers."""
+    name = f"{CHECKPOINT_PREFIX}{state.epoch:04d}"
     tmp, final = os.path.join(ckpt_root, f".tmp-{name}"), os.path.join(ckpt_root, name)
     if accelerator.is_main_process:
         if os.path.isdir(tmp):
@@ -794,18 +1116,59 @@ def _save_checkpoint(accelerator, ckpt_root: str, epoch: int, identity: dict, ke
     accelerator.save_state(tmp)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        write_json_atomic(os.path.join(tmp, RUN_CONFIG_FILE), {"identity": identity, "epoch": epoch})
+        write_json_atomic(os.path.join(tmp, RUN_CONFIG_FILE), {
+            "format": CHECKPOINT_FORMAT, "identity": identity, "epoch": state.epoch,
+            "global_step": state.global_step, "files": _checkpoint_files(tmp)})
         if os.path.isdir(final):
-            shutil.rmtree(final)  # an orphan written after the pointer last moved
-        os.replace(tmp, final)
-        pointer = os.path.join(ckpt_root, LATEST_FILE)
-        with open(pointer + ".tmp", "w", encoding="utf-8") as f:
-            f.write(name + "\n")
-        os.replace(pointer + ".tmp", pointer)
-        done = sorted(d for d in os.listdir(ckpt_root) if d.startswith("epoch_"))
-        for old in done[:-keep]:
-            shutil.rmtree(os.path.join(ckpt_root, old))
+            # A folder of this epoch from an abandoned branch (a resume from an older checkpoint) or a
+            # corrupted one: move it aside first, so a kill in between never leaves neither.
+            trash = os.path.join(ckpt_root, f".old-{name}-{os.getpid()}")
+            os.replace(final, trash)
+            os.replace(tmp, final)
+            shutil.rmtree(trash)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(ckpt_root)
+        write_text_atomic(os.path.join(ckpt_root, LATEST_FILE), name + "\n")
+        _prune_checkpoints(ckpt_root, final, keep, resumed_from)
     accelerator.wait_for_everyone()
+
+
+def _fsync_dir(path: str) -> None:
+    with contextlib.suppress(OSError):  # not possible on every platform; the renames still happened
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _prune_checkpoints(ckpt_root: str, head: str, keep: int, resumed_from: Optional[str]) -> None:
+    """Keep the ``keep`` newest checkpoints up to ``head`` (the one just written), by recorded order.
+
+    Never deleted: ``head``; every checkpoint newer than it (a resume from an older
+    checkpoint: the run replaces them as it reaches their epochs); and, while such
+    newer ones exist, the checkpoint this run resumed from.  Damaged checkpoints
+    older than ``head`` do not count towards ``keep`` and are deleted.
+    """
+    found = list_checkpoints(os.path.dirname(ckpt_root))
+    head_info = next((c for c in found if c.path == head), None)
+    if head_info is None or not head_info.valid:
+        raise CheckpointError(f"checkpoint {head!r} was just written but is invalid: "
+                              f"{head_info.problem if head_info else 'it is gone'}")
+    newer = [c for c in found if c.order > head_info.order]
+    protected = {head} | {c.path for c in newer}
+    if newer and resumed_from:
+        protected.add(os.path.abspath(resumed_from))
+    older_valid = [c for c in found if c.order < head_info.order and c.valid]
+    if keep > 1:  # the head is the first of the `keep`
+        protected |= {c.path for c in older_valid[-(keep - 1):]}
+    for c in found:
+        if c.path not in protected:
+            shutil.rmtree(c.path) if os.path.isdir(c.path) else os.remove(c.path)
+    for leftover in os.listdir(ckpt_root):  # halves of saves killed before their rename
+        if leftover.startswith(".old-"):
+            shutil.rmtree(os.path.join(ckpt_root, leftover), ignore_errors=True)
 
 
 def _save_outputs(model: nn.Module, results: dict, config: TrainConfig, output_dir: str, frozen: bool,
