@@ -73,7 +73,8 @@ def parse_model_kwargs(items: Sequence[str]) -> dict:
 
 
 def _resume_arg(text: str):
-    return True if text in ("", "latest") else text
+    """--resume [latest | auto | fallback | FOLDER]; TrainConfig checks the value (empty, look-alikes)."""
+    return True if text == "latest" else text
 
 
 def build_parser(recipe: str, description: str, *, image: bool) -> argparse.ArgumentParser:
@@ -138,9 +139,11 @@ def build_parser(recipe: str, description: str, *, image: bool) -> argparse.Argu
     g.add_argument("--limit-eval-batches", dest="limit_eval_batches", type=int)
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", dest="output_dir")
-    g.add_argument("--resume", nargs="?", const=True, type=_resume_arg,
-                   help="continue the run in --output-dir from its latest checkpoint; 'auto': only if "
-                        "there is one; or a checkpoint folder")
+    g.add_argument("--resume", nargs="?", const=True, type=_resume_arg, metavar="auto|fallback|FOLDER",
+                   help="continue the run in --output-dir from its newest checkpoint (by recorded epoch and "
+                        "step; each file's size and sha256 are verified); 'auto': only if there is one, else "
+                        "start fresh; 'fallback': if the newest is damaged, continue from the newest valid "
+                        "older one; or a checkpoint folder. A damaged newest checkpoint is an error otherwise")
     g.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds a run")
     g.add_argument("--stop-after", dest="stop_after", type=int,
                    help="stop after this many epochs (time-limited jobs); continue with --resume")
@@ -230,6 +233,12 @@ def check_settings(s: dict) -> None:
             raise RecipeError(f"--{str(err)}") from None
     if not isinstance(s["model_kwargs"], dict):
         raise RecipeError(f"--model-kwargs must be a mapping, got {s['model_kwargs']!r}")
+    from timm_fslt.train import TrainConfig
+
+    try:  # --resume '' or 'Fallback' fails here, before any data is read
+        TrainConfig(resume=s["resume"])
+    except ValueError as err:
+        raise RecipeError(_as_option(str(err))) from None
 
 
 def train_config(s: dict, output_dir: str, *, architecture: Optional[dict] = None,

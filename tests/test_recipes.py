@@ -8,6 +8,7 @@ a message naming the option, before anything trains.
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -316,6 +317,39 @@ def test_resume_of_a_run_with_another_configuration_is_refused(data, tmp_path):
     with pytest.raises(RunConfigError, match=r"run\.freeze\.lock: 0\.21 \(checkpoint\) != 0\.1 \(now\)"):
         cifar10.main([*args, "--lock", "0.1", "--resume"])
     assert sorted(os.listdir(tmp_path / "r" / "checkpoints")) == ["epoch_0001", "latest"]
+
+
+def test_resume_option_takes_latest_auto_fallback_or_a_folder_and_refuses_the_rest(tmp_path):
+    def resume(*argv):
+        return R.resolve_settings(cifar10.parser(), list(argv), recipe="cifar10", default_model="conv6")["resume"]
+
+    assert resume("--resume") is True and resume("--resume", "latest") is True
+    assert resume("--resume", "auto") == "auto" and resume("--resume", "fallback") == "fallback"
+    assert resume("--resume", str(tmp_path)) == str(tmp_path) and resume() is False
+    # Refused before the (missing) data is read.
+    for value, message in (("", r"--resume must be .* got an empty string"),
+                           ("Fallback", r"--resume must be .* got 'Fallback' \(not a mode, and no such folder\)")):
+        with pytest.raises(R.RecipeError, match=message):
+            cifar10.main(["--resume", value, "--data", str(tmp_path / "missing")])
+    assert "'fallback'" in cifar10.parser().format_help()
+
+
+def test_a_damaged_newest_checkpoint_stops_the_recipe_until_resume_fallback(data, tmp_path, capsys):
+    out = tmp_path / "r"
+    args = ["--data", str(data["cifar_saved"]), *CONV6, *QUICK, "--epochs", "3", "--keep-checkpoints", "2",
+            "--output-dir", str(out)]
+    cifar10.main([*args, "--stop-after", "2"])
+    optimizer = out / "checkpoints" / "epoch_0002" / "optimizer.bin"
+    optimizer.write_bytes(optimizer.read_bytes()[:100])
+    with pytest.raises(SystemExit) as exit_info:
+        R.main_guard(lambda: cifar10.main([*args, "--resume"]))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert re.search(r"error: resume: checkpoint '.*epoch_0002' is invalid: optimizer\.bin has 100 bytes, "
+                     r"run_config\.json records \d+\..*--resume fallback", err), err
+    with pytest.warns(UserWarning, match=r"skipped checkpoint .*epoch_0002"):
+        done = cifar10.main([*args, "--resume", "fallback"])
+    assert done["completed"] and [h["epoch"] for h in done["history"]] == [1, 2, 3]
 
 
 def test_ogbn_folder_without_release_file_fails_instead_of_prompting(tmp_path):
