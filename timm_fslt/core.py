@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import freezing, layers as L
+from . import freezing, layers as L, rng
 from .supermask import SCALES, SCOPES, FrozenSupermask, SupermaskGroup, recompute_context
 
 BATCHNORM_MODES = ("non_affine", "affine", "keep")
@@ -31,6 +31,9 @@ class FreezeConfig:
     include, exclude: fnmatch patterns on module names.
     batchnorm: "non_affine" (gamma=1, beta=0, frozen) | "affine" (trained) | "keep" (as built, frozen).
     bias: "zero" (zeroed, frozen) | "train" | "keep" (as built, frozen), for masked layers' biases.
+    generator_version: 2 (default: integer-only, the same bits on every CPU and GPU) or 1
+        (the original generator, kept so version-1 tickets load; its kaiming_normal
+        stream uses float64 sqrt, whose last bit differs between CPUs).
     """
 
     prune: float = 0.0
@@ -46,6 +49,7 @@ class FreezeConfig:
     exclude: Optional[list] = None
     batchnorm: str = "non_affine"
     bias: str = "zero"
+    generator_version: int = rng.GENERATOR_VERSION
 
     def __post_init__(self):
         for arg in ("include", "exclude"):
@@ -84,6 +88,9 @@ class FreezeConfig:
         for arg, allowed in choices.items():
             if getattr(self, arg) not in allowed:
                 raise ValueError(f"{arg} must be one of {list(allowed)}, got {getattr(self, arg)!r}")
+        if isinstance(self.generator_version, bool) or self.generator_version not in rng.GENERATOR_VERSIONS:
+            raise ValueError(f"generator_version must be one of {list(rng.GENERATOR_VERSIONS)}, "
+                             f"got {self.generator_version!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise TypeError(f"seed must be a non-negative int, got {self.seed!r}")
         for arg in ("include", "exclude"):
@@ -154,6 +161,7 @@ def freeze(model: nn.Module, prune: float = 0.0, lock: float = 0.0, *,
            scale: Optional[str] = None, seed: int = 0,
            include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None,
            batchnorm: str = "non_affine", bias: str = "zero",
+           generator_version: int = rng.GENERATOR_VERSION,
            config: Optional[FreezeConfig] = None) -> nn.Module:
     """Freeze ``model`` in place into a partially frozen random network and return it.
 
@@ -171,7 +179,7 @@ def freeze(model: nn.Module, prune: float = 0.0, lock: float = 0.0, *,
         config = FreezeConfig(prune=prune, lock=lock, sparsity=sparsity, distribution=distribution,
                               scope=scope, weight_init=weight_init, score_init=score_init,
                               scale=scale, seed=seed, include=include, exclude=exclude,
-                              batchnorm=batchnorm, bias=bias)
+                              batchnorm=batchnorm, bias=bias, generator_version=generator_version)
     else:
         config = dataclasses.replace(config)  # validates, fills the default sparsity
     if getattr(model, "_fslt_group", None) is not None or any(
@@ -195,12 +203,14 @@ def freeze(model: nn.Module, prune: float = 0.0, lock: float = 0.0, *,
     supermasks = []
     for (name, module), shape, (n_pruned, n_locked) in zip(targets, shapes, counts):
         device, dtype = module.weight.device, module.weight.dtype
-        weight = L.random_weight(config.weight_init, config.seed, name, shape, device, dtype)
+        version = config.generator_version
+        weight = L.random_weight(config.weight_init, config.seed, name, shape, device, dtype,
+                                 generator_version=version)
         code = freezing.frozen_code(config.seed, name, shape, n_pruned, n_locked, device)
         # Scores exist for the free weights only: draw just those (same bits as the full draw).
         free = (code.reshape(-1) == freezing.FREE).nonzero().squeeze(1)
         scores = L.random_weight(config.score_init, config.seed, name, shape, device,
-                                 torch.float32, stream="score", positions=free)
+                                 torch.float32, stream="score", positions=free, generator_version=version)
         supermask = FrozenSupermask(name, scores, code)
         # The random weight becomes a buffer: it is never a trainable parameter.
         del module._parameters["weight"]

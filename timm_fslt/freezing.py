@@ -119,3 +119,71 @@ def frozen_code(seed: int, name: str, shape: Sequence[int], n_pruned: int, n_loc
     if n_pruned:
         code.masked_fill_(keys_topk_mask(keys, n_pruned), PRUNED)
     return code.view(tuple(shape))
+
+
+# -- the same pattern as an elementwise rule: two 64-bit thresholds per layer ------------
+KEY_SENTINEL_NONE = 0  # t for a rank of 0: no key is below it
+KEY_SENTINEL_ALL = 2 ** 64 - 1  # t when the rank is the whole layer: every key is below it
+
+
+def freeze_key(h: int, index: int) -> int:
+    """The 64-bit rank key of one element: ``h * 2**32 + index`` (unique; orders like (h, index))."""
+    return (int(h) << 32) | int(index)
+
+
+def _key_at_rank(h: torch.Tensor, rank_set: torch.Tensor, r: int, n: int) -> int:
+    """The smallest key among the elements NOT in the first ``r`` ranks (``rank_set`` marks those)."""
+    if r == 0:
+        return KEY_SENTINEL_NONE
+    if r == n:
+        return KEY_SENTINEL_ALL
+    rest = ~rank_set
+    h_min = int(h[rest].min())
+    index = int(((h == h_min) & rest).nonzero()[0, 0])  # ties: the lowest index ranks first
+    return freeze_key(h_min, index)
+
+
+def freeze_keys(seed: int, name: str, shape: Sequence[int], n_pruned: int, n_locked: int,
+                device=None) -> tuple[int, int]:
+    """``(t1, t2)``: the code of element ``i`` is a pure function of its own key
+    ``key = h * 2**32 + i`` (``h`` its 32-bit "freeze" hash): pruned if ``key < t1``,
+    locked if ``t1 <= key < t2``, free otherwise (unsigned 64-bit compares).
+
+    ``t1`` is the key of rank ``n_pruned`` (0-based) in ascending key order and ``t2``
+    that of rank ``n_pruned + n_locked``: exactly the rank rule of ``frozen_code``.
+    Sentinels: a rank of 0 gives 0 (nothing is below it), a rank equal to the layer's
+    size gives 2**64 - 1 (above every key: ``h < 2**32`` and ``i < 2**31``).  So no
+    pruning is ``t1 = 0``; no locking is ``t2 = t1``; everything frozen is ``t2 = 2**64 - 1``.
+    """
+    code = frozen_code(seed, name, shape, n_pruned, n_locked, device).reshape(-1)
+    return freeze_keys_of_code(seed, name, code, n_pruned, n_locked)
+
+
+def freeze_keys_of_code(seed: int, name: str, code: torch.Tensor, n_pruned: int, n_locked: int
+                        ) -> tuple[int, int]:
+    """``freeze_keys`` from the layer's code already regenerated (``frozen_code``)."""
+    code = code.reshape(-1)
+    n = code.numel()
+    h = rng.bits(seed, name, "freeze", n, code.device)
+    t1 = _key_at_rank(h, code == PRUNED, n_pruned, n)
+    if n_locked == 0:
+        return t1, t1
+    return t1, _key_at_rank(h, code != FREE, n_pruned + n_locked, n)
+
+
+def code_from_keys(seed: int, name: str, shape: Sequence[int], t1: int, t2: int, device=None) -> torch.Tensor:
+    """The ternary int8 code from the two thresholds, elementwise (what a chip streams)."""
+    n = math.prod(shape)
+    if not 0 <= t1 <= t2 <= KEY_SENTINEL_ALL:
+        raise ValueError(f"layer {name!r}: freeze keys must satisfy 0 <= t1 <= t2 < 2**64, got {t1}, {t2}")
+    h = rng.bits(seed, name, "freeze", n, device)
+    index = torch.arange(n, dtype=torch.int64, device=h.device)
+
+    def below(t: int) -> torch.Tensor:  # key < t, i.e. (h, i) < (t >> 32, t & (2**32 - 1)), in int64
+        th, tl = t >> 32, t & 0xFFFFFFFF
+        return (h < th) | ((h == th) & (index < tl))
+
+    code = torch.zeros(n, dtype=torch.int8, device=h.device)
+    code.masked_fill_(below(t2), LOCKED)
+    code.masked_fill_(below(t1), PRUNED)
+    return code.view(tuple(shape))

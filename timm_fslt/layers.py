@@ -83,7 +83,8 @@ _RELU_GAIN = math.sqrt(2.0)
 
 def random_weight(kind: str, seed: int, name: str, shape: Sequence[int], device=None,
                   dtype=torch.float32, stream: str = "weight",
-                  positions: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  positions: Optional[torch.Tensor] = None,
+                  generator_version: int = rng.GENERATOR_VERSION) -> torch.Tensor:
     """Regenerable initial values for one layer (weights or scores).
 
     kaiming_uniform: U(-b, b), b = sqrt(2) * sqrt(3 / fan_in)
@@ -92,23 +93,54 @@ def random_weight(kind: str, seed: int, name: str, shape: Sequence[int], device=
 
     ``positions`` (row-major element indices, e.g. of the free weights): only those
     values, 1-D, bit-identical to ``random_weight(...).reshape(-1)[positions]``.
+
+    Version 2 (``rng`` docstring): an exact integer per element times one float64
+    constant -- ``(2h + 1 - 2**32) * (b * 2**-32)``, ``(+-1) * std``,
+    ``(+-Z) * (std * 2**-38)`` -- rounded to float32 and then, for 16-bit dtypes, to
+    ``dtype`` (torch's float64 -> bfloat16/float16 conversion also goes through
+    float32; doing it explicitly keeps that a property of this code).  Version 1
+    computed the uniform and signed values in float64 steps that are exact except
+    for the same final multiplication, so they are bit-identical; only its normal
+    differs (``rng._normal_v1``).
     """
+    rng.check_version(generator_version)
     n = math.prod(shape)
-    std = _RELU_GAIN / math.sqrt(fan_in(shape))
-    # Each generator chunk is scaled in float64 and rounded once to `dtype` (the
-    # same bits as scaling the whole float64 tensor, without holding it).
-    if kind == "kaiming_uniform":
-        bound = std * math.sqrt(3.0)
-        values = rng.uniform(seed, name, stream, n, device, dtype=dtype, positions=positions,
-                             transform=lambda u: u.mul_(2.0).sub_(1.0).mul_(bound))
-    elif kind == "kaiming_normal":
-        values = rng.normal(seed, name, stream, n, device, dtype=dtype, positions=positions,
-                            transform=lambda z: z.mul_(std))
-    elif kind == "signed_kaiming_constant":
-        values = rng.bits(seed, name, stream, n, device, dtype=dtype, positions=positions,
-                          transform=lambda h: (h >> 31).to(torch.float64).mul_(2.0).sub_(1.0).mul_(std))
-    else:
+    std = _RELU_GAIN / math.sqrt(fan_in(shape))  # Python floats: IEEE, correctly rounded everywhere
+    if kind not in WEIGHT_INITS:
         raise ValueError(f"init must be one of {WEIGHT_INITS}, got {kind!r}")
+    # Each generator chunk is scaled in float64 and rounded to `dtype` (the same bits
+    # as scaling the whole float64 tensor, without holding it).
+    if generator_version == 1:
+        if kind == "kaiming_uniform":
+            bound = std * math.sqrt(3.0)
+            values = rng.uniform(seed, name, stream, n, device, dtype=dtype, positions=positions,
+                                 transform=lambda u: u.mul_(2.0).sub_(1.0).mul_(bound))
+        elif kind == "kaiming_normal":
+            values = rng.normal(seed, name, stream, n, device, dtype=dtype, positions=positions,
+                                transform=lambda z: z.mul_(std), version=1)
+        else:
+            values = rng.bits(seed, name, stream, n, device, dtype=dtype, positions=positions,
+                              transform=lambda h: (h >> 31).to(torch.float64).mul_(2.0).sub_(1.0).mul_(std))
+        return values if positions is not None else values.view(tuple(shape))
+    if kind == "kaiming_uniform":
+        factor = std * math.sqrt(3.0) * 2.0 ** -32  # the bound, times an exact power of two
+
+        def integer(h):  # 2h + 1 - 2**32: odd, |.| < 2**32
+            return h.mul_(2).add_(1 - (1 << 32))
+    elif kind == "kaiming_normal":
+        factor = std * 2.0 ** -rng.NORMAL_FRAC
+        integer = rng._normal_fixed
+    else:
+        factor = std
+
+        def integer(h):  # bit 31: 1 -> +1, 0 -> -1
+            return (h >> 31).mul_(2).sub_(1)
+    wide = dtype in (torch.float64, torch.float32)
+
+    def value(h):
+        out = integer(h).to(torch.float64).mul_(factor)  # exact conversion, ONE rounding
+        return out if wide else out.to(torch.float32)  # then float32 -> dtype when stored
+    values = rng.bits(seed, name, stream, n, device, dtype=dtype, positions=positions, transform=value)
     return values if positions is not None else values.view(tuple(shape))
 
 
@@ -120,3 +152,18 @@ def iter_frozen(model: nn.Module) -> Iterable[tuple[str, nn.Module]]:
     for name, module in model.named_modules():
         if is_frozen_layer(module):
             yield name, module
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (the name a ticket records)."""
+    return str(dtype).replace("torch.", "")
+
+
+def frozen_weight_dtypes(model: nn.Module) -> dict:
+    """``{id(FrozenSupermask): dtype of the random weight W}`` for every frozen layer."""
+    out = {}
+    for _, module in iter_frozen(model):
+        dtype = module.parametrizations["weight"].original.dtype
+        for p in module.parametrizations["weight"]:
+            out[id(p)] = dtype
+    return out
