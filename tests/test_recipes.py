@@ -180,6 +180,25 @@ def test_cifar10_recipe_under_accelerate_launch_with_two_processes_keeps_masks_i
     assert res["mask_digests"][0] != mask_digest(fresh)  # training changed the masks, identically
 
 
+@pytest.mark.slow
+def test_a_two_process_run_resumes(data, tmp_path):
+    # The checkpoint's keys were once compared with the DDP-wrapped model ('module.' prefix),
+    # so no multi-process run could resume.
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", "29519", os.path.join(recipes_dir(), "cifar10.py"), "--cpu",
+           "--data", str(data["cifar_saved"]), *CONV6, *QUICK, "--output-dir", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUTDATED_IGNORE": "1", "HF_HUB_OFFLINE": "1"}
+    for extra in (["--stop-after", "1"], ["--resume"]):
+        proc = subprocess.run([*cmd, *extra], cwd=repo_root(), env=env, capture_output=True, text=True, timeout=400)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stdout and "epoch_0001" in proc.stdout
+    res = json.loads((out / "results.json").read_text())
+    assert res["num_processes"] == 2 and [h["epoch"] for h in res["history"]] == [1, 2]
+    assert res["mask_digests"][0] == res["mask_digests"][1]
+
+
 def test_push_to_hub_uploads_the_runs_ticket_and_a_model_card(data, tmp_path):
     from hub_server import HubServer
 

@@ -870,7 +870,7 @@ def train(model: nn.Module, train_set, val_set, test_set=None, config: Optional[
     state = TrainState()
     accelerator.register_for_checkpointing(state)
     if resume_from is not None:
-        _check_checkpoint_keys(model, resume_from)
+        _check_checkpoint_keys(unwrapped, resume_from)  # DDP's wrapper would prefix every key with 'module.'
         try:
             accelerator.load_state(resume_from)
         except Exception as err:  # verified files that still do not load: name the checkpoint
