@@ -121,6 +121,15 @@ def test_a_fresh_run_refuses_checkpoints_even_without_a_pointer(run):
     assert _epoch_dirs(run) == ["epoch_0001", "epoch_0002"]
 
 
+def test_auto_without_checkpoints_starts_fresh_but_never_over_a_finished_run(runs, tmp_path):
+    res = _resume(tmp_path / "new", "auto")  # nothing there: a fresh run, as before
+    assert res["history"] == runs["full"]["history"]
+    _reset_accelerate()
+    shutil.rmtree(tmp_path / "new" / "checkpoints")
+    with pytest.raises(FileExistsError, match=r"already holds a run .*results\.json"):
+        _resume(tmp_path / "new", "auto")
+
+
 # -- cleanup ------------------------------------------------------------------------------
 def test_resuming_an_older_checkpoint_while_a_newer_exists_keeps_the_right_ones(tmp_path):
     out = tmp_path / "r"

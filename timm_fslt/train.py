@@ -15,8 +15,9 @@ epoch's data order, which is a pure function of the seed and the epoch).  Each
 checkpoint's run_config.json records its epoch, global step and every file's size
 and sha256; resume takes the newest checkpoint that verifies (``checkpoints/latest``
 is only a hint), refuses a damaged newest one unless ``resume="fallback"``, and
-never starts over silently.  The model with the best validation accuracy is kept and evaluated on the test set at
-the end; ``results.json``, the metrics JSONL and the ticket land in ``output_dir``.
+never starts over silently.  The model with the best validation accuracy is kept
+and evaluated on the test set at the end; ``results.json``, the metrics JSONL and
+the ticket land in ``output_dir``.
 
 A ``task`` tells the loop what a batch is: ``ClassificationTask`` (image batches
 ``(x, y)``) or ``NodeClassificationTask`` (the whole graph, full-graph training).
@@ -80,8 +81,8 @@ class TrainConfig:
     checkpoint is corrupted, continue from the newest valid older one) or the path
     of a checkpoint folder.  Checkpoints are ordered by the epoch and global step
     their run_config.json records and verified (each file's size and sha256) before
-    use; ``checkpoints/latest`` is only a hint.  ``stop_after``: stop after that many epochs
-    in this invocation (for time-limited jobs; continue with ``resume``).
+    use; ``checkpoints/latest`` is only a hint.  ``stop_after``: stop after that many
+    epochs in this invocation (for time-limited jobs; continue with ``resume``).
     ``limit_train_batches`` / ``limit_eval_batches`` shorten each epoch (per process).
     ``check_finite``: stop with ``FloatingPointError`` at the first non-finite loss,
     naming the layers whose scores went non-finite (costs one device sync per step).
@@ -1018,7 +1019,8 @@ def _choose_resume(config: TrainConfig, output_dir: str, identity: dict) -> tupl
     """The checkpoint to resume (None: a fresh run) and notes to print; raises before anything trains."""
     ckpt_root = os.path.join(output_dir, CHECKPOINTS_DIR)
     mode, notes = config.resume, []
-    if mode is False:
+
+    def fresh_start():
         if not config.overwrite:
             # Any checkpoint folder counts, valid or not: a fresh run would overwrite it.
             clashes = [c.path for c in list_checkpoints(output_dir)]
@@ -1027,11 +1029,14 @@ def _choose_resume(config: TrainConfig, output_dir: str, identity: dict) -> tupl
                 raise FileExistsError(f"output_dir {output_dir!r} already holds a run ({clashes[-1]}); pass "
                                       "resume (--resume) to continue it or overwrite (--overwrite) to start over")
         return None, notes
+
+    if mode is False:
+        return fresh_start()
     if mode is True or mode in RESUME_MODES:
         found = list_checkpoints(output_dir)
         if not found:
             if mode == "auto":
-                return None, notes
+                return fresh_start()
             raise FileNotFoundError(f"resume: no checkpoint to resume in {output_dir!r} (no "
                                     f"{CHECKPOINTS_DIR}/{CHECKPOINT_PREFIX}* folder); start without resume")
         chosen, skipped = None, []
