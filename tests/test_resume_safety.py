@@ -164,6 +164,12 @@ def _damage_model_bytes(path):
     path.write_bytes(bytes(data))
 
 
+def _list_outside_file(path):
+    record = json.loads(path.read_text())
+    record["files"]["../../metrics.jsonl"] = {"bytes": 1, "sha256": "0" * 64}
+    path.write_text(json.dumps(record))
+
+
 DAMAGE = [
     ("model.safetensors", _truncate, r"model\.safetensors has \d+ bytes, run_config\.json records \d+"),
     ("model.safetensors", _damage_model_bytes, r"model\.safetensors has sha256 \w+\.\.\., run_config\.json records"),
@@ -173,6 +179,7 @@ DAMAGE = [
     ("run_config.json", lambda p: p.write_text(""), r"run_config\.json is empty"),
     ("run_config.json", lambda p: p.write_text('{"epoch": 2, "iden'), r"run_config\.json cannot be read \(JSONDecodeError"),
     ("run_config.json", lambda p: p.write_text('{"epoch": 2}'), r"run_config\.json has no 'identity'"),
+    ("run_config.json", _list_outside_file, r"run_config\.json lists a file outside the checkpoint: '\.\./\.\./"),
 ]
 
 
@@ -222,6 +229,26 @@ def test_a_damaged_older_checkpoint_only_matters_when_it_is_needed(runs, run):
     res = _resume(run, True)  # the newest is fine: resume from it; the damaged one is cleaned up
     assert res["history"] == runs["full"]["history"]
     assert _epoch_dirs(run) == ["epoch_0002", "epoch_0003"]
+
+
+def _as_format1(folder):
+    """What the loop wrote before sizes and checksums were recorded: identity and epoch only."""
+    record = json.loads((folder / "run_config.json").read_text())
+    (folder / "run_config.json").write_text(json.dumps({"identity": record["identity"], "epoch": record["epoch"]}))
+
+
+def test_checkpoints_written_before_checksums_still_resume_and_are_checked_lightly(runs, run):
+    _as_format1(_ckpt(run, 1))
+    _as_format1(_ckpt(run, 2))
+    info = inspect_checkpoint(str(_ckpt(run, 2)))
+    assert info.valid and (info.epoch, info.global_step) == (2, None)
+    _truncate(_ckpt(run, 2) / "model.safetensors")
+    problem = inspect_checkpoint(str(_ckpt(run, 2))).problem
+    assert problem.startswith("model.safetensors cannot be read (") and "format-1" in problem
+    with pytest.warns(UserWarning, match=r"skipped checkpoint .*epoch_0002.*model\.safetensors cannot be read"):
+        res = _resume(run, "fallback")
+    assert res["history"] == runs["full"]["history"]
+    assert json.loads((_ckpt(run, 3) / "run_config.json").read_text())["format"] == 2
 
 
 # -- bad `resume` values --------------------------------------------------------------------
