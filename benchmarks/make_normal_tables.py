@@ -65,7 +65,7 @@ def evaluate(row: list[int], y: int) -> int:
     return acc
 
 
-def sample_t(k: int, j: int, count: int = 48) -> list[int]:
+def sample_t(k: int, j: int, count: int = 400) -> list[int]:
     """Odd integers t of segment (k, j): all of them if few, else `count` spread over it."""
     lo = (1 << (31 - k)) + (j << (31 - k - SEG_BITS)) if 31 - k - SEG_BITS >= 0 else None
     if lo is None:  # segments shorter than one step of t: only j = 0 holds values (t = 2**(31-k)..)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
@@ -262,3 +263,26 @@ def _freeze_other_parameters(model: nn.Module, config: FreezeConfig) -> None:
             if isinstance(module, FrozenSupermask) and pname == "scores":
                 continue
             param.requires_grad_(trainable_norm)
+
+
+def ticket_freeze_config(config: dict) -> FreezeConfig:
+    """A ticket's FreezeConfig (config.json "freeze"), with the generator version it was written with.
+
+    A version-1 ticket's "freeze" has no generator_version (the field came with version
+    2): the top-level one decides.  Version 1's normal stream goes through torch's float64
+    sqrt, whose last bit differs between CPUs, so a version-1 kaiming_normal ticket may
+    rebuild other weights than it was saved with on another machine: that is warned
+    (its initial scores differ the same way, which does not matter: the mask bits are
+    stored).  Raises ValueError/TypeError for invalid fields.
+    """
+    generator = config.get("generator_version")
+    fields = dict(config["freeze"])
+    if fields.setdefault("generator_version", generator) != generator:
+        raise ValueError(f"freeze.generator_version {fields['generator_version']!r} differs from the "
+                         f"ticket's generator_version {generator!r}")
+    if generator == 1 and fields.get("weight_init") == "kaiming_normal":
+        warnings.warn("this ticket uses generator version 1 with weight_init='kaiming_normal': version 1's normal "
+                      "stream depends on the CPU's float64 sqrt, so its weights may differ in the last bit from "
+                      "the machine that saved it; tickets saved now use generator version 2 (the same bits on "
+                      "every machine)", UserWarning, stacklevel=5)
+    return FreezeConfig(**fields)

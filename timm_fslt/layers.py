@@ -167,3 +167,32 @@ def frozen_weight_dtypes(model: nn.Module) -> dict:
         for p in module.parametrizations["weight"]:
             out[id(p)] = dtype
     return out
+
+
+def cast_to_recorded_dtypes(model: nn.Module, rows) -> None:
+    """Give a rebuilt model's masked layers the weight dtypes a ticket recorded (``rows``:
+    config.json "layers"; rows without "dtype", from older tickets, are float32).
+
+    The weights are regenerated at the layer's dtype, so a bfloat16 ticket must be rebuilt
+    in bfloat16.  If every layer has the same recorded dtype, the whole model is cast (as
+    ``model.to(torch.bfloat16)`` made it); otherwise the named layers only.  Raises
+    ValueError for a dtype name that is not a torch floating dtype.
+    """
+    wanted = {row["name"]: row["dtype"] for row in rows if isinstance(row.get("dtype"), str)}
+    if not wanted:
+        return
+    dtypes = {name: getattr(torch, d, None) for name, d in wanted.items()}
+    bad = sorted({wanted[n] for n, d in dtypes.items() if not (isinstance(d, torch.dtype) and d.is_floating_point)})
+    if bad:
+        raise ValueError(f"the ticket records layer dtypes that are not torch floating dtypes: {bad}")
+    modules = dict(model.named_modules())
+    distinct = set(dtypes.values())
+    if len(distinct) == 1:
+        dtype = distinct.pop()
+        if any(getattr(modules.get(n), "weight", None) is not None and modules[n].weight.dtype != dtype
+               for n in wanted):
+            model.to(dtype)
+        return
+    for name, dtype in dtypes.items():
+        if name in modules:
+            modules[name].to(dtype)
