@@ -382,3 +382,37 @@ def test_a_version_1_normal_ticket_loads_with_a_warning(tmp_path):
     a, b = timm_fslt.materialize(model).state_dict(), timm_fslt.materialize(loaded).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)  # (on this machine)
     assert timm_fslt.get_config(loaded).generator_version == 1
+
+
+# -- benchmarks/gpu_check.py: its CPU side ---------------------------------------------------
+def _gpu_check():
+    import importlib.util
+    path = Path(__file__).parent.parent / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check_under_test", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module, path
+
+
+def test_gpu_check_digests_compare_and_summary():
+    gpu_check, _ = _gpu_check()
+    a = gpu_check.model_digests(ARCH, "cpu", "kaiming_normal")
+    assert len(a) == 3 * 4 and all(len(v) == 16 for v in a.values())
+    assert gpu_check.compare(a, gpu_check.model_digests(ARCH, "cpu", "kaiming_normal")) == []
+    b = dict(a, **{"fc/scores": "0" * 16})
+    assert gpu_check.compare(a, b) == ["fc/scores"]
+    assert gpu_check.compare(a, {k: v for k, v in a.items() if k != "fc/weight"}) == ["fc/weight"]
+    line = gpu_check.format_summary(12, [], {"conv6 b128 fp32": (0.012, 0.010)})
+    assert line == ("gpu_check: all 12 CUDA digests equal the CPU's; step time conv6 b128 fp32 frozen 12.0 ms / "
+                    "dense 10.0 ms (1.20x)")
+    assert "1 of 12 CUDA digests DIFFER from the CPU's (first: fc/scores)" in gpu_check.format_summary(
+        12, ["fc/scores"], {})
+
+
+def test_gpu_check_without_cuda_exits_0_with_one_clear_line():
+    _, path = _gpu_check()
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OUTDATED_IGNORE": "1"}
+    out = subprocess.run([sys.executable, str(path)], capture_output=True, text=True, timeout=120, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines() == [
+        "gpu_check: no CUDA device (torch.cuda.is_available() is False); nothing checked"]
