@@ -17,7 +17,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fslt_recipe as R  # noqa: E402
 
 RECIPE, DEFAULT_MODEL = "ogbn_arxiv", "gin"
-GIN_BUILDER = "timm_fslt.models.gin:gin"
+GIN_BUILDER = "gin"  # registered by timm_fslt.models.gin
 
 
 def parser():

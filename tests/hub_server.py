@@ -137,12 +137,12 @@ class HubServer:
         self._send(h, status, json.dumps(payload).encode(), headers, head=head)
 
     def _error(self, h, status: int, message: str, code: Optional[str] = None,
-               headers: Optional[dict] = None, head: bool = False) -> None:
+               headers: Optional[dict] = None, head: bool = False, body: Optional[dict] = None) -> None:
         extra = dict(headers or {})
         if code:
             extra["X-Error-Code"] = code
         extra["X-Error-Message"] = message
-        self._json(h, status, {"error": message}, extra, head=head)
+        self._json(h, status, {"error": message, **(body or {})}, extra, head=head)
 
     def _authorized(self, h) -> bool:
         return self.token is None or h.headers.get("Authorization") == f"Bearer {self.token}"
@@ -219,8 +219,11 @@ class HubServer:
         repo_id = f"{payload.get('organization') or 'tester'}/{payload['name']}"
         with self.lock:
             if repo_id in self.repos:
+                # Like the real Hub, the conflict names the existing repo's url: create_repo(exist_ok=True)
+                # reads it and a second push to one repo goes on to commit.
                 return self._error(h, 409, "You already created this model repo",
-                                   headers={"X-Repo-Url": f"{self.url}/{repo_id}"})
+                                   headers={"X-Repo-Url": f"{self.url}/{repo_id}"},
+                                   body={"url": f"{self.url}/{repo_id}"})
             repo = Repo(repo_id, private=payload.get("visibility") == "private" or bool(payload.get("private")))
             repo.commits.append(Commit(hashlib.sha1(f"{repo_id}/init".encode()).hexdigest(),
                                        "initial commit", {}))

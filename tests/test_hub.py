@@ -60,9 +60,12 @@ def _routes(log):
 def pushed(hub, resnet_ticket, tmp_path_factory):
     """The ResNet ticket pushed with ``python -m timm_fslt push`` (the ``fslt push`` command)."""
     start = len(hub.log)
-    run = _run(["-m", "timm_fslt", "push", str(resnet_ticket.dir), "tester/resnet-ticket", "--token", TOKEN,
-                "--metric", "accuracy=0.625", "--dataset", "uoft-cs/cifar10", "--message", "first ticket"],
-               _env(hub, tmp_path_factory.mktemp("hf-push")))
+    home = tmp_path_factory.mktemp("hf-push")
+    token_file = home / "token"
+    token_file.write_text(TOKEN + "\n")
+    run = _run(["-m", "timm_fslt", "push", str(resnet_ticket.dir), "tester/resnet-ticket", "--token-file",
+                str(token_file), "--metric", "accuracy=0.625", "--dataset", "uoft-cs/cifar10",
+                "--message", "first ticket"], _env(hub, home))
     return SimpleNamespace(repo_id="tester/resnet-ticket", stdout=run.stdout, log=hub.log[start:])
 
 
@@ -209,3 +212,68 @@ def test_hub_server_stops_itself_after_its_lifetime():
     assert server._stopped
     with pytest.raises(urllib.error.URLError):
         urllib.request.urlopen(url, timeout=2)
+
+
+# -- pushing twice, hostile and damaged tickets through the Hub ------------------------------------
+
+def test_a_second_push_to_the_same_repo_adds_a_commit(hub, pushed, resnet_ticket, tmp_path):
+    head = hub.repos[pushed.repo_id].head.oid
+    env = dict(_env(hub, tmp_path / "hf"), HF_TOKEN=TOKEN)  # the token from the environment
+    run = _run(["-m", "timm_fslt", "push", str(resnet_ticket.dir), pushed.repo_id, "--message", "again"], env)
+    assert "pushed" in run.stdout
+    repo = hub.repos[pushed.repo_id]
+    assert repo.head.oid != head and repo.head.summary == "again" and len(repo.commits) >= 3
+    assert hub.files(pushed.repo_id)["config.json"] == (resnet_ticket.dir / "config.json").read_bytes()
+
+
+def test_a_token_on_the_command_line_works_but_warns(hub, resnet_ticket, tmp_path):
+    run = _run(["-m", "timm_fslt", "push", str(resnet_ticket.dir), "tester/token-flag", "--token", TOKEN],
+               _env(hub, tmp_path / "hf"))
+    assert "visible to other users in the process list" in run.stderr and "pushed" in run.stdout
+    bad = subprocess.run([sys.executable, "-m", "timm_fslt", "push", str(resnet_ticket.dir), "tester/x",
+                          "--token-file", str(tmp_path / "missing")], cwd=REPO, env=_env(hub, tmp_path / "hf"),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 1 and "--token-file: cannot read" in bad.stderr
+
+
+_LOAD = """
+import json, sys, timm_fslt
+try:
+    timm_fslt.load_ticket(sys.argv[1])
+    print(json.dumps({"loaded": True}))
+except timm_fslt.TicketError as err:
+    print(json.dumps({"loaded": False, "error": str(err)}))
+"""
+
+
+def _load_in_subprocess(repo_id, env):
+    return json.loads(_run(["-c", _LOAD, repo_id], env).stdout.strip().splitlines()[-1])
+
+
+def test_a_hostile_ticket_pushed_to_the_hub_runs_nothing_when_loaded_by_repo_id(hub, resnet_ticket, tmp_path):
+    sentinel = tmp_path / "SENTINEL"
+    hostile = Path(shutil.copytree(resnet_ticket.dir, tmp_path / "hostile"))
+    config = json.loads((hostile / "config.json").read_text())
+    config["architecture"] = {"builder": "os:system", "kwargs": {"command": f"touch {sentinel}"}}
+    (hostile / "config.json").write_text(json.dumps(timm_fslt.ticket.seal_config(config)))  # resealed
+    env = dict(_env(hub, tmp_path / "hf"), HF_TOKEN=TOKEN)
+    _run(["-m", "timm_fslt", "push", str(hostile), "tester/hostile"], env)
+    result = _load_in_subprocess("tester/hostile", env)
+    assert not result["loaded"] and "import path 'os:system'" in result["error"]
+    assert "trust_builder=True" in result["error"]
+    assert not sentinel.exists()
+
+
+def test_a_damaged_hub_cache_is_downloaded_again_online_and_explained_offline(hub, pushed, tmp_path):
+    env = _env(hub, tmp_path / "hf")
+    assert _load_in_subprocess(pushed.repo_id, env) == {"loaded": True}
+    blobs = tmp_path / "hf" / "hub" / "models--tester--resnet-ticket" / "blobs"
+    damaged = []
+    for blob in blobs.iterdir():  # cut every cached tensor file short, as a killed download would
+        if not blob.read_bytes().startswith((b"{", b"---")):  # not config.json or the model card
+            blob.write_bytes(blob.read_bytes()[:-7])
+            damaged.append(blob)
+    assert damaged
+    offline = _load_in_subprocess(pushed.repo_id, _env(hub, tmp_path / "hf", offline=True))
+    assert not offline["loaded"] and "is damaged and HF_HUB_OFFLINE is set" in offline["error"]
+    assert _load_in_subprocess(pushed.repo_id, env) == {"loaded": True}  # fetched again

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 import timm_fslt
-from timm_fslt import cli, ticket as ticket_mod
+from timm_fslt import atomic, cli, ticket as ticket_mod
 from timm_fslt.errors import (ArchitectureError, TicketChecksumError, TicketError, TicketMismatchError,
                               TicketVersionError)
 from timm_fslt.report import non_regenerable_state
@@ -84,10 +84,12 @@ def _copy(ticket, tmp_path, name="ticket"):
 
 
 def _edit_config(directory, edit):
+    """Edit config.json and reseal it, as a deliberate rewrite would: the checks behind the
+    integrity record must still refuse it (unsealed edits: tests/test_ticket_security.py)."""
     path = directory / "config.json"
     config = json.loads(path.read_text())
     edit(config)
-    path.write_text(json.dumps(config))
+    path.write_text(json.dumps(ticket_mod.seal_config(config)))
 
 
 def _header(path):
@@ -208,14 +210,20 @@ def test_state_file_holds_exactly_the_non_regenerable_state_at_its_own_precision
 
 def test_config_records_versions_architecture_freeze_arguments_layers_and_checksums(resnet):
     config = json.loads((resnet.dir / "config.json").read_text())
-    assert config["format"] == "timm_fslt.ticket" and config["format_version"] == 1
+    assert config["format"] == "timm_fslt.ticket" and config["format_version"] == 2
     assert config["generator_version"] == timm_fslt.GENERATOR_VERSION
     assert config["architecture"] == {"timm": "resnet18_cifar", "kwargs": {"num_classes": 10, "width": 0.125}}
     assert config["freeze"] == timm_fslt.get_config(resnet.model).to_dict()
     assert config["freeze"]["seed"] == 11 and config["structure"] is None
     report = timm_fslt.size_report(resnet.model)
-    assert config["layers"] == [{"name": r.name, "shape": list(r.shape), "numel": r.numel, "pruned": r.pruned,
-                                 "locked": r.locked, "free": r.free, "kept": r.kept} for r in report.layers]
+    digests = ("regen_digest", "masked_digest", "dtype", "freeze_keys")
+    assert [{k: v for k, v in row.items() if k not in digests} for row in config["layers"]] == [
+        {"name": r.name, "shape": list(r.shape), "numel": r.numel, "pruned": r.pruned,
+         "locked": r.locked, "free": r.free, "kept": r.kept} for r in report.layers]
+    assert all(len(row["regen_digest"]) == len(row["masked_digest"]) == 32 for row in config["layers"])
+    body = {k: v for k, v in config.items() if k != "integrity"}
+    assert config["integrity"]["config_sha256"] == hashlib.sha256(
+        json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
     assert config["mask"]["bits"] == report.free
     for name in ("supermask.safetensors", "state.safetensors"):
         data = (resnet.dir / name).read_bytes()
@@ -312,16 +320,17 @@ def test_bit_flipped_state_file_fails_its_checksum(resnet, tmp_path):
 
 def test_a_newer_format_version_asks_to_upgrade(conv6_ticket, tmp_path):
     directory = _copy(conv6_ticket, tmp_path)
-    _edit_config(directory, lambda c: c.update(format_version=2))
-    with pytest.raises(TicketVersionError, match=r"ticket format version 2, newer .* upgrade timm_fslt"):
+    _edit_config(directory, lambda c: c.update(format_version=ticket_mod.FORMAT_VERSION + 1))
+    with pytest.raises(TicketVersionError, match=rf"ticket format version {ticket_mod.FORMAT_VERSION + 1}, "
+                                                 r"newer .* upgrade timm_fslt"):
         timm_fslt.load_ticket(directory)
 
 
 def test_a_generator_version_mismatch_is_refused(conv6_ticket, tmp_path):
     directory = _copy(conv6_ticket, tmp_path)
     _edit_config(directory, lambda c: c.update(generator_version=0))
-    with pytest.raises(TicketVersionError, match=r"random generator version 0, but this timm_fslt has "
-                                                 r"generator version 1"):
+    with pytest.raises(TicketVersionError, match=r"random generator version 0, but this timm_fslt has generator "
+                                                 r"version \d+ \(and regenerates versions \[1, 2\]\)"):
         timm_fslt.load_ticket(directory)
 
 
@@ -341,14 +350,22 @@ def test_an_unknown_timm_name_or_import_path_is_reported(conv6_ticket, gin_ticke
     with pytest.raises(ArchitectureError, match=r"unknown timm model 'conv7'"):
         timm_fslt.load_ticket(directory)
     directory = _copy(gin_ticket, tmp_path, "gin")
-    _edit_config(directory, lambda c: c["architecture"].update(builder="timm_fslt.models.no_such:gin"))
-    with pytest.raises(ArchitectureError, match=r"cannot import module 'timm_fslt.models.no_such'"):
+    _edit_config(directory, lambda c: c["architecture"].update(builder="no_such_gin"))
+    with pytest.raises(ArchitectureError, match=r"unknown builder 'no_such_gin' .*register_builder\('no_such_gin', "
+                                                r"fn\) .* \(registered: \[.*'gin'.*\]\)"):
         timm_fslt.load_ticket(directory)
+    _edit_config(directory, lambda c: c["architecture"].update(builder="timm_fslt.models.no_such:gin"))
+    with pytest.raises(ArchitectureError, match=r"import path 'timm_fslt.models.no_such:gin': importing and calling "
+                                                r"it runs code .* trust_builder=True"):
+        timm_fslt.load_ticket(directory)
+    with pytest.raises(ArchitectureError, match=r"cannot import module 'timm_fslt.models.no_such'"):
+        timm_fslt.load_ticket(directory, trust_builder=True)
     _edit_config(directory, lambda c: c["architecture"].update(builder="timm_fslt.models.gin:no_such"))
     with pytest.raises(ArchitectureError, match=r"module 'timm_fslt.models.gin' has no 'no_such'"):
-        timm_fslt.load_ticket(directory)
+        timm_fslt.load_ticket(directory, trust_builder=True)
     _edit_config(directory, lambda c: c["architecture"].update(builder="timm_fslt/models/gin.py"))
-    with pytest.raises(ArchitectureError, match=r"must be an import path 'pkg.module:function'"):
+    with pytest.raises(ArchitectureError, match=r"must be a name registered with timm_fslt.register_builder, or "
+                                                r"\(for trust_builder=True\) an import path 'pkg.module:function'"):
         timm_fslt.load_ticket(directory)
 
 
@@ -394,7 +411,7 @@ def test_a_crash_midway_through_saving_leaves_the_old_ticket_intact(conv6_ticket
     target = _copy(conv6_ticket, tmp_path)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     written = []
-    real_write = ticket_mod._write_bytes
+    real_write = atomic._write_file
 
     def write_then_crash(path, data):
         written.append(path.name)
@@ -402,17 +419,19 @@ def test_a_crash_midway_through_saving_leaves_the_old_ticket_intact(conv6_ticket
             raise OSError("No space left on device (simulated)")
         real_write(path, data)
 
-    monkeypatch.setattr(ticket_mod, "_write_bytes", write_then_crash)
-    with pytest.raises(OSError, match="No space left"):
+    monkeypatch.setattr(atomic, "_write_file", write_then_crash)
+    with pytest.raises(TicketError, match=r"cannot save a ticket to .*: OSError: No space left"):
         timm_fslt.save_ticket(resnet.model, target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert os.listdir(tmp_path) == ["ticket"]  # the temporary sibling is gone too
 
 
 def test_a_failed_final_rename_puts_the_old_ticket_back(conv6_ticket, resnet, tmp_path, monkeypatch):
+    # Where the file system cannot exchange two directories, the save falls back to two renames.
     target = _copy(conv6_ticket, tmp_path)
     before = {p.name: p.read_bytes() for p in target.iterdir()}
     real_rename = os.rename
+    monkeypatch.setattr(atomic, "exchange", lambda a, b: False)
 
     def rename(src, dst):
         if str(src).endswith(".tmp"):
@@ -420,7 +439,7 @@ def test_a_failed_final_rename_puts_the_old_ticket_back(conv6_ticket, resnet, tm
         real_rename(src, dst)
 
     monkeypatch.setattr(os, "rename", rename)
-    with pytest.raises(OSError, match="rename failed"):
+    with pytest.raises(TicketError, match=r"cannot save a ticket to .*rename failed .*previous ticket there is intact"):
         timm_fslt.save_ticket(resnet.model, target)
     assert {p.name: p.read_bytes() for p in target.iterdir()} == before
     assert os.listdir(tmp_path) == ["ticket"]

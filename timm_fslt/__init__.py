@@ -14,6 +14,7 @@ from .rng import GENERATOR_VERSION
 from .supermask import FrozenSupermask
 from . import models  # registers conv6 / resnet18_cifar in timm
 from .errors import TicketError
+from .architecture import register_builder
 from .ticket import create_model, load_ticket, save_ticket
 from .hub import push_to_hub
 
@@ -21,7 +22,7 @@ __all__ = [
     "FreezeConfig", "FrozenSupermask", "GENERATOR_VERSION", "SizeReport", "find_maskable",
     "freeze", "get_config", "get_group", "iter_frozen", "materialize", "recompute_masked_weights",
     "refresh_masks", "size_report",
-    "TicketError", "create_model", "load_ticket", "push_to_hub", "save_ticket",
+    "TicketError", "create_model", "load_ticket", "push_to_hub", "register_builder", "save_ticket",
 ]
 
 # Structural compaction and the torch-pruning bridge import torch-pruning on first use.

@@ -41,7 +41,11 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("ticket", help="ticket directory (written by timm_fslt.save_ticket)")
     push.add_argument("repo_id", help="Hub model repo id, user/name (created if missing)")
     push.add_argument("--private", action="store_true", help="create the repo as private")
-    push.add_argument("--token", default=None, help="Hub token (default: HF_TOKEN or the saved login)")
+    push.add_argument("--token-file", default=None, metavar="FILE",
+                      help="read the Hub token from FILE (default: HF_TOKEN, then the saved `hf auth login`)")
+    push.add_argument("--token", default=None,
+                      help="Hub token on the command line (discouraged: other users see it in the process "
+                           "list and it stays in shell history; use HF_TOKEN or --token-file)")
     push.add_argument("--message", default=None, help="commit message")
     push.add_argument("--metric", action="append", type=_metric, default=[], metavar="NAME=VALUE",
                       help="a result to show on the model card (repeatable), e.g. accuracy=0.91")
@@ -53,17 +57,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _info(args) -> int:
-    from .hub import resolve_ticket
+    from .hub import resolve_ticket_source
     from .ticket import read_ticket, size_report_from_config
 
-    directory = resolve_ticket(args.ticket, revision=args.revision)
-    config, _, _ = read_ticket(directory)  # verifies both checksums
+    found = resolve_ticket_source(args.ticket, revision=args.revision)
+    directory = found.directory
+    config, _, _ = read_ticket(directory, root=found.root)  # verifies the config and both checksums
     report = size_report_from_config(config)
     if args.json:
         print(json.dumps({"ticket": str(directory), "size_report": report.to_dict(), "config": config}, indent=2))
         return 0
     print(f"ticket: {directory}")
     print("files: config.json, supermask.safetensors, state.safetensors (sha256 verified)")
+    print(f"config_sha256: {(config.get('integrity') or {}).get('config_sha256', 'none (format 1 ticket)')}")
     print()
     print(report)
     print()
@@ -72,10 +78,29 @@ def _info(args) -> int:
     return 0
 
 
+def _token(args) -> Optional[str]:
+    if args.token is not None and args.token_file is not None:
+        raise TicketError("--token and --token-file: give one of them")
+    if args.token is not None:
+        print("fslt push: warning: a token given with --token is visible to other users in the process list "
+              "and stays in shell history; prefer HF_TOKEN or --token-file", file=sys.stderr)
+        return args.token
+    if args.token_file is not None:
+        try:
+            with open(args.token_file, encoding="utf-8") as f:
+                token = f.read().strip()
+        except OSError as err:
+            raise TicketError(f"--token-file: cannot read {args.token_file!r}: {err.strerror}") from None
+        if not token or any(c.isspace() for c in token):
+            raise TicketError(f"--token-file: {args.token_file!r} must hold one token on one line")
+        return token
+    return None  # huggingface_hub reads HF_TOKEN, then the saved login
+
+
 def _push(args) -> int:
     from .hub import push_to_hub
 
-    info = push_to_hub(args.ticket, args.repo_id, private=args.private, token=args.token,
+    info = push_to_hub(args.ticket, args.repo_id, private=args.private, token=_token(args),
                        commit_message=args.message, metrics=dict(args.metric) or None,
                        datasets=args.dataset or None)
     print(f"pushed {args.ticket} to {args.repo_id}: {getattr(info, 'commit_url', info)}")

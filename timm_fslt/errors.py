@@ -24,3 +24,7 @@ class ArchitectureError(TicketError):
 
 class TicketMismatchError(TicketError):
     """The stored masks or state do not fit the model rebuilt from the architecture."""
+
+
+class TicketIntegrityWarning(UserWarning):
+    """A ticket loaded without the whole-ticket integrity record (written by timm_fslt 0.1)."""

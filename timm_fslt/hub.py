@@ -8,6 +8,7 @@ A pushed repo holds the ticket's three files unchanged plus a model card
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ from typing import Mapping, Optional, Sequence, Union
 
 from torch import nn
 
-from .errors import TicketError
+from .errors import TicketChecksumError, TicketError
 from .ticket import (CARD_NAME, TICKET_FILES, _check_datasets, _check_metrics, describe_architecture,
                      read_ticket, save_ticket, size_report_from_config)
 
@@ -27,30 +28,85 @@ PAPER = ("Otsuka et al., \"Partially Frozen Random Networks Contain Compact Stro
          "TMLR 2025 (arXiv:2402.14029)")
 
 
+HUB_PREFIX = "hf-hub:"  # as in timm.create_model("hf-hub:user/name"): always the Hub, never a path
+
+
 def is_repo_id(source: str) -> bool:
     return bool(_REPO_ID_RE.match(source)) and ".." not in source
 
 
-def resolve_ticket(source: PathLike, *, revision: Optional[str] = None, token: Union[str, bool, None] = None,
-                   cache_dir: Optional[PathLike] = None) -> Path:
+@dataclasses.dataclass(frozen=True)
+class TicketSource:
+    """Where a ticket's files are: ``directory``; for a Hub snapshot, the ``repo_id`` and the
+    cache folder (``root``) its files may link into."""
+    directory: Path
+    repo_id: Optional[str] = None
+    root: Optional[Path] = None
+
+
+def _looks_local(source: str) -> Optional[str]:
+    """Why ``source``, spelled like a repo id, must be a local path (None when it may be a repo id)."""
+    parent = Path(source).parent
+    if str(parent) not in ("", ".") and parent.is_dir():
+        return f"its parent folder {str(parent)!r} exists here"
+    return None
+
+
+def resolve_ticket_source(source: PathLike, *, revision: Optional[str] = None,
+                          token: Union[str, bool, None] = None, cache_dir: Optional[PathLike] = None,
+                          force_download: bool = False) -> TicketSource:
     """A local ticket directory, or the snapshot folder of a Hub repo id (downloaded or cached)."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise TicketError(f"{str(source)!r} is a file; a ticket is a directory (or a Hub repo id 'user/name')")
-    if not isinstance(source, str) or not is_repo_id(source):
-        raise TicketError(f"no ticket directory at {str(source)!r}, and it is not a Hub repo id ('user/name')")
+    if not isinstance(source, (str, os.PathLike)):
+        raise TicketError(f"source must be a ticket directory or a Hub repo id 'user/name', got "
+                          f"{type(source).__name__}")
+    text = os.fspath(source)
+    if isinstance(text, bytes):
+        text = os.fsdecode(text)
+    repo_id = text[len(HUB_PREFIX):] if text.startswith(HUB_PREFIX) else None
+    if repo_id is None:
+        path = Path(text).expanduser()
+        if path.is_dir():
+            return TicketSource(path)
+        if path.exists():
+            raise TicketError(f"{text!r} is a file; a ticket is a directory (or a Hub repo id 'user/name')")
+        if not is_repo_id(text):
+            raise TicketError(f"no ticket directory at {text!r}, and it is not a Hub repo id ('user/name')")
+        why = _looks_local(text)
+        if why is not None:
+            raise TicketError(f"no ticket directory at {text!r} ({why}, so it is read as a local path; for a "
+                              f"Hub repo write {HUB_PREFIX + text!r})")
+        repo_id = text
+    elif not is_repo_id(repo_id) or "/" not in repo_id:
+        raise TicketError(f"{text!r}: after {HUB_PREFIX!r} comes a Hub repo id 'user/name'")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
     try:
-        folder = snapshot_download(source, revision=revision, token=token, cache_dir=cache_dir,
-                                   allow_patterns=list(TICKET_FILES) + [CARD_NAME])
+        folder = snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
+                                   allow_patterns=list(TICKET_FILES) + [CARD_NAME],
+                                   force_download=force_download)
     except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
-        raise TicketError(f"no local directory {str(source)!r}, and the Hub repo {source!r} could not be "
+        raise TicketError(f"no local directory {text!r}, and the Hub repo {repo_id!r} could not be "
                           f"fetched (nor found in the local Hub cache): {err}") from err
-    return Path(folder)
+    folder = Path(folder)
+    # <cache>/models--user--name/snapshots/<commit>/: its files link into ../../blobs
+    return TicketSource(folder, repo_id, folder.parent.parent)
+
+
+def redownload(found: TicketSource, **kwargs) -> TicketSource:
+    """Fetch a Hub ticket again after its cached copy failed a checksum (a download cut short)."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        raise TicketChecksumError(
+            f"the cached copy of the Hub ticket {found.repo_id!r} in {str(found.directory)!r} is damaged and "
+            "HF_HUB_OFFLINE is set: unset it to download the ticket again, or delete that folder")
+    return resolve_ticket_source(HUB_PREFIX + found.repo_id, force_download=True, **kwargs)
+
+
+def resolve_ticket(source: PathLike, **kwargs) -> Path:
+    """The directory holding the ticket ``source`` names (see ``resolve_ticket_source``)."""
+    return resolve_ticket_source(source, **kwargs).directory
 
 
 # -- model card ---------------------------------------------------------------------------

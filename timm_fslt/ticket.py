@@ -29,14 +29,11 @@ Loading reads only JSON and safetensors (never pickle).
 from __future__ import annotations
 
 import hashlib
-import importlib
 import json
 import math
 import os
-import re
-import shutil
-import tempfile
-import uuid
+import stat
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
@@ -45,202 +42,49 @@ import torch
 from torch import nn
 
 from . import __version__
+from . import atomic
+from . import freezing
+from .core import ticket_freeze_config
 from . import layers as L
+from .architecture import (ARCH_HELP, build_architecture, build_for_check, count_elements, create_model,
+                           describe_architecture, normalize_architecture, register_builder,
+                           registered_builders, resolve_builder, _json_clean)
 from .core import FreezeConfig, freeze, get_config, get_group, refresh_masks
-from .errors import (ArchitectureError, TicketChecksumError, TicketError, TicketMismatchError,
-                     TicketVersionError)
+from .errors import (ArchitectureError, TicketChecksumError, TicketError, TicketIntegrityWarning,
+                     TicketMismatchError, TicketVersionError)
 from .report import LayerSize, SizeReport, non_regenerable_state
-from .rng import GENERATOR_VERSION
+from .rng import GENERATOR_VERSION, GENERATOR_VERSIONS
 from .supermask import _free_entries
 
 FORMAT = "timm_fslt.ticket"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json carries an "integrity" record (format 1 is still read)
 CONFIG_NAME = "config.json"
 MASK_NAME = "supermask.safetensors"
 STATE_NAME = "state.safetensors"
 MASK_TENSOR = "supermask"
 CARD_NAME = "README.md"
-MAX_CONFIG_BYTES = 64 * 2**20  # a ResNet-50 ticket's config.json is ~30 KB
-DEFAULT_MAX_PARAMS = 2_000_000_000
+MAX_CONFIG_BYTES = 4 * 2**20  # a ResNet-50 ticket's config.json is ~40 KB; 4 MiB fits ~10,000 layers
+# Parameter and buffer elements a load may build. Loading peaks at about 17 bytes per element
+# (measured on a ResNet-50, README "Loading a ticket"), so 500M elements stay within ~8.5 GB:
+# a third of this project's 24 GiB machines. Larger models pass max_params explicitly.
+DEFAULT_MAX_PARAMS = 500_000_000
+DEFAULT_MAX_BUILD_SECONDS = 120.0
+# A safetensors header: 8 length bytes + JSON for the tensors the config declares.
+_HEADER_BYTES_PER_TENSOR = 256
+_HEADER_BYTES_BASE = 1024
 TICKET_FILES = (CONFIG_NAME, MASK_NAME, STATE_NAME)
 BIT_ORDER = ("layers in config order; free positions of each layer in row-major order; "
              "bit i is bit (i % 8), least significant first, of byte i // 8; padding bits are 0")
-
-# kwargs of timm.create_model that fetch weights but do not change the architecture.
-_DOWNLOAD_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path",
-                    "cache_dir")
-_BUILDER_RE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
-_ARCH_HELP = ("pass architecture={'timm': '<timm model name>', 'kwargs': {...}} or "
-              "architecture={'builder': 'pkg.module:function', 'kwargs': {...}} to save_ticket, "
-              "or build the model with timm_fslt.create_model(name, **kwargs)")
 
 PathLike = Union[str, os.PathLike]
 
 
 # -- architecture -------------------------------------------------------------------
 
-def create_model(model_name: str, **kwargs) -> nn.Module:
-    """``timm.create_model`` that remembers how it was called, so a ticket can rebuild it.
-
-    Records ``model.fslt_architecture = {"timm": model_name, "kwargs": kwargs}``
-    (download-only kwargs such as ``pretrained`` are left out: a ticket never
-    needs pretrained weights).
-    """
-    import timm
-    from . import models  # noqa: F401  (registers conv6 / resnet18_cifar in timm)
-
-    if not isinstance(model_name, str) or not timm.is_model(model_name):
-        raise ValueError(f"model_name must be a timm model name (see timm.list_models()), got {model_name!r}")
-    model = timm.create_model(model_name, **kwargs)
-    model.fslt_architecture = {
-        "timm": model_name,
-        "kwargs": {k: v for k, v in kwargs.items() if k not in _DOWNLOAD_KWARGS}}
-    return model
-
-
-def _json_clean(value: Any, what: str) -> Any:
-    """``value`` as it will come back from JSON (tuples become lists), or a clear error."""
-    try:
-        return json.loads(json.dumps(value, allow_nan=False))
-    except (TypeError, ValueError) as err:
-        raise TicketError(f"{what} must be JSON-serialisable (str, int, float, bool, None, "
-                          f"lists and dicts of them): {err}") from None
-
-
-def normalize_architecture(architecture: Any, where: str = "architecture") -> dict:
-    """Validate ``{"timm": name, "kwargs": {...}}`` / ``{"builder": "pkg.mod:fn", "kwargs": {...}}``."""
-    if architecture is None:
-        raise ArchitectureError(f"{where} is missing: {_ARCH_HELP}")
-    if not isinstance(architecture, Mapping):
-        raise ArchitectureError(f"{where} must be a dict, got {type(architecture).__name__}: {_ARCH_HELP}")
-    unknown = set(architecture) - {"timm", "builder", "kwargs"}
-    if unknown:
-        raise ArchitectureError(f"{where} has unknown keys {sorted(unknown)}; allowed: 'timm' or "
-                                "'builder', and 'kwargs'")
-    kinds = [k for k in ("timm", "builder") if architecture.get(k) is not None]
-    if len(kinds) != 1:
-        raise ArchitectureError(f"{where} needs exactly one of 'timm' (a timm model name) or "
-                                f"'builder' (an import path 'pkg.module:function'), got {dict(architecture)!r}")
-    kind = kinds[0]
-    name = architecture[kind]
-    if not isinstance(name, str) or not name:
-        raise ArchitectureError(f"{where}[{kind!r}] must be a non-empty string, got {name!r}")
-    if kind == "builder" and not _BUILDER_RE.match(name):
-        raise ArchitectureError(f"{where}['builder'] must be an import path 'pkg.module:function', "
-                                f"got {name!r}")
-    kwargs = architecture.get("kwargs") or {}
-    if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
-        raise ArchitectureError(f"{where}['kwargs'] must be a dict with string keys, got {kwargs!r}")
-    kwargs = _json_clean(dict(kwargs), f"{where}['kwargs']")
-    if kind == "timm":
-        kwargs = {k: v for k, v in kwargs.items() if k not in _DOWNLOAD_KWARGS}
-    return {kind: name, "kwargs": kwargs}
-
-
-def describe_architecture(arch: Mapping) -> str:
-    kind = "timm" if "timm" in arch else "builder"
-    args = ", ".join(f"{k}={v!r}" for k, v in arch.get("kwargs", {}).items())
-    return f"{kind} {arch[kind]}({args})"
-
-
-TRUSTED_BUILDER_PREFIXES = ("timm_fslt.",)
-
-
-def check_builder_trusted(arch: Mapping, trust_builder: bool) -> None:
-    """Refuse to import and call a ticket's builder outside timm_fslt unless the caller trusts it.
-
-    A builder path names any importable function (``os:system`` too), so running one
-    that came with a downloaded ticket is running that ticket's code; timm names are
-    looked up in timm's registry and are always safe.
-    """
-    path = arch.get("builder")
-    if path is None or trust_builder or path.startswith(TRUSTED_BUILDER_PREFIXES):
-        return
-    raise ArchitectureError(
-        f"the ticket's architecture calls the builder {path!r}, which is outside timm_fslt; importing "
-        "and calling it runs code named by the ticket. If you trust where this ticket came from, pass "
-        "trust_builder=True to load_ticket")
-
-
-def count_parameters(arch: Mapping) -> Optional[int]:
-    """Parameter and buffer elements of an architecture, counted on the meta device (None if unknown)."""
-    try:
-        with torch.device("meta"):
-            model = build_architecture(arch)
-    except TicketError:
-        raise
-    except Exception:
-        return None
-    return sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
-
-
-def build_architecture(arch: Mapping) -> nn.Module:
-    """Build the untrained model an architecture record describes (never downloads weights)."""
-    try:
-        return _build_architecture(arch)
-    except TicketError:
-        raise
-    except Exception as err:  # a constructor refusing hostile or stale kwargs, whatever its error type
-        raise ArchitectureError(f"{describe_architecture(normalize_architecture(arch))} could not be built: "
-                                f"{type(err).__name__}: {err}") from err
-
-
-def _build_architecture(arch: Mapping) -> nn.Module:
-    arch = normalize_architecture(arch)
-    kwargs = dict(arch["kwargs"])
-    if "timm" in arch:
-        import timm
-        from . import models  # noqa: F401  (registers conv6 / resnet18_cifar in timm)
-
-        name = arch["timm"]
-        if not timm.is_model(name):
-            raise ArchitectureError(f"unknown timm model {name!r} in the ticket's architecture; "
-                                    "install the package that registers it (and import it) first")
-        try:
-            model = timm.create_model(name, pretrained=False, **kwargs)
-        except TypeError as err:
-            raise ArchitectureError(f"timm model {name!r} rejected the ticket's kwargs {kwargs!r}: {err}") from err
-    else:
-        path = arch["builder"]
-        module_name, attr = path.split(":")
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError as err:
-            raise ArchitectureError(f"cannot import module {module_name!r} of the ticket's builder "
-                                    f"{path!r}: {err}") from err
-        fn = module
-        for part in attr.split("."):
-            fn = getattr(fn, part, None)
-            if fn is None:
-                raise ArchitectureError(f"module {module_name!r} has no {attr!r}, the ticket's builder {path!r}")
-        if not callable(fn):
-            raise ArchitectureError(f"the ticket's builder {path!r} is not callable")
-        try:
-            model = fn(**kwargs)
-        except TypeError as err:
-            raise ArchitectureError(f"builder {path!r} rejected the ticket's kwargs {kwargs!r}: {err}") from err
-    if not isinstance(model, nn.Module):
-        raise ArchitectureError(f"{describe_architecture(arch)} returned {type(model).__name__}, "
-                                "not a torch.nn.Module")
-    return model
-
-
-def _build_for_check(arch: Mapping) -> nn.Module:
-    # On the meta device nothing is allocated; a few constructors need real values
-    # (e.g. ``.tolist()`` on a drop-path schedule), so fall back to the CPU.
-    try:
-        with torch.device("meta"):
-            return build_architecture(arch)
-    except TicketError:
-        raise
-    except Exception:
-        return build_architecture(arch)
-
-
 def _layer_mismatch(model: nn.Module, arch: Mapping, config: FreezeConfig,
                     structured: bool) -> Optional[str]:
     """Why ``arch`` does not rebuild ``model`` (None when it does)."""
-    candidate = _build_for_check(arch)
+    candidate = build_for_check(arch)
     targets = L.find_maskable(candidate, config.include, config.exclude)
     group = get_group(model)
     if len(targets) != len(group.layers):
@@ -269,7 +113,7 @@ def _infer_architecture(model: nn.Module) -> dict:
     cfg = getattr(model, "pretrained_cfg", None)
     name = cfg.get("architecture") if isinstance(cfg, Mapping) else None
     if not name:
-        raise ArchitectureError(f"cannot tell which architecture built this {type(model).__name__}: {_ARCH_HELP}")
+        raise ArchitectureError(f"cannot tell which architecture built this {type(model).__name__}: {ARCH_HELP}")
     kwargs: dict = {}
     if isinstance(getattr(model, "num_classes", None), int):
         kwargs["num_classes"] = model.num_classes
@@ -306,7 +150,7 @@ def resolve_architecture(model: nn.Module, architecture: Optional[Mapping] = Non
         if source is None:
             raise ArchitectureError(
                 f"cannot infer the architecture unambiguously: timm's pretrained_cfg names "
-                f"{describe_architecture(arch)}, but {problem}; {_ARCH_HELP}")
+                f"{describe_architecture(arch)}, but {problem}; {ARCH_HELP}")
         raise ArchitectureError(f"{source} {describe_architecture(arch)} does not rebuild this model: "
                                 f"{problem}")
     return arch
@@ -388,56 +232,91 @@ def _is_ticket_dir(directory: Path) -> bool:
     return isinstance(config, dict) and config.get("format") == FORMAT
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+def _digest(*tensors: torch.Tensor) -> str:
+    """128 bits of sha256 over tensors' dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{str(t.dtype).replace('torch.', '')}{list(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:32]
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+@torch.no_grad()
+def _layer_digests(model: nn.Module, masked: bool) -> dict[str, str]:
+    """Per masked layer: the digest of its regenerated weight and freezing code (``regen_digest``),
+    or of the weight its forward uses, ``W * mask * scale`` (``masked_digest``)."""
+    out = {}
+    for name, module in L.iter_frozen(model):
+        supermask = next(p for p in module.parametrizations["weight"] if type(p).__name__ == "FrozenSupermask")
+        tensors = (module.weight,) if masked else (module.parametrizations["weight"].original, supermask.frozen)
+        out[supermask.layer_name] = _digest(*tensors)
+    return out
 
 
-def _write_directory_atomically(directory: Path, files: Mapping[str, bytes]) -> None:
-    """Write ``files`` to a temporary sibling, then swap it in: never a half-written ticket."""
-    parent = directory.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", suffix=".tmp", dir=parent))
-    try:
-        umask = os.umask(0o022)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; a ticket is an ordinary folder
-        for name, data in files.items():
-            _write_bytes(tmp / name, data)
-        _fsync_dir(tmp)
-        if directory.exists():
-            # Two renames (a directory cannot replace a non-empty one): if the second
-            # fails, the old ticket is moved back; it is deleted only once the new one is in place.
-            old = parent / f".{directory.name}.{uuid.uuid4().hex[:8]}.old"
-            os.rename(directory, old)
-            try:
-                os.rename(tmp, directory)
-            except BaseException:
-                os.rename(old, directory)
-                raise
-            shutil.rmtree(old, ignore_errors=True)
+# -- integrity of config.json ----------------------------------------------------------
+
+def _canonical(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def _field_digests(document: Mapping) -> dict[str, str]:
+    """64-bit digests of each field (``freeze.seed``, ``layers[3]``, ...): they name what an edit changed."""
+    out = {}
+    for key, value in document.items():
+        if key == "integrity":
+            continue
+        if isinstance(value, dict) and value:
+            for sub, item in value.items():
+                out[f"{key}.{sub}"] = hashlib.sha256(_canonical(item)).hexdigest()[:16]
+        elif isinstance(value, list) and value:
+            for i, item in enumerate(value):
+                out[f"{key}[{i}]"] = hashlib.sha256(_canonical(item)).hexdigest()[:16]
         else:
-            os.rename(tmp, directory)
-        _fsync_dir(parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            out[key] = hashlib.sha256(_canonical(value)).hexdigest()[:16]
+    return out
 
+
+def seal_config(document: Mapping) -> dict:
+    """``document`` with its ``integrity`` record: the sha256 of the canonical JSON of every
+    other field, and per-field digests that name an edited field on load.
+
+    Integrity, not authenticity: whoever rewrites a ticket can reseal it. A ticket's
+    identity is ``config["integrity"]["config_sha256"]``; pin it with
+    ``load_ticket(..., expected_sha256=...)`` to accept exactly one ticket.
+    """
+    body = {k: v for k, v in document.items() if k != "integrity"}
+    return {**body, "integrity": {"config_sha256": hashlib.sha256(_canonical(body)).hexdigest(),
+                                  "fields": _field_digests(body)}}
+
+
+def _verify_integrity(config: dict, path: Path) -> None:
+    record = config.get("integrity")
+    if config["format_version"] < 2 and record is None:
+        warnings.warn(f"the ticket {str(path.parent)!r} was written by timm_fslt 0.1 (ticket format 1) and has "
+                      f"no integrity record: an edit of its {CONFIG_NAME} cannot be detected; save it again "
+                      "with this release to seal it", TicketIntegrityWarning, stacklevel=4)
+        return
+    if not (isinstance(record, dict) and isinstance(record.get("config_sha256"), str)
+            and isinstance(record.get("fields"), dict)):
+        raise TicketChecksumError(f"{str(path)!r} has no valid 'integrity' record (config_sha256 and fields): "
+                                  "the config was altered or truncated")
+    body = {k: v for k, v in config.items() if k != "integrity"}
+    digest = hashlib.sha256(_canonical(body)).hexdigest()
+    if digest == record["config_sha256"]:
+        return
+    stored, now = record["fields"], _field_digests(body)
+    changed = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+    named = [f"{k} ({'added' if k not in stored else 'removed' if k not in now else 'changed'})" for k in changed]
+    raise TicketChecksumError(
+        f"{str(path)!r} was edited after it was saved: its checksum {digest[:16]}... does not match "
+        f"{str(record['config_sha256'])[:16]}... recorded in it; edited field"
+        f"{'s' if len(named) != 1 else ''}: {', '.join(named[:10]) or 'the integrity record itself'}"
+        f"{', ...' if len(named) > 10 else ''}")
+
+
+# -- saving -----------------------------------------------------------------------------
 
 def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
                  metrics: Optional[Mapping] = None,
@@ -453,10 +332,17 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
     arch = resolve_architecture(model, architecture)
 
     group.refresh()
+    digests, masked = _layer_digests(model, masked=False), _layer_digests(model, masked=True)
+    dtypes = L.frozen_weight_dtypes(model)
     layers, bits = [], []
     for layer in group.layers:
         counts = layer.counts()
-        layers.append({"name": layer.layer_name, "shape": list(layer.frozen.shape), **counts})
+        layers.append({"name": layer.layer_name, "shape": list(layer.frozen.shape), **counts,
+                       "regen_digest": digests[layer.layer_name], "masked_digest": masked[layer.layer_name],
+                       "dtype": L.dtype_name(dtypes[id(layer)])})
+        if structure is None:  # (t1, t2) of the regenerated code; a compacted layer's code is not one
+            layers[-1]["freeze_keys"] = list(freezing.freeze_keys_of_code(
+                config.seed, layer.layer_name, layer.frozen, counts["pruned"], counts["locked"]))
         bits.append(_free_entries(layer.mask, layer.frozen).cpu())
     all_bits = torch.cat(bits) if bits else torch.zeros(0, dtype=torch.bool)
     n_free = sum(row["free"] for row in layers)
@@ -470,10 +356,10 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
     state_bytes = safetensors.torch.save(state, metadata={"format": "timm_fslt.state"})
     state_bits = sum(t.numel() * t.element_size() * 8 for t in state.values())
 
-    document = {
+    document = seal_config({
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "generator_version": GENERATOR_VERSION,
+        "generator_version": config.generator_version,
         "timm_fslt_version": __version__,
         "architecture": arch,
         "freeze": _json_clean(config.to_dict(), "the FreezeConfig"),
@@ -488,9 +374,17 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
                   STATE_NAME: {"bytes": len(state_bytes), "sha256": _sha256(state_bytes)}},
         "metrics": metrics,
         "datasets": datasets,
-    }
+    })
     config_bytes = (json.dumps(document, indent=2, allow_nan=False) + "\n").encode("utf-8")
     return {MASK_NAME: mask_bytes, STATE_NAME: state_bytes, CONFIG_NAME: config_bytes}
+
+
+def _is_complete_ticket(directory: Path) -> bool:
+    try:
+        read_ticket(directory)
+    except (TicketError, OSError):
+        return False
+    return True
 
 
 def save_ticket(model: nn.Module, directory: PathLike, *, architecture: Optional[Mapping] = None,
@@ -498,18 +392,20 @@ def save_ticket(model: nn.Module, directory: PathLike, *, architecture: Optional
                 datasets: Union[None, str, Sequence[str]] = None) -> Path:
     """Save a frozen model's ticket (config.json, supermask.safetensors, state.safetensors).
 
-    architecture: ``{"timm": name, "kwargs": {...}}`` or ``{"builder": "pkg.mod:fn",
-        "kwargs": {...}}``; by default the one ``timm_fslt.create_model`` recorded, else
-        inferred from timm's ``pretrained_cfg`` when that rebuilds exactly this model.
+    architecture: ``{"timm": name, "kwargs": {...}}`` or ``{"builder": "<registered name>",
+        "kwargs": {...}}`` (see ``timm_fslt.register_builder``); by default the one
+        ``timm_fslt.create_model`` recorded, else inferred from timm's ``pretrained_cfg``
+        when that rebuilds exactly this model.
     overwrite: a directory that already holds a ticket is replaced; any other
         non-empty directory is refused unless ``overwrite=True`` (then its contents
         are replaced).
     metrics: e.g. ``{"accuracy": 0.91}``, stored in config.json and shown on the model card.
     datasets: Hub dataset ids the metrics were measured on (for the model card).
 
-    The files are written to a temporary sibling directory and renamed into place,
-    so a crash never leaves a half-written ticket and an old ticket survives intact.
-    Returns the ticket directory.
+    The files are written to a hidden sibling directory and exchanged with the old
+    ticket in one atomic step, so the path holds a complete ticket (old or new) at
+    every instant; concurrent saves to one path wait for each other. Returns the
+    ticket directory.
     """
     if not isinstance(overwrite, bool):
         raise TicketError(f"overwrite must be True or False, got {overwrite!r}")
@@ -526,63 +422,183 @@ def save_ticket(model: nn.Module, directory: PathLike, *, architecture: Optional
             raise TicketError(f"directory {str(directory)!r} is not empty and does not hold a ticket "
                               f"(it contains {shown}); save to a new or empty directory, or pass "
                               "overwrite=True to replace its contents")
-    _write_directory_atomically(directory, files)
+    try:
+        atomic.write_directory(directory, files, _is_complete_ticket)
+    except TimeoutError as err:
+        raise TicketError(f"cannot save a ticket to {str(directory)!r}: {err}") from err
+    except OSError as err:
+        raise TicketError(f"cannot save a ticket to {str(directory)!r}: {type(err).__name__}: {err} "
+                          "(any previous ticket there is intact)") from err
     return directory
 
 
 # -- reading ----------------------------------------------------------------------------
 
-def read_config(directory: PathLike) -> dict:
-    """Read and validate a ticket's config.json (format, versions, architecture)."""
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise TicketError(f"{str(Path(directory))!r} is not a ticket: it has no {CONFIG_NAME}")
-    size = path.stat().st_size
-    if size > MAX_CONFIG_BYTES:
-        raise TicketError(f"{str(path)!r} is too large ({size} bytes; a ticket's {CONFIG_NAME} is at most "
-                          f"{MAX_CONFIG_BYTES} bytes)")
+class _TooLarge(Exception):
+    def __init__(self, size: int):
+        self.size = size
+
+
+def _read_regular_file(path: Path, limit: int, root: Optional[Path] = None) -> bytes:
+    """At most ``limit`` bytes of a regular file, never following a symlink out of ``root``.
+
+    ``root`` is None for a local ticket: no symlink at all. A Hub snapshot's files are
+    symlinks into the repo's own blob store, so there ``root`` is that repo folder.
+    """
+    if path.is_symlink():
+        target = Path(os.path.realpath(path))
+        if root is None or not target.is_relative_to(Path(os.path.realpath(root))):
+            raise TicketError(f"{str(path)!r} is a symbolic link (to {str(target)!r}); a ticket's files must be "
+                              "regular files inside the ticket")
+        path = target
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0)
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        fd = os.open(path, flags)
+    except FileNotFoundError:
+        raise
+    except OSError as err:
+        raise TicketError(f"cannot read {str(path)!r}: {err}") from err
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise TicketError(f"{str(path)!r} is not a regular file")
+        if info.st_size > limit:
+            raise _TooLarge(info.st_size)
+        data = f.read(limit + 1)
+    if len(data) > limit:
+        raise _TooLarge(len(data))
+    return data
+
+
+def _no_duplicate_keys(pairs):
+    out = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not a JSON number (NaN and infinities are not allowed)")
+
+
+def parse_json(data: bytes, path: Path):
+    try:
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_keys,
+                          parse_constant=_no_constant)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
         raise TicketError(f"{str(path)!r} is not valid JSON: {type(err).__name__}: {err}") from None
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def read_config(directory: PathLike, *, root: Optional[PathLike] = None) -> dict:
+    """Read and validate a ticket's config.json (format, versions, integrity, architecture, layers)."""
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    if not (path.is_file() or path.is_symlink()):
+        raise TicketError(f"{str(directory)!r} is not a ticket: it has no {CONFIG_NAME}")
+    try:
+        data = _read_regular_file(path, MAX_CONFIG_BYTES, root)
+    except _TooLarge as big:
+        raise TicketError(f"{str(path)!r} has {big.size:,} bytes, more than the {MAX_CONFIG_BYTES:,} bytes a "
+                          f"ticket's {CONFIG_NAME} may have; it was not read") from None
+    config = parse_json(data, path)
+    version = config.get("format_version") if isinstance(config, dict) else None
+    newer = _is_int(version) and version > FORMAT_VERSION  # a newer format may seal differently
+    if isinstance(config, dict) and "integrity" in config and not newer:
+        _verify_integrity(config, path)  # first, so that an edit of any field is named as an edit
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise TicketError(f"{str(path)!r} is not a timm_fslt ticket config (format {found!r}, "
                           f"expected {FORMAT!r})")
     version = config.get("format_version")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+    if not _is_int(version) or version < 1:
         raise TicketError(f"{str(path)!r} has an invalid format_version {version!r}")
     if version > FORMAT_VERSION:
         raise TicketVersionError(
-            f"the ticket at {str(Path(directory))!r} uses ticket format version {version}, newer than "
+            f"the ticket at {str(directory)!r} uses ticket format version {version}, newer than "
             f"this timm_fslt {__version__} reads (up to {FORMAT_VERSION}); upgrade timm_fslt to load it")
+    if "integrity" not in config:
+        _verify_integrity(config, path)  # format 1 warns; a newer format without a seal is refused
     generator = config.get("generator_version")
-    if generator != GENERATOR_VERSION:
+    if isinstance(generator, bool) or generator not in GENERATOR_VERSIONS:
         raise TicketVersionError(
             f"the ticket was written with random generator version {generator!r}, but this timm_fslt "
-            f"has generator version {GENERATOR_VERSION}: its weights and freezing pattern cannot be "
-            f"regenerated bit-exactly; load it with a timm_fslt release whose GENERATOR_VERSION is {generator!r}")
+            f"has generator version {GENERATOR_VERSION} (and regenerates versions {list(GENERATOR_VERSIONS)}): "
+            f"its weights and freezing pattern cannot be "
+            f"regenerated bit-exactly; load it with a timm_fslt release that has generator version {generator!r}")
     config["architecture"] = normalize_architecture(config.get("architecture"),
                                                     f"the ticket's architecture ({CONFIG_NAME})")
     for key, kind in (("freeze", dict), ("layers", list), ("files", dict), ("mask", dict), ("state", dict)):
         if not isinstance(config.get(key), kind):
             raise TicketError(f"{str(path)!r} lacks a valid {key!r} entry ({kind.__name__})")
-    for row in config["layers"]:
+    for i, row in enumerate(config["layers"]):
         if not (isinstance(row, dict) and isinstance(row.get("name"), str) and isinstance(row.get("shape"), list)
-                and all(isinstance(row.get(k), int) for k in ("numel", "pruned", "locked", "free", "kept"))):
-            raise TicketError(f"{str(path)!r} has a malformed layer entry {row!r}")
+                and all(_is_int(d) and d >= 0 for d in row["shape"])
+                and all(_is_int(row.get(k)) and row[k] >= 0 for k in ("numel", "pruned", "locked", "free", "kept"))
+                and row["numel"] == math.prod(row["shape"])
+                and row["pruned"] + row["locked"] + row["free"] == row["numel"]):
+            raise TicketError(f"{str(path)!r} has a malformed layers[{i}] entry {row!r}: it needs a name, a shape "
+                              "and counts with pruned + locked + free = numel = the shape's product")
+    state = config["state"]
+    tensors = state.get("tensors", {})
+    if not (_is_int(state.get("bits", 0)) and isinstance(tensors, dict) and all(
+            isinstance(t, dict) and isinstance(t.get("shape"), list) and all(_is_int(d) and d >= 0 for d in t["shape"])
+            and isinstance(t.get("dtype"), str) for t in tensors.values())):
+        raise TicketError(f"{str(path)!r} has a malformed 'state' entry: 'bits' must be an int and 'tensors' "
+                          "map names to a shape and a dtype")
+    try:
+        config["metrics"] = _check_metrics(config.get("metrics"))
+        config["datasets"] = _check_datasets(config.get("datasets"))
+    except TicketError as err:
+        raise TicketError(f"{str(path)!r}: {err}") from None
     return config
 
 
-def _read_tensor_file(directory: Path, config: dict, name: str) -> dict[str, torch.Tensor]:
+def _check_budget(config: dict, max_params: int, directory: Path) -> None:
+    """The element counts config.json declares, against ``max_params``, before anything is read or built."""
+    weights = sum(row["numel"] for row in config["layers"])
+    state = sum(math.prod(t["shape"]) for t in config["state"].get("tensors", {}).values())
+    if weights + state > max_params:
+        raise ArchitectureError(
+            f"the ticket at {str(directory)!r} declares {weights:,} masked weights and {state:,} state elements, "
+            f"more than max_params={max_params:,}; pass a larger max_params to load it")
+
+
+def _file_limit(config: dict, name: str) -> int:
+    """The most bytes ``name`` can hold for the layers and state that config.json declares."""
+    if name == MASK_NAME:
+        n_tensors, payload = 1, (sum(row["free"] for row in config["layers"]) + 7) // 8
+    else:
+        tensors = config["state"].get("tensors", {})
+        n_tensors = len(tensors)
+        payload = sum(math.prod(t["shape"]) * 8 for t in tensors.values())  # 8 bytes: the widest dtype
+    return 8 + _HEADER_BYTES_BASE + _HEADER_BYTES_PER_TENSOR * n_tensors + payload
+
+
+def _read_tensor_file(directory: Path, config: dict, name: str,
+                      root: Optional[Path] = None) -> dict[str, torch.Tensor]:
     path = directory / name
     record = config["files"].get(name)
-    if not isinstance(record, dict) or not isinstance(record.get("bytes"), int) \
-            or not isinstance(record.get("sha256"), str):
+    if not isinstance(record, dict) or not _is_int(record.get("bytes")) or not isinstance(record.get("sha256"), str):
         raise TicketError(f"{CONFIG_NAME} has no size and sha256 for {name}")
-    if not path.is_file():
-        raise TicketChecksumError(f"the ticket at {str(directory)!r} is incomplete: {name} is missing")
-    data = path.read_bytes()
+    limit = _file_limit(config, name)
+    if record["bytes"] > limit:
+        raise TicketChecksumError(
+            f"{CONFIG_NAME} records {record['bytes']:,} bytes for {name}, but the layers and state it declares fit "
+            f"in {limit:,}: the ticket was altered")
+    try:
+        data = _read_regular_file(path, record["bytes"], root)
+    except FileNotFoundError:
+        raise TicketChecksumError(f"the ticket at {str(directory)!r} is incomplete: {name} is missing") from None
+    except _TooLarge as big:
+        raise TicketChecksumError(
+            f"{str(path)!r} is truncated or altered: it has {big.size:,} bytes, {CONFIG_NAME} records "
+            f"{record['bytes']:,} (checksum mismatch); it was not read") from None
     if len(data) != record["bytes"]:
         raise TicketChecksumError(
             f"{str(path)!r} is truncated or altered: it has {len(data)} bytes, {CONFIG_NAME} records "
@@ -598,11 +614,18 @@ def _read_tensor_file(directory: Path, config: dict, name: str) -> dict[str, tor
         raise TicketChecksumError(f"{str(path)!r} is not a valid safetensors file: {err}") from err
 
 
-def read_ticket(directory: PathLike) -> tuple[dict, torch.Tensor, dict[str, torch.Tensor]]:
-    """(config, packed supermask bytes, state tensors) of a ticket directory, all verified."""
+def read_ticket(directory: PathLike, *, max_params: Optional[int] = None,
+                root: Optional[PathLike] = None) -> tuple[dict, torch.Tensor, dict[str, torch.Tensor]]:
+    """(config, packed supermask bytes, state tensors) of a ticket directory, all verified.
+
+    Files are never read past the sizes their config declares; ``max_params`` bounds the
+    element counts declared before any tensor file is read.
+    """
     directory = Path(directory)
-    config = read_config(directory)
-    mask_tensors = _read_tensor_file(directory, config, MASK_NAME)
+    config = read_config(directory, root=root)
+    if max_params is not None:
+        _check_budget(config, max_params, directory)
+    mask_tensors = _read_tensor_file(directory, config, MASK_NAME, root)
     packed = mask_tensors.get(MASK_TENSOR)
     n_free = sum(row["free"] for row in config["layers"])
     if packed is None or packed.dtype != torch.uint8 or packed.dim() != 1:
@@ -611,7 +634,7 @@ def read_ticket(directory: PathLike) -> tuple[dict, torch.Tensor, dict[str, torc
         raise TicketMismatchError(
             f"{MASK_NAME} holds {packed.numel()} bytes ({config['mask'].get('bits')} bits recorded) but the "
             f"layers in {CONFIG_NAME} have {n_free} free weights, i.e. {(n_free + 7) // 8} bytes")
-    state = _read_tensor_file(directory, config, STATE_NAME)
+    state = _read_tensor_file(directory, config, STATE_NAME, root)
     return config, packed, state
 
 
@@ -700,7 +723,9 @@ def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
 
 def load_ticket(source: PathLike, *, materialize: bool = False, revision: Optional[str] = None,
                 token: Union[str, bool, None] = None, cache_dir: Optional[PathLike] = None,
-                trust_builder: bool = False, max_params: int = DEFAULT_MAX_PARAMS) -> nn.Module:
+                trust_builder: bool = False, max_params: int = DEFAULT_MAX_PARAMS,
+                max_build_seconds: float = DEFAULT_MAX_BUILD_SECONDS,
+                expected_sha256: Optional[str] = None) -> nn.Module:
     """Rebuild a saved ticket: a local directory or a Hugging Face Hub repo id ("user/repo").
 
     The model is rebuilt from the architecture, re-frozen with the stored
@@ -709,30 +734,58 @@ def load_ticket(source: PathLike, *, materialize: bool = False, revision: Option
     It is returned in eval mode; its outputs are bit-identical to the saved
     model's.  ``materialize=True`` returns the plain model (``timm_fslt.materialize``).
 
+    source: a directory, or a Hub repo id ``"user/name"`` (``"hf-hub:user/name"`` forces the
+        Hub; a relative path whose parent folder exists here is always read as a path).
     revision, token, cache_dir: passed to ``huggingface_hub.snapshot_download`` for
-    repo ids (with ``HF_HUB_OFFLINE=1`` the local Hub cache is used).
-    trust_builder: allow an architecture ``builder`` outside ``timm_fslt`` (it is
-    imported and called, i.e. it runs code the ticket names).
-    max_params: refuse architectures with more parameter elements than this,
-    counted on the meta device before anything is allocated.
+        repo ids (with ``HF_HUB_OFFLINE=1`` the local Hub cache is used).
+    trust_builder: allow an architecture given as an import path ``"pkg.module:function"``
+        (it is imported and called: this RUNS CODE the ticket names). Registered builder
+        names (``timm_fslt.register_builder``) and timm names never need it.
+    max_params: refuse tickets whose declared layers and state, or whose architecture, have
+        more parameter and buffer elements than this; the architecture is counted on the
+        meta device while it is built and stopped as soon as it passes the bound.
+    max_build_seconds: stop building the architecture after this long.
+    expected_sha256: accept only the ticket whose ``config["integrity"]["config_sha256"]``
+        is this (it covers every field and, through the file checksums, every byte).
     A compacted ticket (config "structure") is re-compacted with
     ``timm_fslt.compaction.restore_structure`` after freezing, before the bits apply.
 
     Every failure is a ``timm_fslt.TicketError``: files are read as JSON and
     safetensors only, and nothing a ticket says can run code without ``trust_builder``.
     """
-    from .hub import resolve_ticket
+    from .hub import HUB_PREFIX, redownload, resolve_ticket_source
 
     if isinstance(max_params, bool) or not isinstance(max_params, int) or max_params < 1:
         raise TicketError(f"max_params must be a positive int, got {max_params!r}")
-    directory = resolve_ticket(source, revision=revision, token=token, cache_dir=cache_dir)
-    config, packed, state = read_ticket(directory)
+    if isinstance(max_build_seconds, bool) or not isinstance(max_build_seconds, (int, float)) \
+            or not max_build_seconds > 0 or not math.isfinite(max_build_seconds):
+        raise TicketError(f"max_build_seconds must be a positive number of seconds, got {max_build_seconds!r}")
+    if expected_sha256 is not None and not (isinstance(expected_sha256, str) and len(expected_sha256) == 64
+                                            and all(c in "0123456789abcdef" for c in expected_sha256)):
+        raise TicketError(f"expected_sha256 must be 64 lowercase hex digits (config['integrity']"
+                          f"['config_sha256'] of the ticket to accept), got {expected_sha256!r}")
+    if isinstance(source, (str, os.PathLike)) and not os.fsdecode(os.fspath(source)).startswith(HUB_PREFIX):
+        # a save killed between its two fallback renames left the old ticket in a hidden sibling
+        atomic.recover(Path(os.fsdecode(os.fspath(source))).expanduser(), _is_complete_ticket)
+    found = resolve_ticket_source(source, revision=revision, token=token, cache_dir=cache_dir)
     try:
-        model = _rebuild(config, packed, state, trust_builder, max_params)
+        config, packed, state = read_ticket(found.directory, max_params=max_params, root=found.root)
+    except TicketChecksumError:
+        if found.repo_id is None:
+            raise
+        found = redownload(found, revision=revision, token=token, cache_dir=cache_dir)
+        config, packed, state = read_ticket(found.directory, max_params=max_params, root=found.root)
+    if expected_sha256 is not None:
+        actual = (config.get("integrity") or {}).get("config_sha256")
+        if actual != expected_sha256:
+            raise TicketChecksumError(f"the ticket at {str(found.directory)!r} has config_sha256 {actual!r}, "
+                                      f"not the expected_sha256 {expected_sha256!r}")
+    try:
+        model = _rebuild(config, packed, state, trust_builder, max_params, float(max_build_seconds))
     except TicketError:
         raise
     except Exception as err:  # malformed content the checks above did not foresee
-        raise TicketError(f"the ticket at {str(directory)!r} could not be rebuilt: "
+        raise TicketError(f"the ticket at {str(found.directory)!r} could not be rebuilt: "
                           f"{type(err).__name__}: {err}") from err
     if materialize:
         from .materialize import materialize as _materialize
@@ -740,19 +793,45 @@ def load_ticket(source: PathLike, *, materialize: bool = False, revision: Option
     return model
 
 
+def _check_digests(model: nn.Module, config: dict, masked: bool) -> None:
+    """Every layer's regenerated weight and code (or, once the mask and state are in, the weight
+    its forward uses) against the digest saved with the ticket."""
+    key = "masked_digest" if masked else "regen_digest"
+    digests = _layer_digests(model, masked)
+    freeze_cfg = config["freeze"]
+    for row in config["layers"]:
+        saved = row.get(key)
+        if saved is None:
+            continue  # written by timm_fslt 0.1 (its config has no integrity record: warned on read)
+        if digests.get(row["name"]) != saved:
+            what = ("W * mask * scale differs from the one" if masked else
+                    "the seed regenerates other weights or freezing code than those")
+            raise TicketChecksumError(
+                f"layer {row['name']!r}: {what} the ticket was saved with ({key} {digests.get(row['name'])} != "
+                f"{saved}; seed={freeze_cfg.get('seed')!r}, weight_init={freeze_cfg.get('weight_init')!r}, "
+                f"scale={freeze_cfg.get('scale')!r}, generator_version={config.get('generator_version')!r}): "
+                "the ticket would load as another network")
+
+
 def _rebuild(config: dict, packed: torch.Tensor, state: Mapping[str, torch.Tensor],
-             trust_builder: bool, max_params: int) -> nn.Module:
+             trust_builder: bool, max_params: int, max_seconds: float) -> nn.Module:
     arch = config["architecture"]
-    check_builder_trusted(arch, trust_builder)
-    n_params = count_parameters(arch)
-    if n_params is not None and n_params > max_params:
+    resolve_builder(arch, trust_builder)  # refuses unregistered names and untrusted paths; calls nothing
+    counted = build_for_check(arch, trust_builder=trust_builder, max_params=max_params, max_seconds=max_seconds)
+    n_params = count_elements(counted)
+    del counted
+    if n_params > max_params:
         raise ArchitectureError(f"{describe_architecture(arch)} has {n_params:,} parameters, more than "
                                 f"max_params={max_params:,}; pass a larger max_params to load it")
-    model = build_architecture(arch)
+    model = build_architecture(arch, trust_builder=trust_builder, max_params=max_params, max_seconds=max_seconds)
     try:
-        freeze_config = FreezeConfig(**config["freeze"])
+        freeze_config = ticket_freeze_config(config)  # the ticket's generator version; warns for v1 normal
     except (TypeError, ValueError) as err:
         raise TicketError(f"{CONFIG_NAME} 'freeze' is not a valid FreezeConfig: {err}") from err
+    try:
+        L.cast_to_recorded_dtypes(model, config["layers"])  # weights regenerate at the recorded dtype
+    except ValueError as err:
+        raise TicketError(f"{CONFIG_NAME}: {err}") from err
     try:
         freeze(model, config=freeze_config)
     except (TypeError, ValueError) as err:
@@ -760,11 +839,7 @@ def _rebuild(config: dict, packed: torch.Tensor, state: Mapping[str, torch.Tenso
                                   f"{err}") from err
     structure = config.get("structure")
     if structure is not None:
-        try:
-            from .compaction import restore_structure
-        except ImportError as err:
-            raise TicketError("the ticket was compacted (config.json has a 'structure') but "
-                              f"timm_fslt.compaction.restore_structure is not available: {err}") from err
+        from .compaction import restore_structure
         try:
             restore_structure(model, structure)
         except Exception as err:
@@ -773,8 +848,10 @@ def _rebuild(config: dict, packed: torch.Tensor, state: Mapping[str, torch.Tenso
         if getattr(model, "fslt_structure", None) is None:
             model.fslt_structure = structure
     _check_layers(get_group(model), config, arch)
+    _check_digests(model, config, masked=False)
     _apply_mask(model, config, packed)
     _load_state(model, state)
+    _check_digests(model, config, masked=True)
     model.fslt_architecture = arch
     model.eval()
     return model

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..architecture import register_builder
+
 
 class GIN(nn.Module):
     def __init__(self, in_channels: int, num_classes: int, hidden: int = 386, num_layers: int = 4,
@@ -46,7 +48,8 @@ class GIN(nn.Module):
         return (self.readout(h) + out) / 2
 
 
+@register_builder("gin")
 def gin(in_channels: int, num_classes: int, hidden: int = 386, num_layers: int = 4,
         dropout: float = 0.0) -> GIN:
-    """Builder used by tickets (``timm_fslt.models.gin:gin``) and the OGBN-Arxiv recipe."""
+    """Builder used by tickets (``{"builder": "gin"}``) and the OGBN-Arxiv recipe."""
     return GIN(in_channels, num_classes, hidden, num_layers, dropout)

@@ -1,0 +1,496 @@
+"""A ticket from anywhere never runs code, never loads as another network, and never costs
+more memory or time than its declared size; a save is never seen half done.
+
+Hostile configs are written two ways: edited in place (the integrity record refuses them,
+naming the field), and edited then resealed with ``seal_config`` as an attacker would (then
+the checks behind the seal must refuse them: the builder registry, the regeneration
+digests, the size bounds).
+"""
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import timm_fslt
+from timm_fslt import atomic
+from timm_fslt.errors import (ArchitectureError, TicketChecksumError, TicketError, TicketIntegrityWarning,
+                              TicketVersionError)
+from timm_fslt.ticket import seal_config
+
+REPO = Path(__file__).resolve().parents[1]
+ARCH = {"timm": "resnet18_cifar", "kwargs": {"num_classes": 10, "width": 0.125}}
+
+
+def _model(seed=3, **options):
+    torch.manual_seed(0)
+    model = timm_fslt.create_model("resnet18_cifar", num_classes=10, width=0.125)
+    timm_fslt.freeze(model, prune=0.3, lock=0.3, seed=seed, **options)
+    model(torch.randn(2, 3, 32, 32))
+    return model
+
+
+@pytest.fixture(scope="module")
+def ticket(tmp_path_factory):
+    model = _model()
+    path = tmp_path_factory.mktemp("sec") / "ticket"
+    timm_fslt.save_ticket(model, path, metrics={"accuracy": 0.5})
+    model.eval()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        out = model(x)
+    return path, x, out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _config(path: Path) -> dict:
+    return json.loads((path / "config.json").read_text())
+
+
+def _write(path: Path, config: dict, reseal: bool) -> None:
+    (path / "config.json").write_text(json.dumps(seal_config(config) if reseal else config))
+
+
+# -- builders: nothing a ticket names runs -------------------------------------------------
+
+def _hostile(sentinel: Path, victim: Path) -> list:
+    shell = f"touch {sentinel}"
+    return [
+        ("timm_fslt.ticket:os.system", {"command": shell}),      # the walk that ran code in 0.1
+        ("timm_fslt.train:shutil.rmtree", {"path": str(victim)}),
+        ("timm_fslt.train:write_json_atomic", {"path": str(sentinel), "payload": 1}),
+        ("timm_fslt.architecture:importlib.import_module", {"name": "antigravity"}),
+        ("os:system", {"command": shell}),
+        ("subprocess:run", {"args": ["touch", str(sentinel)]}),
+        ("subprocess:getoutput", {"cmd": shell}),
+        ("importlib:import_module", {"name": "this"}),
+        ("builtins:exec", {"source": f"open({str(sentinel)!r}, 'w')"}),
+        ("builtins:eval", {"source": f"open({str(sentinel)!r}, 'w')"}),
+        ("shutil:rmtree", {"path": str(victim)}),
+        ("timm_fslt.train:write_json_atomic", {"path": str(sentinel), "payload": {}}),
+        ("pathlib:Path.touch", {}),
+    ]
+
+
+@pytest.mark.parametrize("reseal", [False, True], ids=["edited", "resealed"])
+def test_hostile_builders_are_refused_and_nothing_runs(ticket, tmp_path, reseal):
+    sentinel, victim = tmp_path / "SENTINEL", tmp_path / "victim"
+    victim.mkdir()
+    (victim / "keep").write_text("x")
+    for builder, kwargs in _hostile(sentinel, victim):
+        path = _copy(ticket[0], tmp_path / "t")
+        config = _config(path)
+        config["architecture"] = {"builder": builder, "kwargs": kwargs}
+        _write(path, config, reseal)
+        with pytest.raises(TicketError) as err:
+            timm_fslt.load_ticket(path)
+        if reseal:
+            assert "trust_builder=True" in str(err.value) or "must be a name registered" in str(err.value), builder
+        else:
+            assert isinstance(err.value, TicketChecksumError) and "architecture.builder (added)" in str(err.value)
+        assert not sentinel.exists(), builder
+        assert (victim / "keep").exists(), builder
+    assert "antigravity" not in sys.modules and "this" not in sys.modules
+
+
+def test_trust_builder_imports_one_attribute_of_one_module_and_never_walks(ticket, tmp_path):
+    sentinel = tmp_path / "SENTINEL"
+    path = _copy(ticket[0], tmp_path / "t")
+    config = _config(path)
+    config["architecture"] = {"builder": "timm_fslt.ticket:os.system", "kwargs": {"command": f"touch {sentinel}"}}
+    _write(path, config, reseal=True)
+    with pytest.raises(ArchitectureError, match=r"must be a name registered .* an import path 'pkg.module:function'"):
+        timm_fslt.load_ticket(path, trust_builder=True)
+    assert not sentinel.exists()
+
+
+def test_a_registered_builder_loads_without_trust(tmp_path):
+    calls = []
+
+    def tiny(width: int = 4):
+        calls.append(width)
+        return torch.nn.Sequential(torch.nn.Conv2d(3, width, 3), torch.nn.Flatten(), torch.nn.Linear(width * 900, 2))
+
+    timm_fslt.register_builder("test_tiny_net", tiny, replace=True)
+    model = timm_fslt.freeze(tiny(4), prune=0.2, lock=0.2)
+    timm_fslt.save_ticket(model, tmp_path / "t", architecture={"builder": "test_tiny_net", "kwargs": {"width": 4}})
+    loaded = timm_fslt.load_ticket(tmp_path / "t")
+    x = torch.randn(1, 3, 32, 32)
+    model.eval()
+    assert torch.equal(loaded(x), model(x)) and calls[-1] == 4
+    with pytest.raises(ValueError, match=r"builder name 'test_tiny_net' is already registered to .*replace=True"):
+        timm_fslt.register_builder("test_tiny_net", lambda: None)
+    with pytest.raises(ValueError, match=r"name must be a builder name .* \(no ':'\), got 'os:system'"):
+        timm_fslt.register_builder("os:system", tiny)
+    with pytest.raises(TypeError, match=r"fn must be callable"):
+        timm_fslt.register_builder("x", 3)
+
+
+# -- integrity: every field, and the regenerated network --------------------------------------
+
+def _leaves(value, path=()):
+    """(path of keys and indices, value) of every leaf of a JSON value."""
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            yield from _leaves(item, path + (key,))
+    elif isinstance(value, list) and value:
+        for i, item in enumerate(value):
+            yield from _leaves(item, path + (i,))
+    else:
+        yield path, value
+
+
+def _set(config, path, value):
+    target = config
+    for part in path[:-1]:
+        target = target[part]
+    target[path[-1]] = value
+
+
+def _other(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value / 2 + 0.125
+    if isinstance(value, str):
+        return value + "x"
+    if value is None:
+        return 0
+    if isinstance(value, list):
+        return value + [1]
+    return {"x": 1}
+
+
+def _field(config, path) -> str:
+    """The field name the loader reports: ``freeze.seed``, ``layers[3]``, ``metrics.accuracy``."""
+    top = config[path[0]]
+    if len(path) == 1 or not top:
+        return path[0]
+    return f"{path[0]}[{path[1]}]" if isinstance(top, list) else f"{path[0]}.{path[1]}"
+
+
+def test_every_single_field_edit_of_config_json_is_refused_naming_the_field(ticket, tmp_path):
+    config = _config(ticket[0])
+    leaves = [(k, v) for k, v in _leaves(config) if k[0] != "integrity"]
+    assert len(leaves) > 100
+    path = _copy(ticket[0], tmp_path / "t")
+    for where, value in leaves:
+        edited = json.loads(json.dumps(config))
+        _set(edited, where, _other(value))
+        _write(path, edited, reseal=False)
+        if where == ("format_version",):  # now claims a newer format, whose seal this release cannot read
+            with pytest.raises(TicketVersionError, match="upgrade timm_fslt"):
+                timm_fslt.ticket.read_config(path)
+            continue
+        with pytest.raises(TicketChecksumError, match="was edited after it was saved") as err:
+            timm_fslt.ticket.read_config(path)
+        assert _field(config, where) in str(err.value), (where, str(err.value))
+    edited = json.loads(json.dumps(config))
+    edited["integrity"]["config_sha256"] = "0" * 64
+    _write(path, edited, reseal=False)
+    with pytest.raises(TicketChecksumError, match="the integrity record itself"):
+        timm_fslt.ticket.read_config(path)
+    edited.pop("integrity")
+    _write(path, edited, reseal=False)
+    with pytest.raises(TicketChecksumError, match="no valid 'integrity' record"):
+        timm_fslt.ticket.read_config(path)
+
+
+@pytest.mark.parametrize("field,value,refused", [
+    ("seed", 4, True), ("weight_init", "signed_kaiming_constant", True), ("weight_init", "kaiming_normal", True),
+    ("scale", "static", True), ("scale", "dynamic", True), ("prune", 0.31, True), ("lock", 0.2, True),
+    ("distribution", "erk", True), ("sparsity", 0.4, True), ("scope", "layerwise", True),
+    # these do not change the network: refused, or loaded with bit-identical outputs
+    ("score_init", "kaiming_uniform", False), ("batchnorm", "keep", False), ("generator_version", 1, False),
+])
+def test_a_resealed_edit_never_loads_as_another_network(ticket, tmp_path, field, value, refused):
+    path, x, out = ticket
+    path = _copy(path, tmp_path / "t")
+    config = _config(path)
+    (config if field == "generator_version" else config["freeze"])[field] = value
+    _write(path, config, reseal=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a v1 generator claim warns about its normal stream
+            model = timm_fslt.load_ticket(path)
+    except TicketError:
+        return
+    assert not refused, f"a resealed {field}={value!r} loaded"
+    with torch.no_grad():
+        assert torch.equal(model(x), out), f"{field}={value!r} loaded as another network"
+
+
+def test_an_unedited_ticket_loads_bit_identically_and_can_be_pinned(ticket):
+    path, x, out = ticket
+    digest = _config(path)["integrity"]["config_sha256"]
+    model = timm_fslt.load_ticket(path, expected_sha256=digest)
+    with torch.no_grad():
+        assert torch.equal(model(x), out)
+    with pytest.raises(TicketChecksumError, match=r"has config_sha256 '[0-9a-f]{64}', not the expected_sha256"):
+        timm_fslt.load_ticket(path, expected_sha256="1" * 64)
+    with pytest.raises(TicketError, match=r"expected_sha256 must be 64 lowercase hex digits"):
+        timm_fslt.load_ticket(path, expected_sha256="abc")
+
+
+def test_a_format_1_ticket_loads_with_a_warning_that_it_is_unsealed(ticket, tmp_path):
+    path = _copy(ticket[0], tmp_path / "t")
+    config = _config(path)
+    config.pop("integrity")
+    config["format_version"] = 1
+    for row in config["layers"]:
+        row.pop("regen_digest")
+        row.pop("masked_digest")
+    _write(path, config, reseal=False)
+    with pytest.warns(TicketIntegrityWarning, match=r"ticket format 1\) and has no integrity record"):
+        model = timm_fslt.load_ticket(path)
+    with torch.no_grad():
+        assert torch.equal(model(ticket[1]), ticket[2])
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"a": 1, "a": 2}', "duplicate key 'a'"),
+    ('{"a": NaN}', "NaN is not a JSON number"),
+    ('{"a": -Infinity}', "-Infinity is not a JSON number"),
+])
+def test_json_with_duplicate_keys_or_non_numbers_is_refused(ticket, tmp_path, text, message):
+    path = _copy(ticket[0], tmp_path / "t")
+    (path / "config.json").write_text(text)
+    with pytest.raises(TicketError, match=message):
+        timm_fslt.load_ticket(path)
+
+
+def test_nan_metrics_or_state_bits_are_refused_even_when_resealed(ticket, tmp_path):
+    path = _copy(ticket[0], tmp_path / "t")
+    config = _config(path)
+    config["state"]["bits"] = 1.5
+    _write(path, config, reseal=True)
+    with pytest.raises(TicketError, match=r"malformed 'state' entry: 'bits' must be an int"):
+        timm_fslt.load_ticket(path)
+    config = _config(_copy(ticket[0], path))
+    config["metrics"] = {"accuracy": "high"}
+    _write(path, config, reseal=True)
+    with pytest.raises(TicketError, match=r"config.json': metrics\['accuracy'\] must be a finite number"):
+        timm_fslt.load_ticket(path)
+
+
+# -- bounded loading ---------------------------------------------------------------------------
+
+_PEAK = """
+import json, resource, sys, timm_fslt
+results = {}
+for name in sys.argv[1:]:
+    try:
+        timm_fslt.load_ticket(name)
+        results[name] = "loaded"
+    except timm_fslt.TicketError as err:
+        results[name] = str(err)
+print(json.dumps({"results": results, "maxrss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def test_oversized_and_symlinked_files_are_refused_in_bounded_memory(ticket, tmp_path):
+    big = tmp_path / "big.bin"
+    with open(big, "wb") as f:  # sparse: 1.5 GiB that costs no disk
+        f.truncate(3 * 2**29)
+    cases = {}
+    # 1. supermask.safetensors is a symlink to a huge file
+    path = cases["symlink"] = _copy(ticket[0], tmp_path / "symlink")
+    (path / "supermask.safetensors").unlink()
+    os.symlink(big, path / "supermask.safetensors")
+    # 2. a huge state file, with config.json resealed to claim that size
+    path = cases["resealed"] = _copy(ticket[0], tmp_path / "resealed")
+    shutil.copyfile(big, path / "state.safetensors")
+    config = _config(path)
+    config["files"]["state.safetensors"]["bytes"] = big.stat().st_size
+    _write(path, config, reseal=True)
+    # 3. a huge state file, config untouched
+    path = cases["plain"] = _copy(ticket[0], tmp_path / "plain")
+    os.truncate(path / "state.safetensors", 2**30)
+    # 4. config.json itself a symlink
+    path = cases["config-link"] = _copy(ticket[0], tmp_path / "config-link")
+    shutil.move(path / "config.json", tmp_path / "elsewhere.json")
+    os.symlink(tmp_path / "elsewhere.json", path / "config.json")
+    def peak(*paths):
+        run = subprocess.run([sys.executable, "-c", _PEAK, *map(str, paths)], capture_output=True, text=True,
+                             cwd=REPO, timeout=300, env=dict(os.environ, OUTDATED_IGNORE="1"))
+        assert run.returncode == 0, run.stderr[-3000:]
+        return json.loads(run.stdout.strip().splitlines()[-1])
+
+    baseline = peak(ticket[0])  # the same process loading the genuine ticket
+    assert baseline["results"][str(ticket[0])] == "loaded"
+    report = peak(*cases.values())
+    messages = {k: report["results"][str(p)] for k, p in cases.items()}
+    assert "is a symbolic link" in messages["symlink"]
+    assert "but the layers and state it declares fit in" in messages["resealed"]
+    assert "truncated or altered" in messages["plain"] and "it was not read" in messages["plain"]
+    assert "is a symbolic link" in messages["config-link"]
+    # reading any of these files would add 1 GB or more
+    assert report["maxrss_kib"] < baseline["maxrss_kib"] + 200_000, (report, baseline)
+
+
+def test_a_huge_architecture_is_stopped_while_it_builds(ticket, tmp_path):
+    path = _copy(ticket[0], tmp_path / "t")
+    config = _config(path)
+    config["architecture"] = {"timm": "vit_tiny_patch16_224", "kwargs": {"depth": 30000}}
+    _write(path, config, reseal=True)
+    start = time.monotonic()
+    with pytest.raises(ArchitectureError, match=r"has more parameters than max_params=500,000,000 .*stopped while "
+                                                r"building"):
+        timm_fslt.load_ticket(path)
+    assert time.monotonic() - start < 60  # unbounded, depth=30000 takes minutes and many GB
+    config["architecture"] = {"timm": "vit_tiny_patch16_224", "kwargs": {"depth": 400}}
+    _write(path, config, reseal=True)
+    with pytest.raises(ArchitectureError, match=r"took more than max_build_seconds=0.2 s to build"):
+        timm_fslt.load_ticket(path, max_params=10**12, max_build_seconds=0.2)
+    with pytest.raises(TicketError, match=r"max_build_seconds must be a positive number of seconds, got 0"):
+        timm_fslt.load_ticket(path, max_build_seconds=0)
+
+
+def test_declared_sizes_past_max_params_are_refused_before_any_file_is_read(ticket, tmp_path, monkeypatch):
+    path = _copy(ticket[0], tmp_path / "t")
+    read = []
+    real = timm_fslt.ticket._read_tensor_file
+    monkeypatch.setattr(timm_fslt.ticket, "_read_tensor_file", lambda *a, **k: read.append(a) or real(*a, **k))
+    with pytest.raises(ArchitectureError, match=r"declares [\d,]+ masked weights and [\d,]+ state elements, more "
+                                                r"than max_params=1,000"):
+        timm_fslt.load_ticket(path, max_params=1000)
+    assert read == []
+
+
+def test_a_missing_relative_path_is_not_sent_to_the_hub(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(TicketError, match=r"no ticket directory at 'runs/ticket' \(its parent folder 'runs' exists "
+                                          r"here, so it is read as a local path; for a Hub repo write "
+                                          r"'hf-hub:runs/ticket'\)"):
+        timm_fslt.load_ticket("runs/ticket")
+    with pytest.raises(TicketError, match=r"no ticket directory at './ticket', and it is not a Hub repo id"):
+        timm_fslt.load_ticket("./ticket")
+    with pytest.raises(TicketError, match=r"after 'hf-hub:' comes a Hub repo id 'user/name'"):
+        timm_fslt.load_ticket("hf-hub:nothing")
+
+
+# -- saving: no gap, no orphans, no race ----------------------------------------------------------
+
+_SAVE = """
+import sys, time, torch, timm_fslt
+from timm_fslt import atomic
+target, step, seed, mode, pause = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], float(sys.argv[5])
+torch.set_num_threads(1)
+if mode == "fallback":
+    atomic.exchange = lambda a, b: False
+def hook(name):
+    if name == step:
+        print("at", name, flush=True)
+        time.sleep(pause)
+atomic._STEP_HOOK = hook
+torch.manual_seed(0)
+model = timm_fslt.create_model("resnet18_cifar", num_classes=10, width=0.125)
+timm_fslt.freeze(model, prune=0.3, lock=0.3, seed=seed)
+model(torch.randn(2, 3, 32, 32))
+print("saving", flush=True)
+timm_fslt.save_ticket(model, target)
+print("saved", flush=True)
+"""
+
+
+def _start_save(target: Path, step: str, seed: int, mode: str = "exchange", pause: float = 60) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", _SAVE, str(target), step, str(seed), mode, str(pause)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OUTDATED_IGNORE="1"))
+
+
+def _wait_for(proc: subprocess.Popen, line: str) -> None:
+    for out in proc.stdout:
+        if out.strip() == line:
+            return
+    raise AssertionError(f"the saver ended before {line!r}: {proc.stderr.read()[-3000:]}")
+
+
+def _seed_of(path: Path) -> int:
+    return timm_fslt.get_config(timm_fslt.load_ticket(path)).seed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode,steps", [("exchange", ["locked", "written", "swapped", "cleaned"]),
+                                        ("fallback", ["written", "swapped", "renamed"])])
+def test_sigkill_at_every_step_of_a_save_leaves_a_loadable_ticket(ticket, tmp_path, mode, steps):
+    target = _copy(ticket[0], tmp_path / "ticket")  # seed 3
+    for step in steps:
+        proc = _start_save(target, step, seed=5, mode=mode)
+        try:
+            _wait_for(proc, f"at {step}")
+            proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        finally:
+            proc.kill()
+        assert _seed_of(target) in (3, 5), (mode, step)  # the old or the new ticket, complete
+    # a later save cleans up whatever the kills left behind
+    timm_fslt.save_ticket(_model(seed=3), target)
+    assert sorted(os.listdir(tmp_path)) == ["ticket"]
+    assert _seed_of(target) == 3
+
+
+@pytest.mark.slow
+def test_two_concurrent_saves_to_one_path_both_finish_and_leave_one_complete_ticket(ticket, tmp_path):
+    target = _copy(ticket[0], tmp_path / "ticket")
+    first = _start_save(target, "written", seed=5, pause=4)  # holds the lock for 4 s mid-save
+    second = None
+    try:
+        _wait_for(first, "at written")
+        second = _start_save(target, "none", seed=7)
+        _wait_for(second, "saving")
+        _wait_for(first, "saved")
+        assert second.poll() is None or second.returncode == 0
+        _wait_for(second, "saved")
+        assert first.wait(timeout=60) == 0 and second.wait(timeout=60) == 0
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+    assert _seed_of(target) == 7  # the second save waited for the first, then replaced it
+    assert sorted(os.listdir(tmp_path)) == ["ticket"]
+
+
+def test_a_save_waiting_too_long_for_the_lock_is_refused_clearly(ticket, tmp_path, monkeypatch):
+    target = _copy(ticket[0], tmp_path / "ticket")
+    monkeypatch.setattr(atomic, "_LOCK_TIMEOUT", 0.3)
+    with atomic.locked(target):
+        # flock locks belong to the open file, so this second open in the same process conflicts
+        with pytest.raises(TicketError, match=r"cannot save a ticket to .*another process has been writing into "
+                                              r".* for over 0.3 s"):
+            timm_fslt.save_ticket(_model(seed=9), target)
+    assert _seed_of(target) == 3
+
+
+def test_write_errors_name_the_path_and_keep_the_old_ticket(ticket, tmp_path, monkeypatch):
+    target = _copy(ticket[0], tmp_path / "ticket")
+    monkeypatch.setattr(atomic, "_write_file", lambda p, d: (_ for _ in ()).throw(PermissionError(13, "denied", str(p))))
+    with pytest.raises(TicketError, match=rf"cannot save a ticket to '{target}': PermissionError: .*denied"):
+        timm_fslt.save_ticket(_model(seed=9), target)
+    assert _seed_of(target) == 3 and sorted(os.listdir(tmp_path)) == ["ticket"]
+
+
+def test_a_crash_between_the_fallback_renames_is_recovered_by_the_next_load(ticket, tmp_path):
+    target = _copy(ticket[0], tmp_path / "ticket")
+    old = tmp_path / ".ticket.fslt-0123abcd.old"
+    os.rename(target, old)  # what a SIGKILL between the two renames leaves
+    assert _seed_of(target) == 3
+    assert sorted(os.listdir(tmp_path)) == ["ticket"]
