@@ -1,4 +1,6 @@
 """Small shared pieces for the core tests."""
+import shutil
+
 import torch
 import torch.nn.functional as F
 
@@ -32,3 +34,11 @@ def snapshot(model):
 
 def masks(model):
     return [layer.mask.clone() for layer in timm_fslt.get_group(model).layers]
+
+
+def copy_dir(src, dst):
+    """``dst`` replaced by a copy of the directory ``src`` (returns ``dst``)."""
+    if dst.exists():
+        shutil.rmtree(dst)
+    shutil.copytree(src, dst)
+    return dst

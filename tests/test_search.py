@@ -178,7 +178,8 @@ def test_conv6_search_lowers_the_loss(scale):
     model = conv6(prune=0.35, lock=0.35, scale=scale)
     torch.manual_seed(1)
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
-    first, last = fit(model, x, y, steps=40, lr=0.5)
+    # 60 steps: with generator v2's initial scores the loss falls 0.47-0.68 over freezing seeds 0-5
+    first, last = fit(model, x, y, steps=60, lr=0.5)
     assert last < first - 0.3
 
 

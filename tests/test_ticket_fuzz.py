@@ -16,6 +16,7 @@ import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import timm_fslt
+from helpers import copy_dir as _copy
 from timm_fslt.errors import TicketError
 from timm_fslt.ticket import seal_config
 
@@ -31,13 +32,6 @@ def ticket(tmp_path_factory):
     path = tmp_path_factory.mktemp("fuzz") / "ticket"
     timm_fslt.save_ticket(model, path)
     return path
-
-
-def _copy(src: Path, dst: Path) -> Path:
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst)
-    return dst
 
 
 def _resign(path: Path) -> None:

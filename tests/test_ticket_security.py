@@ -22,6 +22,7 @@ import pytest
 import torch
 
 import timm_fslt
+from helpers import copy_dir as _copy
 from timm_fslt import atomic
 from timm_fslt.errors import (ArchitectureError, TicketChecksumError, TicketError, TicketIntegrityWarning,
                               TicketVersionError)
@@ -49,13 +50,6 @@ def ticket(tmp_path_factory):
     with torch.no_grad():
         out = model(x)
     return path, x, out
-
-
-def _copy(src: Path, dst: Path) -> Path:
-    if dst.exists():
-        shutil.rmtree(dst)
-    shutil.copytree(src, dst)
-    return dst
 
 
 def _config(path: Path) -> dict:

@@ -5,6 +5,7 @@ Each row: the call, the kind of mistake, the exception and the message it must c
 tests/test_recipes.py. The last test keeps the README's troubleshooting table in step
 with this catalogue.
 """
+import os
 import re
 from pathlib import Path
 
@@ -89,7 +90,30 @@ CATALOGUE = [
      r"lr must be a finite number >= 0, got -1", "lr must be a finite number"),
     ("TrainConfig/mixed-precision", lambda p, f, d: TrainConfig(mixed_precision="fp8"), ValueError,
      r"mixed_precision must be one of \['no', 'fp16', 'bf16'\], got 'fp8'", "mixed_precision must be one of"),
+    ("TrainConfig/resume", lambda p, f, d: TrainConfig(resume=""), ValueError,
+     r"resume must be False, True, 'auto', 'fallback' or a checkpoint folder path, got an empty string",
+     "resume must be False, True, 'auto', 'fallback'"),
+    ("load_ticket/relative-path", lambda p, f, d: _load_relative(d), TicketError, r"its parent folder .* exists here, so it is read as a local path; for a Hub "
+     r"repo write 'hf-hub:", "so it is read as a local path"),
+    ("load_ticket/expected-sha256", lambda p, f, d: timm_fslt.load_ticket(d, expected_sha256="xyz"), TicketError,
+     r"expected_sha256 must be 64 lowercase hex digits", "expected_sha256"),
+    ("load_ticket/max-build-seconds", lambda p, f, d: timm_fslt.load_ticket(d, max_build_seconds=-1), TicketError,
+     r"max_build_seconds must be a positive number of seconds, got -1", "max_build_seconds"),
+    ("register_builder/colon", lambda p, f, d: timm_fslt.register_builder("os:system", print), ValueError,
+     r"name must be a builder name .*\(no ':'\), got 'os:system'", "name must be a builder name"),
+    ("register_builder/taken", lambda p, f, d: timm_fslt.register_builder("gin", print), ValueError,
+     r"builder name 'gin' is already registered to .*pass replace=True", "is already registered to"),
 ]
+
+
+def _load_relative(directory):
+    """A relative path spelled like a repo id whose parent folder exists: a local path, never the Hub."""
+    cwd = os.getcwd()
+    os.chdir(directory.parent)
+    try:
+        return timm_fslt.load_ticket(f"{directory.name}/nope")
+    finally:
+        os.chdir(cwd)
 
 
 @pytest.mark.parametrize("case", CATALOGUE, ids=[c[0] for c in CATALOGUE])

@@ -75,7 +75,7 @@ def hashes(seed, name, stream, n):
 # Row k * 8 + j holds C0..C6 of octave k = clz32(t), part j (the 3 bits after t's leading
 # one); Horner over the remaining 28 bits y gives Z = |z| * 2**38 (max error 1.24e-11 measured).
 SEG_BITS, Y, FRAC = 3, 28, 38
-_NORMAL_TABLE = (  # row k * 8 + j: C0 .. C6 of octave k, part j
+NORMAL_TABLE = (  # row k * 8 + j: C0 .. C6 of octave k, part j
     (185402330788, -27031365150, 896480826, -83204380, 7011840, -666438, 49120),
     (159190636604, -25463006779, 683009800, -60841476, 4393687, -380422, 25437),
     (134353836851, -24263686361, 523424184, -46563277, 2862194, -231569, 14002),
@@ -346,7 +346,7 @@ def normal_fixed(h):
         k = k + shift
     seg = k * 8 + ((t >> Y) & 7)
     y = t & ((1 << Y) - 1)
-    table = np.array(_NORMAL_TABLE, dtype=np.int64)
+    table = np.array(NORMAL_TABLE, dtype=np.int64)
     acc = table[seg, 6]
     for i in range(5, -1, -1):  # acc = C_i + round(acc * y / 2**28); |acc * y| < 2**63
         acc = table[seg, i] + ((acc * y + (1 << (Y - 1))) >> Y)

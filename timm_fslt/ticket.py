@@ -64,9 +64,9 @@ STATE_NAME = "state.safetensors"
 MASK_TENSOR = "supermask"
 CARD_NAME = "README.md"
 MAX_CONFIG_BYTES = 4 * 2**20  # a ResNet-50 ticket's config.json is ~40 KB; 4 MiB fits ~10,000 layers
-# Parameter and buffer elements a load may build. Loading peaks at about 17 bytes per element
-# (measured on a ResNet-50, README "Loading a ticket"), so 500M elements stay within ~8.5 GB:
-# a third of this project's 24 GiB machines. Larger models pass max_params explicitly.
+# Parameter and buffer elements a load may build. Loading peaks at 15-22 bytes per element
+# (ResNet-50 / CIFAR ResNet-18, benchmarks/load_memory.py), so 500M elements stay within ~11 GB:
+# under half of this project's 24 GiB machines. Larger models pass max_params explicitly.
 DEFAULT_MAX_PARAMS = 500_000_000
 DEFAULT_MAX_BUILD_SECONDS = 120.0
 # A safetensors header: 8 length bytes + JSON for the tensors the config declares.
