@@ -21,7 +21,7 @@ What it measures, all in this one process unless said otherwise:
   pages included) and the same peak minus the RSS after ``import torch, timm,
   timm_fslt`` (the training footprint that the comparison is about).
 * threshold selection -- choosing the global threshold (the k-th largest |score|,
-  k = half) among 25M scores with ``timm_fslt.threshold``, against a full
+  k = half) among 25M scores with ``timm_fslt.regen.topk``, against a full
   ``torch.sort`` of them and against ``torch.kthvalue``.
 * regeneration -- ``timm_fslt.freeze`` of a fresh timm ResNet-50 (and the CIFAR
   ResNet-18): random weights, scores and frozen codes from the seed.
@@ -212,7 +212,7 @@ def measure_memory(model_name: str, size: int, steps: int, args) -> dict:
 
 
 def time_threshold(n: int, repeats: int, device: str = "cpu") -> dict:
-    from timm_fslt import threshold
+    from timm_fslt.regen import topk as threshold
 
     g = torch.Generator().manual_seed(0)
     values = torch.randn(n, generator=g).abs_().to(device)

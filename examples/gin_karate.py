@@ -5,7 +5,7 @@
 
 KarateClub ships inside PyG (no download).  ``timm_fslt.freeze`` handles PyG's
 ``Linear`` layers like any other; the search is the shared loop
-``timm_fslt.train.train`` with full-graph node classification.  Training nodes are
+``timm_fslt.training.loop.train`` with full-graph node classification.  Training nodes are
 the four labelled ones PyG marks (one per community); the other 30 are split into
 validation and test.
 """
@@ -16,8 +16,8 @@ from torch_geometric.datasets import KarateClub
 from torch_geometric.nn.models import GIN
 
 import timm_fslt
-from timm_fslt.data import GraphSplit, permutation
-from timm_fslt.train import NodeClassificationTask, TrainConfig, train
+from timm_fslt.training.data import GraphSplit, permutation
+from timm_fslt.training.loop import NodeClassificationTask, TrainConfig, train
 
 
 def main(argv=None) -> int:

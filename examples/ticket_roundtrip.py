@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 import timm_fslt
-from timm_fslt.demo import digit_sets
-from timm_fslt.train import TrainConfig, train
+from timm_fslt.apps.demo import digit_sets
+from timm_fslt.training.loop import TrainConfig, train
 
 
 def main(argv=None) -> int:

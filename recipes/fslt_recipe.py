@@ -1,7 +1,7 @@
 """What the three recipes share: the command line, presets, model building and the run.
 
 Each recipe (``cifar10.py``, ``imagenet.py``, ``ogbn_arxiv.py``) only adds its data
-and model; the training itself is ``timm_fslt.train.train``.  Settings come from,
+and model; the training itself is ``timm_fslt.training.loop.train``.  Settings come from,
 in increasing priority: the defaults below, a preset (``presets/<name>.yaml``),
 then the command line.  Everything is checked before data is read or anything
 trains, and every error names the option at fault.
@@ -233,7 +233,7 @@ def check_settings(s: dict) -> None:
             raise RecipeError(f"--{str(err)}") from None
     if not isinstance(s["model_kwargs"], dict):
         raise RecipeError(f"--model-kwargs must be a mapping, got {s['model_kwargs']!r}")
-    from timm_fslt.train import TrainConfig
+    from timm_fslt.training.loop import TrainConfig
 
     try:  # --resume '' or 'Fallback' fails here, before any data is read
         TrainConfig(resume=s["resume"])
@@ -243,7 +243,7 @@ def check_settings(s: dict) -> None:
 
 def train_config(s: dict, output_dir: str, *, architecture: Optional[dict] = None,
                  dataset_ids: Sequence[str] = ()):
-    from timm_fslt.train import TrainConfig
+    from timm_fslt.training.loop import TrainConfig
 
     try:
         return TrainConfig(
@@ -330,8 +330,8 @@ def freeze_if_ticket(model, s: dict):
 
 def run(recipe: str, s: dict, model, data, *, task=None, architecture: Optional[dict] = None,
         dataset_ids: Sequence[str] = (), extra_info: Optional[dict] = None) -> dict:
-    """Train (timm_fslt.train.train) and print a one-screen summary."""
-    from timm_fslt.train import train
+    """Train (timm_fslt.training.loop.train) and print a one-screen summary."""
+    from timm_fslt.training.loop import train
 
     output_dir = default_output_dir(recipe, s)
     config = train_config(s, output_dir, architecture=architecture, dataset_ids=dataset_ids)
@@ -367,8 +367,8 @@ def _print_summary(results: dict) -> None:
 
 def main_guard(fn: Callable[[], Any]) -> None:
     """Run a recipe's main; bad input exits with the message, not a traceback."""
-    from timm_fslt.data import DataError
-    from timm_fslt.train import RunConfigError
+    from timm_fslt.training.data import DataError
+    from timm_fslt.training.loop import RunConfigError
 
     try:
         fn()

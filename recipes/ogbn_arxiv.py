@@ -30,9 +30,9 @@ def main(argv=None) -> dict:
         raise R.RecipeError(f"--model: unknown model {s['model']!r} for ogbn_arxiv; the only choice is 'gin'")
     R.init_processes(s)
     from accelerate.utils import set_seed
-    from timm_fslt.data import import_ogb, load_ogbn_arxiv
+    from timm_fslt.training.data import import_ogb, load_ogbn_arxiv
     from timm_fslt.models.gin import gin
-    from timm_fslt.train import NodeClassificationTask
+    from timm_fslt.training.loop import NodeClassificationTask
 
     data = load_ogbn_arxiv(s["data_root"] or os.path.join("data", "ogb"), download=s["download"])
     kwargs = {"in_channels": data.num_features, "num_classes": data.num_classes, **s["model_kwargs"]}

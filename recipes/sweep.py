@@ -147,7 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         rows.append(_row("weights", "weights", (0.0, 0.0, None), results))
 
     from accelerate import PartialState
-    from timm_fslt.train import write_json_atomic
+    from timm_fslt.training.loop import write_json_atomic
 
     summary = {"recipe": args.recipe, "model": settings["model"], "points": rows}
     if PartialState().is_main_process:

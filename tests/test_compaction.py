@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import timm_fslt
-from timm_fslt.compaction import compact, find_dead_channels, restore_structure
+from timm_fslt.pruning.compact import compact, find_dead_channels, restore_structure
 from timm_fslt.models.gin import gin
 from test_torch_pruning import (
     cifar_resnet, frozen_layers, graph, image, kill, regenerated_weight, small_gin, supermask)
@@ -200,7 +200,7 @@ def test_restore_rejects_structures_that_do_not_fit_and_changes_nothing():
 
 
 def test_compact_raises_and_keeps_the_model_when_a_removal_would_change_outputs(monkeypatch):
-    import timm_fslt.compaction as compaction
+    import timm_fslt.pruning.compact as compaction
 
     model, inputs = small_gin(), graph()
     # pretend channel 0 of every group is unread: the final output check must catch it

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from timm_fslt import demo
-from timm_fslt.ticket import load_ticket
+from timm_fslt.apps import demo
+from timm_fslt.ticket.io import load_ticket
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -124,7 +124,7 @@ def test_foreign_non_empty_out_dir_is_refused_and_left_alone(tmp_path, capsys):
 
 
 def test_cli_dispatches_demo_subcommand(capsys):
-    from timm_fslt.cli import main
+    from timm_fslt.apps.cli import main
 
     assert main(["demo", "--help"]) == 0
     assert "--ratios" in capsys.readouterr().out

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import timm_fslt
-from timm_fslt import freezing, layers, rng, threshold
-from timm_fslt.threshold import keys_topk_mask, kth_largest, reference_topk_mask, topk_mask
+from timm_fslt.regen import pattern as freezing, rng, topk as threshold
+from timm_fslt.nn import modules as layers
+from timm_fslt.regen.topk import keys_topk_mask, kth_largest, reference_topk_mask, topk_mask
 
 from helpers import masks, trainable
 

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 import timm_fslt
-from timm_fslt import freezing
-from timm_fslt.threshold import reference_topk_mask, topk_mask
+from timm_fslt.regen import pattern as freezing
+from timm_fslt.regen.topk import reference_topk_mask, topk_mask
 
 
 def small_net():

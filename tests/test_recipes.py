@@ -27,8 +27,8 @@ ogbn_arxiv = importlib.import_module("ogbn_arxiv")
 sweep = importlib.import_module("sweep")
 R = importlib.import_module("fslt_recipe")
 
-from timm_fslt.data import DataError, load_cifar10, load_imagenet, load_ogbn_arxiv  # noqa: E402
-from timm_fslt.train import RunConfigError  # noqa: E402
+from timm_fslt.training.data import DataError, load_cifar10, load_imagenet, load_ogbn_arxiv  # noqa: E402
+from timm_fslt.training.loop import RunConfigError  # noqa: E402
 
 QUICK = ["--epochs", "2", "--limit-train-batches", "2", "--batch-size", "8", "--num-workers", "0",
          "--no-progress", "--lr", "0.5"]
@@ -169,14 +169,14 @@ def test_cifar10_recipe_under_accelerate_launch_with_two_processes_keeps_masks_i
     # masks were compared across the two processes after every optimizer step, not only per epoch
     assert res["step_sync_checks"] == res["global_steps"] == 2
     # only the main process writes: one config record, each step logged once
-    from timm_fslt.train import read_jsonl
+    from timm_fslt.training.loop import read_jsonl
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["event"] for r in records].count("config") == 1
     steps = [r["step"] for r in records if "train/step_loss" in r]
     assert steps == [1, 2]
     fresh = timm_fslt.freeze(timm_fslt.create_model("conv6", width=0.0625, num_classes=10),
                              0.49, 0.21, sparsity=0.7, seed=0)
-    from timm_fslt.train import mask_digest
+    from timm_fslt.training.loop import mask_digest
     assert res["mask_digests"][0] != mask_digest(fresh)  # training changed the masks, identically
 
 
@@ -241,7 +241,7 @@ def test_sweep_runs_points_collects_results_and_plots_accuracy_against_ticket_bi
 
 
 def test_train_val_split_is_four_to_one_disjoint_and_fixed_by_the_seed():
-    from timm_fslt.data import split_train_val
+    from timm_fslt.training.data import split_train_val
 
     train, val = split_train_val(50000, 0.2, seed=0)
     assert (len(train), len(val)) == (40000, 10000) and not set(train) & set(val)

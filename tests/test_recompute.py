@@ -174,7 +174,7 @@ def test_sign_of_the_scores_is_applied_in_small_slices(monkeypatch, channels_las
     # The straight-through gradient g * W * sign(s) must not make a whole-layer float
     # temporary for sign(s): at the start of the backward (the memory peak) it would
     # sit beside the incoming gradient and the score gradient.
-    from timm_fslt import supermask
+    from timm_fslt.nn import supermask
 
     monkeypatch.setattr(supermask, "_SIGN_CHUNK", 64)
     g = torch.Generator().manual_seed(0)

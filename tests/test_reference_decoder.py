@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import timm_fslt
-from timm_fslt import rng
+from timm_fslt.regen import rng
 
 DECODER = Path(timm_fslt.__file__).parent / "reference_decoder.py"
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -9,7 +9,8 @@ import textwrap
 import pytest
 import torch
 
-from timm_fslt import layers, rng
+from timm_fslt.nn import modules as layers
+from timm_fslt.regen import rng
 
 M32 = 0xFFFFFFFF
 
@@ -126,7 +127,7 @@ def test_regeneration_is_bit_identical_in_a_fresh_process_with_other_threads_and
 
 @pytest.mark.parametrize("kind", ["kaiming_uniform", "kaiming_normal", "signed_kaiming_constant"])
 def test_drawing_at_positions_gives_the_bits_of_the_full_draw(kind):
-    from timm_fslt.layers import random_weight
+    from timm_fslt.nn.modules import random_weight
     shape = (7, 5, 3, 3)
     full = random_weight(kind, 3, "layer1.0.conv1", shape, stream="score")
     g = torch.Generator().manual_seed(0)

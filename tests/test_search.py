@@ -6,8 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import timm_fslt
-from timm_fslt import freezing
-from timm_fslt.supermask import SupermaskGroup
+from timm_fslt.regen import pattern as freezing
+from timm_fslt.nn.supermask import SupermaskGroup
 
 from helpers import fit, masks, snapshot, trainable
 
@@ -40,7 +40,7 @@ def test_scores_exist_for_free_weights_only_and_are_the_regenerated_initial_scor
     assert abs(n_free - (1 - prune - lock) * n_weights) <= len(group.layers)  # (per-layer rounding)
     for name, layer in timm_fslt.iter_frozen(model):
         sm = layer.parametrizations.weight[0]
-        drawn = timm_fslt.layers.random_weight("kaiming_normal", 0, name, sm.frozen.shape, stream="score")
+        drawn = timm_fslt.nn.modules.random_weight("kaiming_normal", 0, name, sm.frozen.shape, stream="score")
         assert sm.scores.dim() == 1 and torch.equal(sm.scores.detach(), drawn[sm.frozen == freezing.FREE])
         dense = sm.scores_like_weight(float("nan"))
         assert torch.equal(dense[sm.frozen == freezing.FREE], sm.scores.detach())

@@ -19,7 +19,9 @@ import torch
 from torch import nn
 
 import timm_fslt
-from timm_fslt import atomic, cli, ticket as ticket_mod
+from timm_fslt import atomic
+from timm_fslt.apps import cli
+from timm_fslt.ticket import io as ticket_mod
 from timm_fslt.errors import (ArchitectureError, TicketChecksumError, TicketError, TicketMismatchError,
                               TicketVersionError)
 from timm_fslt.report import non_regenerable_state
@@ -153,7 +155,7 @@ def test_a_loaded_ticket_keeps_searching_from_the_stored_mask(conv6_ticket):
 
 def test_materialize_true_returns_a_plain_model_with_the_same_outputs(conv6_ticket):
     plain = timm_fslt.load_ticket(conv6_ticket.dir, materialize=True)
-    assert not any(timm_fslt.layers.is_frozen_layer(m) for m in plain.modules())
+    assert not any(timm_fslt.nn.modules.is_frozen_layer(m) for m in plain.modules())
     assert isinstance(plain.fc.weight, nn.Parameter)
     assert torch.equal(_eval_outputs(plain, *conv6_ticket.inputs), conv6_ticket.out)
 
@@ -260,7 +262,7 @@ def test_a_compacted_structure_is_stored_and_restored_after_freezing_before_the_
         # Called on the frozen model while its masks are still the initial ones.
         calls.append((structure, masks(rebuilt)))
 
-    monkeypatch.setitem(sys.modules, "timm_fslt.compaction",
+    monkeypatch.setitem(sys.modules, "timm_fslt.pruning.compact",
                         types.SimpleNamespace(restore_structure=restore_structure))
     loaded = timm_fslt.load_ticket(tmp_path / "t")
     (structure, masks_then), = calls
@@ -270,7 +272,7 @@ def test_a_compacted_structure_is_stored_and_restored_after_freezing_before_the_
 
 
 def test_a_ticket_compacted_by_timm_fslt_compact_round_trips_with_identical_outputs(tmp_path):
-    from timm_fslt.compaction import compact
+    from timm_fslt.pruning.compact import compact
 
     model = timm_fslt.freeze(timm_fslt.create_model("conv6", width=0.125), prune=0.97, lock=0.0, seed=3)
     x = torch.randn(2, 3, 32, 32)
@@ -502,16 +504,16 @@ def test_cli_info_on_a_corrupted_ticket_exits_1_with_the_reason(conv6_ticket, tm
 
 def test_cli_demo_passes_its_arguments_to_timm_fslt_demo(monkeypatch):
     seen = []
-    monkeypatch.setitem(sys.modules, "timm_fslt.demo",
+    monkeypatch.setitem(sys.modules, "timm_fslt.apps.demo",
                         types.SimpleNamespace(main=lambda argv: seen.append(argv) or 3))
     assert cli.main(["demo", "--steps", "2", "--help"]) == 3
     assert seen == [["--steps", "2", "--help"]]
 
 
 def test_cli_demo_without_the_demo_module_exits_2(monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "timm_fslt.demo", None)  # import fails as if the module were absent
+    monkeypatch.setitem(sys.modules, "timm_fslt.apps.demo", None)  # import fails as if the module were absent
     assert cli.main(["demo"]) == 2
-    assert "no module timm_fslt.demo" in capsys.readouterr().err
+    assert "no module timm_fslt.apps.demo" in capsys.readouterr().err
 
 
 def test_cli_usage_errors_return_2(capsys):

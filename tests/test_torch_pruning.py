@@ -10,9 +10,9 @@ import torch_pruning as tp
 from torch import nn
 
 import timm_fslt
-from timm_fslt.compaction import restore_structure
-from timm_fslt.integrations import torch_pruning as ftp
-from timm_fslt.layers import random_weight
+from timm_fslt.pruning.compact import restore_structure
+from timm_fslt.pruning import torch_pruning as ftp
+from timm_fslt.nn.modules import random_weight
 from timm_fslt.models.gin import gin
 
 

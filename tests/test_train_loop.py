@@ -1,4 +1,4 @@
-"""The shared training loop (timm_fslt.train): resume, checkpoints, selection, trackers, errors.
+"""The shared training loop (timm_fslt.training.loop): resume, checkpoints, selection, trackers, errors.
 
 Small in-memory data and a Conv6 at 1/16 width, so each run takes a second or two.
 """
@@ -11,8 +11,8 @@ from torch.utils.data import TensorDataset
 
 import timm
 import timm_fslt
-from timm_fslt.train import (ClassificationTask, RunConfigError, TrainConfig, build_optimizer,
-                             check_masks_in_sync, latest_checkpoint, mask_digest, read_jsonl, train)
+from timm_fslt.training.loop import (ClassificationTask, RunConfigError, TrainConfig, build_optimizer,
+                                     check_masks_in_sync, latest_checkpoint, mask_digest, read_jsonl, train)
 
 
 @pytest.fixture(autouse=True)

@@ -6,17 +6,17 @@ then train the scores with an ordinary PyTorch loop.
 """
 __version__ = "0.1.0"
 
-from .core import FreezeConfig, freeze, get_config, get_group, recompute_masked_weights, refresh_masks
-from .layers import find_maskable, iter_frozen
-from .materialize import materialize
-from .report import SizeReport, size_report
-from .rng import GENERATOR_VERSION
-from .supermask import FrozenSupermask
-from . import models  # registers conv6 / resnet18_cifar in timm
-from .errors import TicketError
-from .architecture import register_builder
-from .ticket import create_model, load_ticket, save_ticket
-from .hub import push_to_hub
+from timm_fslt.frozen import (FreezeConfig, freeze, get_config, get_group, recompute_masked_weights, refresh_masks)
+from timm_fslt.nn.modules import find_maskable, iter_frozen
+from timm_fslt.materialize import materialize
+from timm_fslt.report import SizeReport, size_report
+from timm_fslt.regen.rng import GENERATOR_VERSION
+from timm_fslt.nn.supermask import FrozenSupermask
+from timm_fslt import models  # registers conv6 / resnet18_cifar in timm
+from timm_fslt.errors import TicketError
+from timm_fslt.ticket.architecture import register_builder
+from timm_fslt.ticket.io import create_model, load_ticket, save_ticket
+from timm_fslt.ticket.hub import push_to_hub
 
 __all__ = [
     "FreezeConfig", "FrozenSupermask", "GENERATOR_VERSION", "SizeReport", "find_maskable",
@@ -26,8 +26,8 @@ __all__ = [
 ]
 
 # Structural compaction and the torch-pruning bridge import torch-pruning on first use.
-_LAZY = {"compact": "compaction", "restore_structure": "compaction",
-         "torch_pruning_kwargs": "integrations.torch_pruning"}
+_LAZY = {"compact": "pruning.compact", "restore_structure": "pruning.compact",
+         "torch_pruning_kwargs": "pruning.torch_pruning"}
 __all__ += list(_LAZY)
 
 

@@ -1,4 +1,4 @@
 """``python -m timm_fslt`` runs the ``fslt`` command line."""
-from .cli import main
+from timm_fslt.apps.cli import main
 
 raise SystemExit(main())

@@ -6,8 +6,8 @@ import copy
 import torch
 from torch import nn
 
-from .core import _refresh_hook, get_group
-from .layers import is_frozen_layer
+from timm_fslt.frozen import _refresh_hook, get_group
+from timm_fslt.nn.modules import is_frozen_layer
 
 
 def _unparametrize(module: nn.Module) -> None:

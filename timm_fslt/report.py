@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from .core import get_group
-from .layers import is_frozen_layer, is_norm
+from timm_fslt.frozen import get_group
+from timm_fslt.nn.modules import is_frozen_layer, is_norm
 
 
 @dataclass

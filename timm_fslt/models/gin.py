@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..architecture import register_builder
+from timm_fslt.ticket.architecture import register_builder
 
 
 class GIN(nn.Module):

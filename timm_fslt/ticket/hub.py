@@ -18,9 +18,9 @@ from typing import Mapping, Optional, Sequence, Union
 
 from torch import nn
 
-from .errors import TicketChecksumError, TicketError
-from .ticket import (CARD_NAME, TICKET_FILES, _check_datasets, _check_metrics, describe_architecture,
-                     read_ticket, save_ticket, size_report_from_config)
+from timm_fslt.errors import TicketChecksumError, TicketError
+from timm_fslt.ticket.io import (CARD_NAME, TICKET_FILES, _check_datasets, _check_metrics,
+                                 describe_architecture, read_ticket, save_ticket, size_report_from_config)
 
 PathLike = Union[str, os.PathLike]
 _REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$")

@@ -14,8 +14,8 @@ from typing import Sequence
 
 import torch
 
-from . import rng
-from .threshold import keys_topk_mask
+from timm_fslt.regen import rng
+from timm_fslt.regen.topk import keys_topk_mask
 
 DISTRIBUTIONS = ("epl", "erk", "igq")
 

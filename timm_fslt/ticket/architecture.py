@@ -32,7 +32,7 @@ from typing import Any, Callable, Mapping, Optional
 import torch
 from torch import nn
 
-from .errors import ArchitectureError, TicketError
+from timm_fslt.errors import ArchitectureError, TicketError
 
 # kwargs of timm.create_model that fetch weights but do not change the architecture.
 DOWNLOAD_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
@@ -95,7 +95,7 @@ def _qualname(fn: Callable) -> str:
 
 
 def _register_own_builders() -> None:
-    from . import models  # noqa: F401  (registers conv6 / resnet18_cifar in timm and "gin" here)
+    from timm_fslt import models  # noqa: F401  (registers conv6 / resnet18_cifar in timm and "gin" here)
 
 
 def is_import_path(builder: str) -> bool:

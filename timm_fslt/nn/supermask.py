@@ -18,7 +18,7 @@ per layer in ``layerwise`` scope.  No extra call is needed in a training loop.
 
 Cost per optimizer step (what keeps a search step as cheap as weight training):
 the free scores are the parameter itself (nothing to gather),
-the selection over them is linear time (``timm_fslt.threshold``), and each layer's
+the selection over them is linear time (``timm_fslt.regen.topk``), and each layer's
 mask is updated by writing its free positions only (locked and pruned positions
 never change).  The forward adds one elementwise product per layer; the backward
 gathers the weight gradient and the weight at the free positions (through a cached
@@ -36,8 +36,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from . import freezing
-from .threshold import keys_topk_mask, magnitude_keys
+from timm_fslt.regen import pattern as freezing
+from timm_fslt.regen.topk import keys_topk_mask, magnitude_keys
 
 SCOPES = ("global", "layerwise")
 

@@ -41,20 +41,20 @@ import safetensors.torch
 import torch
 from torch import nn
 
-from . import __version__
-from . import atomic
-from . import freezing
-from .core import ticket_freeze_config
-from . import layers as L
-from .architecture import (ARCH_HELP, build_architecture, build_for_check, count_elements, create_model,
-                           describe_architecture, normalize_architecture, register_builder,
-                           registered_builders, resolve_builder, _json_clean)
-from .core import FreezeConfig, freeze, get_config, get_group, refresh_masks
-from .errors import (ArchitectureError, TicketChecksumError, TicketError, TicketIntegrityWarning,
-                     TicketMismatchError, TicketVersionError)
-from .report import LayerSize, SizeReport, non_regenerable_state
-from .rng import GENERATOR_VERSION, GENERATOR_VERSIONS
-from .supermask import _free_entries
+from timm_fslt import __version__
+from timm_fslt import atomic
+from timm_fslt.regen import pattern as freezing
+from timm_fslt.frozen import ticket_freeze_config
+from timm_fslt.nn import modules as L
+from timm_fslt.ticket.architecture import (ARCH_HELP, build_architecture, build_for_check, count_elements,
+                                           create_model, describe_architecture, normalize_architecture,
+                                           register_builder, registered_builders, resolve_builder, _json_clean)
+from timm_fslt.frozen import FreezeConfig, freeze, get_config, get_group, refresh_masks
+from timm_fslt.errors import (ArchitectureError, TicketChecksumError, TicketError, TicketIntegrityWarning,
+                              TicketMismatchError, TicketVersionError)
+from timm_fslt.report import LayerSize, SizeReport, non_regenerable_state
+from timm_fslt.regen.rng import GENERATOR_VERSION, GENERATOR_VERSIONS
+from timm_fslt.nn.supermask import _free_entries
 
 FORMAT = "timm_fslt.ticket"
 FORMAT_VERSION = 2  # 2: config.json carries an "integrity" record (format 1 is still read)
@@ -748,12 +748,12 @@ def load_ticket(source: PathLike, *, materialize: bool = False, revision: Option
     expected_sha256: accept only the ticket whose ``config["integrity"]["config_sha256"]``
         is this (it covers every field and, through the file checksums, every byte).
     A compacted ticket (config "structure") is re-compacted with
-    ``timm_fslt.compaction.restore_structure`` after freezing, before the bits apply.
+    ``timm_fslt.pruning.compact.restore_structure`` after freezing, before the bits apply.
 
     Every failure is a ``timm_fslt.TicketError``: files are read as JSON and
     safetensors only, and nothing a ticket says can run code without ``trust_builder``.
     """
-    from .hub import HUB_PREFIX, redownload, resolve_ticket_source
+    from timm_fslt.ticket.hub import HUB_PREFIX, redownload, resolve_ticket_source
 
     if isinstance(max_params, bool) or not isinstance(max_params, int) or max_params < 1:
         raise TicketError(f"max_params must be a positive int, got {max_params!r}")
@@ -788,7 +788,7 @@ def load_ticket(source: PathLike, *, materialize: bool = False, revision: Option
         raise TicketError(f"the ticket at {str(found.directory)!r} could not be rebuilt: "
                           f"{type(err).__name__}: {err}") from err
     if materialize:
-        from .materialize import materialize as _materialize
+        from timm_fslt.materialize import materialize as _materialize
         return _materialize(model)
     return model
 
@@ -839,7 +839,7 @@ def _rebuild(config: dict, packed: torch.Tensor, state: Mapping[str, torch.Tenso
                                   f"{err}") from err
     structure = config.get("structure")
     if structure is not None:
-        from .compaction import restore_structure
+        from timm_fslt.pruning.compact import restore_structure
         try:
             restore_structure(model, structure)
         except Exception as err:

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from . import freezing, layers as L, rng
-from .supermask import SCALES, SCOPES, FrozenSupermask, SupermaskGroup, recompute_context
+from timm_fslt.regen import pattern as freezing, rng
+from timm_fslt.nn import modules as L
+from timm_fslt.nn.supermask import SCALES, SCOPES, FrozenSupermask, SupermaskGroup, recompute_context
 
 BATCHNORM_MODES = ("non_affine", "affine", "keep")
 BIAS_MODES = ("zero", "train", "keep")
@@ -26,7 +27,7 @@ class FreezeConfig:
     sparsity: the ticket's overall sparsity, in [prune, 1 - lock]; None = middle.
     distribution: per-layer frozen counts, "epl" | "erk" | "igq".
     scope: "global" (one threshold for all layers) | "layerwise".
-    weight_init, score_init: see ``timm_fslt.layers.random_weight``.
+    weight_init, score_init: see ``timm_fslt.nn.modules.random_weight``.
     scale: None | "static" | "dynamic" -- multiply W*m by 1/sqrt(density).
     seed: keys the generator of weights, freezing pattern and scores.
     include, exclude: fnmatch patterns on module names.

@@ -50,12 +50,12 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning import ops as tp_ops
 
-from .core import get_group
-from .integrations.torch_pruning import (
-    FrozenDepthwiseConvPruner, FrozenLayerPruner, _RecordedCoupledPruner, _RecordedPruner,
-    _build_pruners, _is_depthwise, _is_grouped, _weight_dims, count_ops_and_params, plain_class,
-    root_module_types)
-from .layers import _is_pyg_linear, is_frozen_layer
+from timm_fslt.frozen import get_group
+from timm_fslt.pruning.torch_pruning import (FrozenDepthwiseConvPruner, FrozenLayerPruner,
+                                             _RecordedCoupledPruner, _RecordedPruner, _build_pruners,
+                                             _is_depthwise, _is_grouped, _weight_dims, count_ops_and_params,
+                                             plain_class, root_module_types)
+from timm_fslt.nn.modules import _is_pyg_linear, is_frozen_layer
 
 __all__ = ["compact", "restore_structure", "find_dead_channels"]
 

@@ -2,7 +2,7 @@
 
     fslt info TICKET                 size report and config of a ticket (directory or Hub repo id)
     fslt push TICKET REPO_ID         upload a saved ticket and its model card to the Hub
-    fslt demo [ARGS...]              run timm_fslt.demo.main(ARGS)
+    fslt demo [ARGS...]              run timm_fslt.apps.demo.main(ARGS)
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import math
 import sys
 from typing import Optional, Sequence
 
-from .errors import TicketError
+from timm_fslt.errors import TicketError
 
 
 def _metric(text: str) -> tuple[str, float]:
@@ -52,13 +52,13 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--dataset", action="append", default=[], metavar="DATASET_ID",
                       help="Hub dataset id the metrics were measured on (repeatable)")
 
-    sub.add_parser("demo", help="run the demo (timm_fslt.demo); arguments are passed on", add_help=False)
+    sub.add_parser("demo", help="run the demo (timm_fslt.apps.demo); arguments are passed on", add_help=False)
     return parser
 
 
 def _info(args) -> int:
-    from .hub import resolve_ticket_source
-    from .ticket import read_ticket, size_report_from_config
+    from timm_fslt.ticket.hub import resolve_ticket_source
+    from timm_fslt.ticket.io import read_ticket, size_report_from_config
 
     found = resolve_ticket_source(args.ticket, revision=args.revision)
     directory = found.directory
@@ -98,7 +98,7 @@ def _token(args) -> Optional[str]:
 
 
 def _push(args) -> int:
-    from .hub import push_to_hub
+    from timm_fslt.ticket.hub import push_to_hub
 
     info = push_to_hub(args.ticket, args.repo_id, private=args.private, token=_token(args),
                        commit_message=args.message, metrics=dict(args.metric) or None,
@@ -109,11 +109,11 @@ def _push(args) -> int:
 
 def _demo(rest: list[str]) -> int:
     try:
-        demo = importlib.import_module("timm_fslt.demo")
+        demo = importlib.import_module("timm_fslt.apps.demo")
     except ModuleNotFoundError as err:
-        if err.name != "timm_fslt.demo":
+        if err.name != "timm_fslt.apps.demo":
             raise
-        print("fslt demo: the demo is not available in this installation (no module timm_fslt.demo)",
+        print("fslt demo: the demo is not available in this installation (no module timm_fslt.apps.demo)",
               file=sys.stderr)
         return 2
     code = demo.main(rest)

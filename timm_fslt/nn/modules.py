@@ -11,7 +11,7 @@ from torch import nn
 from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
-from . import rng
+from timm_fslt.regen import rng
 
 WEIGHT_INITS = ("kaiming_uniform", "kaiming_normal", "signed_kaiming_constant")
 SCORE_INITS = ("kaiming_normal", "kaiming_uniform")

@@ -7,7 +7,7 @@ comes from ``ogb``'s ``PygNodePropPredDataset``, guarded so it never waits on st
 and never calls PyPI.
 
 Every random choice here (the train/val split, each epoch's order) is a pure
-function of the seed computed with ``timm_fslt.rng``, so a run splits and shuffles
+function of the seed computed with ``timm_fslt.regen.rng``, so a run splits and shuffles
 the same way on any machine, process count and torch release.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from . import rng
+from timm_fslt.regen import rng
 
 IMAGE_COLUMNS = ("img", "image")
 LABEL_COLUMN = "label"
@@ -40,7 +40,7 @@ class DataError(ValueError):
 # -- deterministic order ---------------------------------------------------------------
 def permutation(n: int, seed: int, stream: str) -> torch.Tensor:
     """A permutation of ``range(n)`` that depends only on ``(seed, stream)``."""
-    keys = rng.bits(seed, "timm_fslt.data", stream, n).to(torch.int64)
+    keys = rng.bits(seed, "timm_fslt.data", stream, n)  # the key of 0.1: same splits.to(torch.int64)
     return torch.argsort(keys, stable=True)
 
 
