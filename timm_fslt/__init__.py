@@ -6,7 +6,8 @@ then train the scores with an ordinary PyTorch loop.
 """
 __version__ = "0.1.0"
 
-from timm_fslt.frozen import (FreezeConfig, freeze, get_config, get_group, recompute_masked_weights, refresh_masks)
+from timm_fslt.frozen import (FreezeConfig, freeze, get_config, get_group, is_frozen, recompute_masked_weights,
+                              refresh_masks)
 from timm_fslt.nn.modules import find_maskable, iter_frozen
 from timm_fslt.materialize import materialize
 from timm_fslt.report import SizeReport, size_report
@@ -20,7 +21,7 @@ from timm_fslt.ticket.hub import push_to_hub
 
 __all__ = [
     "FreezeConfig", "FrozenSupermask", "GENERATOR_VERSION", "SizeReport", "find_maskable",
-    "freeze", "get_config", "get_group", "iter_frozen", "materialize", "recompute_masked_weights",
+    "freeze", "get_config", "get_group", "is_frozen", "iter_frozen", "materialize", "recompute_masked_weights",
     "refresh_masks", "size_report",
     "TicketError", "create_model", "load_ticket", "push_to_hub", "register_builder", "save_ticket",
 ]

@@ -115,6 +115,11 @@ def _refresh(group: SupermaskGroup) -> None:
     group.refresh()
 
 
+def is_frozen(model: nn.Module) -> bool:
+    """Whether ``model`` was frozen by ``timm_fslt.freeze`` (it owns a supermask group)."""
+    return getattr(model, "_fslt_group", None) is not None
+
+
 def get_group(model: nn.Module) -> SupermaskGroup:
     group = getattr(model, "_fslt_group", None)
     if group is None:

@@ -92,7 +92,7 @@ def _free_values(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return tensor.contiguous().view(-1).index_select(0, index)
 
 
-def _free_entries(weight_shaped: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
+def free_entries(weight_shaped: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
     """The entries of a weight-shaped tensor at the free positions of ``frozen``, row-major."""
     return weight_shaped.reshape(-1)[frozen.reshape(-1).to(weight_shaped.device) == freezing.FREE]
 
@@ -158,7 +158,7 @@ class FrozenSupermask(nn.Module):
         frozen = frozen.to(torch.int8)
         n_free = int((frozen == freezing.FREE).sum())
         if tuple(scores.shape) == tuple(frozen.shape):
-            scores = _free_entries(scores, frozen)
+            scores = free_entries(scores, frozen)
         if tuple(scores.shape) != (n_free,):
             raise ValueError(f"scores of layer {layer_name!r} must have the weight's shape {tuple(frozen.shape)} "
                              f"or one entry per free weight ({n_free},), got {tuple(scores.shape)}")
@@ -205,7 +205,7 @@ class FrozenSupermask(nn.Module):
         scores, frozen = state_dict.get(key), state_dict.get(prefix + "frozen", self.frozen)
         if (isinstance(scores, torch.Tensor) and isinstance(frozen, torch.Tensor) and scores.dim() > 1
                 and tuple(scores.shape) == tuple(frozen.shape)):
-            state_dict[key] = _free_entries(scores, frozen)
+            state_dict[key] = free_entries(scores, frozen)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -235,6 +235,10 @@ class FrozenSupermask(nn.Module):
             torch.abs(scores, out=out)
         else:
             out.copy_(scores).abs_()
+
+    def invalidate(self) -> None:
+        """Make the next forward re-select the masks (after ``scores`` or ``frozen`` were cut or replaced)."""
+        self._seen_version = -1
 
     def scores_like_weight(self, fill: float = 0.0) -> torch.Tensor:
         """The scores in the weight's shape (a new tensor): ``fill`` at pruned and locked positions."""

@@ -39,7 +39,7 @@ from torch_pruning.utils import op_counter as tp_op_counter
 
 from timm_fslt.frozen import get_group
 from timm_fslt.nn.modules import _is_pyg_linear, is_frozen_layer
-from timm_fslt.nn.supermask import FrozenSupermask, _free_entries
+from timm_fslt.nn.supermask import FrozenSupermask, free_entries
 
 __all__ = [
     "FrozenLayerPruner", "FrozenDepthwiseConvPruner", "SupermaskImportance", "StructureRecorder",
@@ -117,7 +117,7 @@ def _select_free_scores(supermask, dim: int, keep: torch.Tensor) -> None:
     channel[keep.to(frozen.device)] = True
     view = [1] * frozen.dim()
     view[dim] = -1
-    kept = _free_entries(channel.view(view).expand(frozen.shape), frozen)  # over the free weights
+    kept = free_entries(channel.view(view).expand(frozen.shape), frozen)  # over the free weights
     old = supermask._parameters["scores"]
     kept = kept.to(old.device)
     new = nn.Parameter(old.detach()[kept].contiguous(), requires_grad=old.requires_grad)
@@ -299,7 +299,7 @@ class FrozenLayerPruner(tp.pruner.BasePruningFunc):
             supermask.removed_numel += numel_before - supermask.frozen.numel()
             supermask.removed_kept += kept_before - int(supermask.mask.sum())
         self.recorder.record_budget(name, supermask)
-        supermask._seen_version = -1  # the group re-selects the masks at the next forward
+        supermask.invalidate()  # the group re-selects the masks at the next forward
 
 
 class FrozenDepthwiseConvPruner(FrozenLayerPruner):

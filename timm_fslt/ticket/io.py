@@ -54,7 +54,7 @@ from timm_fslt.errors import (ArchitectureError, TicketChecksumError, TicketErro
                               TicketMismatchError, TicketVersionError)
 from timm_fslt.report import LayerSize, SizeReport, non_regenerable_state
 from timm_fslt.regen.rng import GENERATOR_VERSION, GENERATOR_VERSIONS
-from timm_fslt.nn.supermask import _free_entries
+from timm_fslt.nn.supermask import free_entries
 
 FORMAT = "timm_fslt.ticket"
 FORMAT_VERSION = 2  # 2: config.json carries an "integrity" record (format 1 is still read)
@@ -343,7 +343,7 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
         if structure is None:  # (t1, t2) of the regenerated code; a compacted layer's code is not one
             layers[-1]["freeze_keys"] = list(freezing.freeze_keys_of_code(
                 config.seed, layer.layer_name, layer.frozen, counts["pruned"], counts["locked"]))
-        bits.append(_free_entries(layer.mask, layer.frozen).cpu())
+        bits.append(free_entries(layer.mask, layer.frozen).cpu())
     all_bits = torch.cat(bits) if bits else torch.zeros(0, dtype=torch.bool)
     n_free = sum(row["free"] for row in layers)
     assert all_bits.numel() == n_free
@@ -695,7 +695,7 @@ def _apply_mask(model: nn.Module, config: dict, packed: torch.Tensor) -> None:
         scores.copy_(torch.where(scores < 0, -magnitude, magnitude))
     refresh_masks(model)
     for layer, sel, row in zip(group.layers, selected, config["layers"]):
-        if not torch.equal(_free_entries(layer.mask, layer.frozen).cpu(), sel):
+        if not torch.equal(free_entries(layer.mask, layer.frozen).cpu(), sel):
             kept_stored = sum(int(s.sum()) + r["locked"] for s, r in zip(selected, config["layers"]))
             kept_now = sum(int(g.mask.sum()) for g in group.layers)
             raise TicketMismatchError(
