@@ -12,6 +12,9 @@ Concurrent writers are serialised by an exclusive ``flock`` on the parent direct
 too, for the milliseconds a swap takes). The kernel drops the lock of a killed
 process, so a stale lock never blocks. Under the lock, siblings left by a crashed
 writer are removed.
+
+One file: ``write_bytes_atomic`` / ``write_text_atomic`` / ``write_json_atomic`` write a
+temporary sibling, fsync it and rename it over the path (no lock: the last writer wins).
 """
 from __future__ import annotations
 
@@ -19,6 +22,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import json
 import os
 import re
 import shutil
@@ -215,3 +219,27 @@ def write_directory(directory: Path, files: Mapping[str, bytes],
             shutil.rmtree(tmp, ignore_errors=True)  # the old copy after an exchange, or a failed write
         _step("cleaned")
 
+
+# -- single files -----------------------------------------------------------------------------
+
+def write_bytes_atomic(path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a flushed temporary file in the same folder and a
+    rename: a reader (or a crash) sees the old file or the new one, never half of one."""
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"  # same folder: os.replace cannot cross file systems
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())  # the rename must not reach the disk before the data
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path, text: str) -> None:
+    """``write_bytes_atomic`` of ``text`` in UTF-8."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_json_atomic(path, payload) -> None:
+    """``payload`` as indented JSON with sorted keys and a final newline, written atomically."""
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
