@@ -29,7 +29,7 @@ timm_fslt.save_ticket(model, sys.argv[2])
 _LOAD = """
 import json, resource, sys, time, timm_fslt
 from timm_fslt.ticket.architecture import build_for_check, count_elements
-from timm_fslt.ticket.io import read_config
+from timm_fslt.ticket import read_config
 elements = count_elements(build_for_check(read_config(sys.argv[1])["architecture"]))  # on the meta device
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 start = time.perf_counter()

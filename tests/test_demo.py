@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from timm_fslt.apps import demo
-from timm_fslt.ticket.io import load_ticket
+from timm_fslt import load_ticket
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

@@ -331,7 +331,7 @@ def test_new_tickets_record_version_2_dtypes_and_freeze_keys(tmp_path):
 
 
 def test_unknown_generator_versions_are_refused(tmp_path):
-    from timm_fslt.ticket import io as T
+    from timm_fslt import ticket as T
     timm_fslt.save_ticket(_tiny(), tmp_path / "t", architecture=ARCH)
     path = tmp_path / "t" / "config.json"
     config = json.loads(path.read_text())

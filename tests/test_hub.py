@@ -193,7 +193,7 @@ def test_a_path_that_is_neither_a_ticket_nor_a_repo_id_is_reported(tmp_path):
 
 
 def test_model_card_without_datasets_lists_metrics_but_no_model_index(resnet_ticket):
-    config = timm_fslt.ticket.io.read_config(resnet_ticket.dir)
+    config = timm_fslt.ticket.read_config(resnet_ticket.dir)
     card = hub_mod.model_card(config, "me/t")
     assert card.data.metrics == ["accuracy"] and card.data.eval_results is None
     assert "| accuracy | 0.625 |" in card.text
@@ -255,7 +255,7 @@ def test_a_hostile_ticket_pushed_to_the_hub_runs_nothing_when_loaded_by_repo_id(
     hostile = Path(shutil.copytree(resnet_ticket.dir, tmp_path / "hostile"))
     config = json.loads((hostile / "config.json").read_text())
     config["architecture"] = {"builder": "os:system", "kwargs": {"command": f"touch {sentinel}"}}
-    (hostile / "config.json").write_text(json.dumps(timm_fslt.ticket.io.seal_config(config)))  # resealed
+    (hostile / "config.json").write_text(json.dumps(timm_fslt.ticket.seal_config(config)))  # resealed
     env = dict(_env(hub, tmp_path / "hf"), HF_TOKEN=TOKEN)
     _run(["-m", "timm_fslt", "push", str(hostile), "tester/hostile"], env)
     result = _load_in_subprocess("tester/hostile", env)

@@ -21,7 +21,7 @@ from torch import nn
 import timm_fslt
 from timm_fslt import atomic
 from timm_fslt.apps import cli
-from timm_fslt.ticket import io as ticket_mod
+from timm_fslt import ticket as ticket_mod
 from timm_fslt.errors import (ArchitectureError, TicketChecksumError, TicketError, TicketMismatchError,
                               TicketVersionError)
 from timm_fslt.report import non_regenerable_state

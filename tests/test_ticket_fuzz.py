@@ -18,7 +18,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 import timm_fslt
 from helpers import copy_dir as _copy
 from timm_fslt.errors import TicketError
-from timm_fslt.ticket.io import seal_config
+from timm_fslt.ticket import seal_config
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

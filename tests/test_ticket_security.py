@@ -26,7 +26,7 @@ from helpers import copy_dir as _copy
 from timm_fslt import atomic
 from timm_fslt.errors import (ArchitectureError, TicketChecksumError, TicketError, TicketIntegrityWarning,
                               TicketVersionError)
-from timm_fslt.ticket.io import seal_config
+from timm_fslt.ticket import seal_config
 
 REPO = Path(__file__).resolve().parents[1]
 ARCH = {"timm": "resnet18_cifar", "kwargs": {"num_classes": 10, "width": 0.125}}
@@ -191,20 +191,20 @@ def test_every_single_field_edit_of_config_json_is_refused_naming_the_field(tick
         _write(path, edited, reseal=False)
         if where == ("format_version",):  # now claims a newer format, whose seal this release cannot read
             with pytest.raises(TicketVersionError, match="upgrade timm_fslt"):
-                timm_fslt.ticket.io.read_config(path)
+                timm_fslt.ticket.read_config(path)
             continue
         with pytest.raises(TicketChecksumError, match="was edited after it was saved") as err:
-            timm_fslt.ticket.io.read_config(path)
+            timm_fslt.ticket.read_config(path)
         assert _field(config, where) in str(err.value), (where, str(err.value))
     edited = json.loads(json.dumps(config))
     edited["integrity"]["config_sha256"] = "0" * 64
     _write(path, edited, reseal=False)
     with pytest.raises(TicketChecksumError, match="the integrity record itself"):
-        timm_fslt.ticket.io.read_config(path)
+        timm_fslt.ticket.read_config(path)
     edited.pop("integrity")
     _write(path, edited, reseal=False)
     with pytest.raises(TicketChecksumError, match="no valid 'integrity' record"):
-        timm_fslt.ticket.io.read_config(path)
+        timm_fslt.ticket.read_config(path)
 
 
 @pytest.mark.parametrize("field,value,refused", [
@@ -360,8 +360,8 @@ def test_a_huge_architecture_is_stopped_while_it_builds(ticket, tmp_path):
 def test_declared_sizes_past_max_params_are_refused_before_any_file_is_read(ticket, tmp_path, monkeypatch):
     path = _copy(ticket[0], tmp_path / "t")
     read = []
-    real = timm_fslt.ticket.io._read_tensor_file
-    monkeypatch.setattr(timm_fslt.ticket.io, "_read_tensor_file", lambda *a, **k: read.append(a) or real(*a, **k))
+    real = timm_fslt.ticket.format._read_tensor_file
+    monkeypatch.setattr(timm_fslt.ticket.format, "_read_tensor_file", lambda *a, **k: read.append(a) or real(*a, **k))
     with pytest.raises(ArchitectureError, match=r"declares [\d,]+ masked weights and [\d,]+ state elements, more "
                                                 r"than max_params=1,000"):
         timm_fslt.load_ticket(path, max_params=1000)

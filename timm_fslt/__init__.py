@@ -4,7 +4,7 @@
 
 then train the scores with an ordinary PyTorch loop.
 """
-__version__ = "0.1.0"
+from timm_fslt.version import __version__
 
 from timm_fslt.frozen import (FreezeConfig, freeze, get_config, get_group, is_frozen, recompute_masked_weights,
                               refresh_masks)

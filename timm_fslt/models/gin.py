@@ -11,7 +11,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from timm_fslt.ticket.architecture import register_builder
 
 
 class GIN(nn.Module):
@@ -48,7 +47,6 @@ class GIN(nn.Module):
         return (self.readout(h) + out) / 2
 
 
-@register_builder("gin")
 def gin(in_channels: int, num_classes: int, hidden: int = 386, num_layers: int = 4,
         dropout: float = 0.0) -> GIN:
     """Builder used by tickets (``{"builder": "gin"}``) and the OGBN-Arxiv recipe."""

@@ -33,6 +33,9 @@ import torch
 from torch import nn
 
 from timm_fslt.errors import ArchitectureError, TicketError
+from timm_fslt.frozen import FreezeConfig, get_config, get_group
+from timm_fslt.nn import modules as L
+from timm_fslt.report import non_regenerable_state
 
 # kwargs of timm.create_model that fetch weights but do not change the architecture.
 DOWNLOAD_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
@@ -72,6 +75,7 @@ def register_builder(name: str, fn: Optional[Callable[..., nn.Module]] = None, *
         raise TypeError(f"replace must be True or False, got {replace!r}")
 
     def add(function: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        _register_own_builders()  # so that a user's name never silently takes one of ours
         if not callable(function):
             raise TypeError(f"fn must be callable (kwargs -> torch.nn.Module), got {type(function).__name__}")
         taken = _BUILDERS.get(name)
@@ -95,7 +99,12 @@ def _qualname(fn: Callable) -> str:
 
 
 def _register_own_builders() -> None:
-    from timm_fslt import models  # noqa: F401  (registers conv6 / resnet18_cifar in timm and "gin" here)
+    """timm_fslt's own architectures: conv6 / resnet18_cifar / MNIST nets register in timm when
+    ``timm_fslt.models`` is imported; the GIN (a PyG model, not a timm one) is registered here,
+    so that the models never import the ticket code."""
+    from timm_fslt.models.gin import gin  # on first use: the registry needs no model code before that
+
+    _BUILDERS.setdefault("gin", gin)
 
 
 def is_import_path(builder: str) -> bool:
@@ -104,7 +113,7 @@ def is_import_path(builder: str) -> bool:
 
 # -- the record ----------------------------------------------------------------------------
 
-def _json_clean(value: Any, what: str) -> Any:
+def json_clean(value: Any, what: str) -> Any:
     """``value`` as it will come back from JSON (tuples become lists), or a clear error."""
     try:
         return json.loads(json.dumps(value, allow_nan=False))
@@ -140,7 +149,7 @@ def normalize_architecture(architecture: Any, where: str = "architecture") -> di
     kwargs = architecture.get("kwargs") or {}
     if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
         raise ArchitectureError(f"{where}['kwargs'] must be a dict with string keys, got {kwargs!r}")
-    kwargs = _json_clean(dict(kwargs), f"{where}['kwargs']")
+    kwargs = json_clean(dict(kwargs), f"{where}['kwargs']")
     if kind == "timm":
         kwargs = {k: v for k, v in kwargs.items() if k not in DOWNLOAD_KWARGS}
     return {kind: name, "kwargs": kwargs}
@@ -306,3 +315,80 @@ def create_model(model_name: str, **kwargs) -> nn.Module:
         "timm": model_name,
         "kwargs": {k: v for k, v in kwargs.items() if k not in DOWNLOAD_KWARGS}}
     return model
+
+
+# -- which record rebuilds a given model ----------------------------------------------------
+
+def _layer_mismatch(model: nn.Module, arch: Mapping, config: FreezeConfig,
+                    structured: bool) -> Optional[str]:
+    """Why ``arch`` does not rebuild ``model`` (None when it does)."""
+    candidate = build_for_check(arch)
+    targets = L.find_maskable(candidate, config.include, config.exclude)
+    group = get_group(model)
+    if len(targets) != len(group.layers):
+        return (f"it has {len(targets)} maskable layers, the model has {len(group.layers)}")
+    for (name, module), layer in zip(targets, group.layers):
+        if name != layer.layer_name:
+            return f"its maskable layer {name!r} stands where the model has {layer.layer_name!r}"
+        try:
+            L.check_initialized(name, module)
+        except ValueError as err:
+            raise ArchitectureError(f"{describe_architecture(arch)} builds lazy layers: {err}. A ticket "
+                                    "needs an architecture that builds initialised layers") from None
+        shape = tuple(L.weight_shape(module))
+        if not structured and shape != tuple(layer.frozen.shape):
+            return f"its layer {name!r} has weight shape {shape}, the model's has {tuple(layer.frozen.shape)}"
+    state = candidate.state_dict()
+    for key, value in non_regenerable_state(model).items():
+        if key not in state:
+            return f"it has no tensor {key!r}"
+        if not structured and tuple(state[key].shape) != tuple(value.shape):
+            return f"its {key!r} has shape {tuple(state[key].shape)}, the model's {tuple(value.shape)}"
+    return None
+
+
+def _infer_architecture(model: nn.Module) -> dict:
+    cfg = getattr(model, "pretrained_cfg", None)
+    name = cfg.get("architecture") if isinstance(cfg, Mapping) else None
+    if not name:
+        raise ArchitectureError(f"cannot tell which architecture built this {type(model).__name__}: {ARCH_HELP}")
+    kwargs: dict = {}
+    if isinstance(getattr(model, "num_classes", None), int):
+        kwargs["num_classes"] = model.num_classes
+    first_conv = cfg.get("first_conv")
+    if isinstance(first_conv, str):
+        try:
+            in_chans = getattr(model.get_submodule(first_conv), "in_channels", None)
+        except AttributeError:
+            in_chans = None
+        if isinstance(in_chans, int):
+            kwargs["in_chans"] = in_chans
+    return {"timm": name, "kwargs": kwargs}
+
+
+def resolve_architecture(model: nn.Module, architecture: Optional[Mapping] = None) -> dict:
+    """The architecture record for ``model``: explicit, recorded by ``create_model``, or inferred.
+
+    An inferred one (timm's ``pretrained_cfg["architecture"]`` with num_classes and
+    in_chans) is accepted only if it rebuilds exactly the model's layers; explicit
+    and recorded ones are checked the same way, so a ticket that could not be
+    loaded again is never written.
+    """
+    config = get_config(model)
+    structured = getattr(model, "fslt_structure", None) is not None
+    if architecture is not None:
+        arch, source = normalize_architecture(architecture), "architecture="
+    elif getattr(model, "fslt_architecture", None) is not None:
+        arch, source = normalize_architecture(model.fslt_architecture, "model.fslt_architecture"), \
+            "model.fslt_architecture"
+    else:
+        arch, source = normalize_architecture(_infer_architecture(model)), None
+    problem = _layer_mismatch(model, arch, config, structured)
+    if problem is not None:
+        if source is None:
+            raise ArchitectureError(
+                f"cannot infer the architecture unambiguously: timm's pretrained_cfg names "
+                f"{describe_architecture(arch)}, but {problem}; {ARCH_HELP}")
+        raise ArchitectureError(f"{source} {describe_architecture(arch)} does not rebuild this model: "
+                                f"{problem}")
+    return arch

@@ -8,9 +8,7 @@ A pushed repo holds the ticket's three files unchanged plus a model card
 """
 from __future__ import annotations
 
-import dataclasses
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -18,98 +16,20 @@ from typing import Mapping, Optional, Sequence, Union
 
 from torch import nn
 
-from timm_fslt.errors import TicketChecksumError, TicketError
-from timm_fslt.ticket.io import (CARD_NAME, TICKET_FILES, _check_datasets, _check_metrics,
-                                 describe_architecture, read_ticket, save_ticket, size_report_from_config)
+from timm_fslt.errors import TicketError
+from timm_fslt.ticket.architecture import describe_architecture
+from timm_fslt.ticket.format import (CARD_NAME, TICKET_FILES, check_datasets, check_metrics, read_ticket,
+                                     size_report_from_config)
+from timm_fslt.ticket.io import save_ticket
+from timm_fslt.ticket.sources import is_repo_id
 
 PathLike = Union[str, os.PathLike]
-_REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$")
 PAPER = ("Otsuka et al., \"Partially Frozen Random Networks Contain Compact Strong Lottery Tickets\", "
          "TMLR 2025 (arXiv:2402.14029)")
 
 
-HUB_PREFIX = "hf-hub:"  # as in timm.create_model("hf-hub:user/name"): always the Hub, never a path
-
-
-def is_repo_id(source: str) -> bool:
-    return bool(_REPO_ID_RE.match(source)) and ".." not in source
-
-
-@dataclasses.dataclass(frozen=True)
-class TicketSource:
-    """Where a ticket's files are: ``directory``; for a Hub snapshot, the ``repo_id`` and the
-    cache folder (``root``) its files may link into."""
-    directory: Path
-    repo_id: Optional[str] = None
-    root: Optional[Path] = None
-
-
-def _looks_local(source: str) -> Optional[str]:
-    """Why ``source``, spelled like a repo id, must be a local path (None when it may be a repo id)."""
-    parent = Path(source).parent
-    if str(parent) not in ("", ".") and parent.is_dir():
-        return f"its parent folder {str(parent)!r} exists here"
-    return None
-
-
-def resolve_ticket_source(source: PathLike, *, revision: Optional[str] = None,
-                          token: Union[str, bool, None] = None, cache_dir: Optional[PathLike] = None,
-                          force_download: bool = False) -> TicketSource:
-    """A local ticket directory, or the snapshot folder of a Hub repo id (downloaded or cached)."""
-    if not isinstance(source, (str, os.PathLike)):
-        raise TicketError(f"source must be a ticket directory or a Hub repo id 'user/name', got "
-                          f"{type(source).__name__}")
-    text = os.fspath(source)
-    if isinstance(text, bytes):
-        text = os.fsdecode(text)
-    repo_id = text[len(HUB_PREFIX):] if text.startswith(HUB_PREFIX) else None
-    if repo_id is None:
-        path = Path(text).expanduser()
-        if path.is_dir():
-            return TicketSource(path)
-        if path.exists():
-            raise TicketError(f"{text!r} is a file; a ticket is a directory (or a Hub repo id 'user/name')")
-        if not is_repo_id(text):
-            raise TicketError(f"no ticket directory at {text!r}, and it is not a Hub repo id ('user/name')")
-        why = _looks_local(text)
-        if why is not None:
-            raise TicketError(f"no ticket directory at {text!r} ({why}, so it is read as a local path; for a "
-                              f"Hub repo write {HUB_PREFIX + text!r})")
-        repo_id = text
-    elif not is_repo_id(repo_id) or "/" not in repo_id:
-        raise TicketError(f"{text!r}: after {HUB_PREFIX!r} comes a Hub repo id 'user/name'")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
-    try:
-        folder = snapshot_download(repo_id, revision=revision, token=token, cache_dir=cache_dir,
-                                   allow_patterns=list(TICKET_FILES) + [CARD_NAME],
-                                   force_download=force_download)
-    except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as err:
-        raise TicketError(f"no local directory {text!r}, and the Hub repo {repo_id!r} could not be "
-                          f"fetched (nor found in the local Hub cache): {err}") from err
-    folder = Path(folder)
-    # <cache>/models--user--name/snapshots/<commit>/: its files link into ../../blobs
-    return TicketSource(folder, repo_id, folder.parent.parent)
-
-
-def redownload(found: TicketSource, **kwargs) -> TicketSource:
-    """Fetch a Hub ticket again after its cached copy failed a checksum (a download cut short)."""
-    from huggingface_hub import constants
-
-    if constants.HF_HUB_OFFLINE:
-        raise TicketChecksumError(
-            f"the cached copy of the Hub ticket {found.repo_id!r} in {str(found.directory)!r} is damaged and "
-            "HF_HUB_OFFLINE is set: unset it to download the ticket again, or delete that folder")
-    return resolve_ticket_source(HUB_PREFIX + found.repo_id, force_download=True, **kwargs)
-
-
-def resolve_ticket(source: PathLike, **kwargs) -> Path:
-    """The directory holding the ticket ``source`` names (see ``resolve_ticket_source``)."""
-    return resolve_ticket_source(source, **kwargs).directory
-
-
 # -- model card ---------------------------------------------------------------------------
+
 
 def _fmt(value) -> str:
     if isinstance(value, float):
@@ -125,8 +45,8 @@ def model_card(config: Mapping, repo_id: str, *, metrics: Optional[Mapping] = No
     """
     from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-    metrics = {**config.get("metrics", {}), **_check_metrics(metrics)}
-    datasets = _check_datasets(datasets) or list(config.get("datasets", []))
+    metrics = {**config.get("metrics", {}), **check_metrics(metrics)}
+    datasets = check_datasets(datasets) or list(config.get("datasets", []))
     arch = config["architecture"]
     freeze = config["freeze"]
     report = size_report_from_config(config)
@@ -218,6 +138,7 @@ def model_card(config: Mapping, repo_id: str, *, metrics: Optional[Mapping] = No
 
 
 # -- push -----------------------------------------------------------------------------------
+
 
 def push_to_hub(model_or_ticket_dir: Union[nn.Module, PathLike], repo_id: str, *, private: bool = False,
                 token: Union[str, bool, None] = None, commit_message: Optional[str] = None,

@@ -1,0 +1,105 @@
+"""Integrity of a ticket: the seal of config.json and the digests of regenerated layers.
+
+``seal_config`` adds ``config["integrity"]``: the sha256 of the canonical JSON of every other
+field, and a 64-bit digest per field that names an edited one on load. ``layer_digests``
+gives, per masked layer, 128 bits of sha256 over its regenerated weight and freezing code
+(``regen_digest``) or over the weight its forward uses (``masked_digest``); the loader
+compares both with the ones saved, so a resealed edit cannot load as another network.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from timm_fslt.errors import TicketChecksumError, TicketIntegrityWarning
+from timm_fslt.nn import modules as L
+
+CONFIG_NAME = "config.json"
+
+
+def tensor_digest(*tensors: torch.Tensor) -> str:
+    """128 bits of sha256 over tensors' dtypes, shapes and bytes."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.detach().to("cpu").contiguous()
+        h.update(f"{str(t.dtype).replace('torch.', '')}{list(t.shape)};".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()[:32]
+
+
+@torch.no_grad()
+def layer_digests(model: nn.Module, masked: bool) -> dict[str, str]:
+    """Per masked layer: the digest of its regenerated weight and freezing code (``regen_digest``),
+    or of the weight its forward uses, ``W * mask * scale`` (``masked_digest``)."""
+    out = {}
+    for name, module in L.iter_frozen(model):
+        supermask = next(p for p in module.parametrizations["weight"] if type(p).__name__ == "FrozenSupermask")
+        tensors = (module.weight,) if masked else (module.parametrizations["weight"].original, supermask.frozen)
+        out[supermask.layer_name] = tensor_digest(*tensors)
+    return out
+
+
+def canonical_json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                      allow_nan=False).encode("utf-8")
+
+
+def field_digests(document: Mapping) -> dict[str, str]:
+    """64-bit digests of each field (``freeze.seed``, ``layers[3]``, ...): they name what an edit changed."""
+    out = {}
+    for key, value in document.items():
+        if key == "integrity":
+            continue
+        if isinstance(value, dict) and value:
+            for sub, item in value.items():
+                out[f"{key}.{sub}"] = hashlib.sha256(canonical_json(item)).hexdigest()[:16]
+        elif isinstance(value, list) and value:
+            for i, item in enumerate(value):
+                out[f"{key}[{i}]"] = hashlib.sha256(canonical_json(item)).hexdigest()[:16]
+        else:
+            out[key] = hashlib.sha256(canonical_json(value)).hexdigest()[:16]
+    return out
+
+
+def seal_config(document: Mapping) -> dict:
+    """``document`` with its ``integrity`` record: the sha256 of the canonical JSON of every
+    other field, and per-field digests that name an edited field on load.
+
+    Integrity, not authenticity: whoever rewrites a ticket can reseal it. A ticket's
+    identity is ``config["integrity"]["config_sha256"]``; pin it with
+    ``load_ticket(..., expected_sha256=...)`` to accept exactly one ticket.
+    """
+    body = {k: v for k, v in document.items() if k != "integrity"}
+    return {**body, "integrity": {"config_sha256": hashlib.sha256(canonical_json(body)).hexdigest(),
+                                  "fields": field_digests(body)}}
+
+
+def verify_integrity(config: dict, path: Path) -> None:
+    record = config.get("integrity")
+    if config["format_version"] < 2 and record is None:
+        warnings.warn(f"the ticket {str(path.parent)!r} was written by timm_fslt 0.1 (ticket format 1) and has "
+                      f"no integrity record: an edit of its {CONFIG_NAME} cannot be detected; save it again "
+                      "with this release to seal it", TicketIntegrityWarning, stacklevel=4)
+        return
+    if not (isinstance(record, dict) and isinstance(record.get("config_sha256"), str)
+            and isinstance(record.get("fields"), dict)):
+        raise TicketChecksumError(f"{str(path)!r} has no valid 'integrity' record (config_sha256 and fields): "
+                                  "the config was altered or truncated")
+    body = {k: v for k, v in config.items() if k != "integrity"}
+    digest = hashlib.sha256(canonical_json(body)).hexdigest()
+    if digest == record["config_sha256"]:
+        return
+    stored, now = record["fields"], field_digests(body)
+    changed = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
+    named = [f"{k} ({'added' if k not in stored else 'removed' if k not in now else 'changed'})" for k in changed]
+    raise TicketChecksumError(
+        f"{str(path)!r} was edited after it was saved: its checksum {digest[:16]}... does not match "
+        f"{str(record['config_sha256'])[:16]}... recorded in it; edited field"
+        f"{'s' if len(named) != 1 else ''}: {', '.join(named[:10]) or 'the integrity record itself'}"
+        f"{', ...' if len(named) > 10 else ''}")
