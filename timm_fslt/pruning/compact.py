@@ -41,9 +41,7 @@ full-size model, which is how a compacted ticket is regenerated from its seed.
 from __future__ import annotations
 
 import copy
-import json
 import re
-from typing import Any, Optional
 
 import torch
 import torch_pruning as tp
@@ -51,11 +49,13 @@ from torch import nn
 from torch_pruning import ops as tp_ops
 
 from timm_fslt.frozen import get_group
-from timm_fslt.pruning.torch_pruning import (FrozenDepthwiseConvPruner, FrozenLayerPruner,
-                                             _RecordedCoupledPruner, _RecordedPruner, _build_pruners,
-                                             _is_depthwise, _is_grouped, _weight_dims, count_ops_and_params,
-                                             plain_class, root_module_types)
 from timm_fslt.nn.modules import _is_pyg_linear, is_frozen_layer
+from timm_fslt.pruning.counting import count_ops_and_params
+from timm_fslt.pruning.geometry import is_depthwise, is_grouped, weight_dims
+from timm_fslt.pruning.pruners import FrozenLayerPruner, RecordedPruner, pruners, root_module_types
+# restore_structure lives in timm_fslt.pruning.restore (it runs the pruners); the ticket loader and
+# timm_fslt.restore_structure import it from here.
+from timm_fslt.pruning.restore import restore_structure  # noqa: F401
 
 __all__ = ["compact", "restore_structure", "find_dead_channels"]
 
@@ -122,65 +122,74 @@ def _bn_maps_zero_to_zero(bn: nn.Module) -> torch.Tensor:
     return (y[0] == 0).cpu()
 
 
+def _is_weighted(owner, module) -> bool:
+    """A conv / linear (frozen or not) cut by one of timm_fslt's pruners."""
+    return isinstance(owner, (FrozenLayerPruner, RecordedPruner)) and isinstance(module, nn.Module) \
+        and (is_frozen_layer(module) or isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
+             or _is_pyg_linear(module))
+
+
+def _note_weighted(module: nn.Module, producing: bool, idxs: list, roots: list, blocked: dict) -> None:
+    """Mark the channels a conv / linear keeps alive: it produces them or reads them."""
+    out_dim, in_dim = weight_dims(module)
+    weight = module.weight  # W * mask * scale for a frozen layer
+    if producing:  # a producer of the channel
+        dead_rows = _channel_slices(weight, out_dim)
+        bias = getattr(module, "bias", None)
+        if bias is not None:
+            dead_rows = dead_rows & (bias.detach() == 0).cpu()
+        for i, r in zip(idxs, roots):
+            blocked["produced"].add(r)
+            if not dead_rows[i]:
+                blocked["zero"].add(r)
+    else:  # a consumer: reads the channel through its input weights
+        dead_cols = _channel_slices(weight, in_dim)
+        for i, r in zip(idxs, roots):
+            if not dead_cols[i]:
+                blocked["unread"].add(r)
+
+
+def _maps_zero_to_zero(node) -> bool:
+    """An element-wise op that keeps an all-zero channel zero (see the module docstring)."""
+    if _is_weight_path(node):
+        return True
+    name = _grad_fn_name(node)
+    return bool(_ZERO_PRESERVING.match(name)) and not (
+        name in _NEEDS_GRAPH_OPERANDS and _has_outside_operand(node))
+
+
 def _analyse(group, zero_channels: bool, output_grad_fns: set) -> tuple[set, set]:
     """(unread, zero) root channel indices of a full group; empty sets if it is not analysable."""
     root_idxs = list(group[0].root_idxs)
-    unread_blocked, zero_blocked, produced = set(), set(), set()
+    # channels something reads / keeps non-zero, and channels some conv or linear produces
+    blocked = {"unread": set(), "zero": set(), "produced": set()}
     zero_ok = zero_channels
     for item in group:
         dep, idxs, roots = item.dep, list(item.idxs), list(item.root_idxs)
         if any(r is None for r in roots):
             return set(), set()
         node, module, fn = dep.target, dep.target.module, dep.handler
-        owner = getattr(fn, "__self__", None)
         if node.type == tp_ops.OPTYPE.OUTPUT or (
                 node.grad_fn in output_grad_fns and fn.__name__ == "prune_out_channels"):
-            unread_blocked.update(roots)  # the channel is part of the model's output
-            zero_blocked.update(roots)
-            continue
-        if isinstance(owner, (FrozenLayerPruner, _RecordedPruner)) and isinstance(module, nn.Module) \
-                and (is_frozen_layer(module) or isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
-                     or _is_pyg_linear(module)):
-            if _is_depthwise(module) or _is_grouped(module):
+            blocked["unread"].update(roots)  # the channel is part of the model's output
+            blocked["zero"].update(roots)
+        elif _is_weighted(getattr(fn, "__self__", None), module):
+            if is_depthwise(module) or is_grouped(module):
                 return set(), set()
-            out_dim, in_dim = _weight_dims(module)
-            weight = module.weight  # W * mask * scale for a frozen layer
-            if fn.__name__ == "prune_out_channels":  # a producer of the channel
-                dead_rows = _channel_slices(weight, out_dim)
-                bias = getattr(module, "bias", None)
-                if bias is not None:
-                    dead_rows = dead_rows & (bias.detach() == 0).cpu()
-                for i, r in zip(idxs, roots):
-                    produced.add(r)
-                    if not dead_rows[i]:
-                        zero_blocked.add(r)
-            else:  # a consumer: reads the channel through its input weights
-                dead_cols = _channel_slices(weight, in_dim)
-                for i, r in zip(idxs, roots):
-                    if not dead_cols[i]:
-                        unread_blocked.add(r)
-            continue
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            _note_weighted(module, fn.__name__ == "prune_out_channels", idxs, roots, blocked)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
             zero_to_zero = _bn_maps_zero_to_zero(module)
-            for i, r in zip(idxs, roots):
-                if not zero_to_zero[i]:
-                    zero_blocked.add(r)
+            blocked["zero"].update(r for i, r in zip(idxs, roots) if not zero_to_zero[i])
+        elif node.type in _ROUTING_TYPES:
             continue
-        if node.type in _ROUTING_TYPES:
-            continue
-        if isinstance(module, tp_ops._ElementWiseOp):
-            if _is_weight_path(node):
-                continue
-            name = _grad_fn_name(node)
-            if not _ZERO_PRESERVING.match(name) or (
-                    name in _NEEDS_GRAPH_OPERANDS and _has_outside_operand(node)):
-                zero_ok = False
-            continue
-        return set(), set()  # a module whose channels are not independent
-    unread = {r for r in root_idxs if r not in unread_blocked}
+        elif isinstance(module, tp_ops._ElementWiseOp):
+            zero_ok = zero_ok and _maps_zero_to_zero(node)
+        else:
+            return set(), set()  # a module whose channels are not independent
+    unread = {r for r in root_idxs if r not in blocked["unread"]}
     zero = set()
     if zero_ok:
-        zero = {r for r in root_idxs if r in produced and r not in zero_blocked}
+        zero = {r for r in root_idxs if r in blocked["produced"] and r not in blocked["zero"]}
     return unread, zero
 
 
@@ -188,7 +197,7 @@ def _candidate_groups(DG, roots):
     for group in DG.get_all_groups(root_module_types=roots):
         owner = getattr(group[0].dep.handler, "__self__", None)
         # torch-pruning swaps in its own function for a depthwise root; such groups are skipped
-        if isinstance(owner, (FrozenLayerPruner, _RecordedPruner)):
+        if isinstance(owner, (FrozenLayerPruner, RecordedPruner)):
             yield group
 
 
@@ -217,7 +226,7 @@ def _dependency_graph(model: nn.Module, example_inputs, keep_budget: bool):
         return out
 
     DG = tp.DependencyGraph().build_dependency(
-        model, example_inputs, customized_pruners=_build_pruners(model, keep_budget=keep_budget),
+        model, example_inputs, customized_pruners=pruners(model, keep_budget=keep_budget),
         output_transform=remember_outputs, verbose=False)
     DG.fslt_output_grad_fns = outputs
     return DG
@@ -288,6 +297,48 @@ def _channel_report(before: dict, after: dict) -> dict:
     return out
 
 
+def _reference_outputs(model: nn.Module, example_inputs) -> list[torch.Tensor]:
+    """The model's eval-mode outputs on ``example_inputs``, which the compacted copy must match."""
+    was_training = model.training
+    model.eval()
+    if not isinstance(example_inputs, (torch.Tensor, tuple, list, dict)):
+        raise TypeError("example_inputs must be a tensor, a tuple of positional inputs or a dict of "
+                        f"keyword inputs, got {type(example_inputs).__name__}")
+    try:
+        with torch.no_grad():
+            reference = [t.detach().clone() for t in _flatten(_forward(model, example_inputs))]
+    except Exception as err:  # the user's inputs, not compaction, are at fault here
+        raise ValueError(f"example_inputs do not run through the model: {type(err).__name__}: "
+                         f"{str(err).splitlines()[0]}") from err
+    finally:
+        model.train(was_training)
+    if not reference:
+        raise ValueError("example_inputs must make the model return tensors (to verify compaction)")
+    return reference
+
+
+def _compact_verified(model: nn.Module, example_inputs, reference: list, zero_channels: bool,
+                      max_rounds: int):
+    """(compacted copy, counts, rounds, zero rule used, worst difference): the first attempt whose
+    outputs match ``reference``, with rule 2 and then without it."""
+    attempts = [zero_channels, False] if zero_channels else [False]
+    for use_zero in attempts:
+        work, counts, rounds = _compact_once(model, example_inputs, use_zero, max_rounds)
+        work_group = get_group(work)
+        masks = [layer.mask.clone() for layer in work_group.layers]
+        work_group.refresh(force=True)
+        if any(not torch.equal(m, layer.mask) for m, layer in zip(masks, work_group.layers)):
+            raise RuntimeError("internal error: compaction moved the remaining masks")
+        with torch.no_grad():
+            outputs = _flatten(_forward(work, example_inputs))
+        ok, worst = _outputs_match(reference, outputs)
+        if ok:
+            return work, counts, rounds, use_zero, worst
+    raise RuntimeError(
+        "compact could not remove dead channels without changing the model's outputs: torch-pruning "
+        "treats some channel-mixing operation of this model as element-wise. The model is unchanged")
+
+
 def compact(model: nn.Module, example_inputs, *, zero_channels: bool = True,
             max_rounds: int = 20) -> tuple[nn.Module, dict]:
     """Remove the dead channels of a frozen model; returns ``(compacted_copy, report)``.
@@ -306,44 +357,15 @@ def compact(model: nn.Module, example_inputs, *, zero_channels: bool = True,
         raise ValueError(f"max_rounds must be a positive int, got {max_rounds!r}")
     group.refresh()
     was_training = model.training
-    model.eval()
-    if not isinstance(example_inputs, (torch.Tensor, tuple, list, dict)):
-        raise TypeError("example_inputs must be a tensor, a tuple of positional inputs or a dict of "
-                        f"keyword inputs, got {type(example_inputs).__name__}")
-    try:
-        with torch.no_grad():
-            reference = [t.detach().clone() for t in _flatten(_forward(model, example_inputs))]
-    except Exception as err:  # the user's inputs, not compaction, are at fault here
-        raise ValueError(f"example_inputs do not run through the model: {type(err).__name__}: "
-                         f"{str(err).splitlines()[0]}") from err
-    finally:
-        model.train(was_training)
-    if not reference:
-        raise ValueError("example_inputs must make the model return tensors (to verify compaction)")
-
-    attempts = [zero_channels, False] if zero_channels else [False]
-    for use_zero in attempts:
-        work, counts, rounds = _compact_once(model, example_inputs, use_zero, max_rounds)
-        work_group = get_group(work)
-        masks = [layer.mask.clone() for layer in work_group.layers]
-        work_group.refresh(force=True)
-        if any(not torch.equal(m, layer.mask) for m, layer in zip(masks, work_group.layers)):
-            raise RuntimeError("internal error: compaction moved the remaining masks")
-        with torch.no_grad():
-            outputs = _flatten(_forward(work, example_inputs))
-        ok, worst = _outputs_match(reference, outputs)
-        if ok:
-            break
-    else:
-        raise RuntimeError(
-            "compact could not remove dead channels without changing the model's outputs: torch-pruning "
-            "treats some channel-mixing operation of this model as element-wise. The model is unchanged")
+    reference = _reference_outputs(model, example_inputs)
+    work, counts, rounds, use_zero, worst = _compact_verified(model, example_inputs, reference,
+                                                              zero_channels, max_rounds)
     work.train(was_training)
 
     macs_before, params_before = count_ops_and_params(model, example_inputs)
     macs_after, params_after = count_ops_and_params(work, example_inputs)
-    layers_before, layers_after = group.layers, work_group.layers
-    report = {
+    layers_before, layers_after = group.layers, get_group(work).layers
+    return work, {
         "macs_before": int(macs_before), "macs_after": int(macs_after),
         "params_before": int(params_before), "params_after": int(params_after),
         "weights_before": sum(layer.numel for layer in layers_before),
@@ -357,119 +379,3 @@ def compact(model: nn.Module, example_inputs, *, zero_channels: bool = True,
                                    getattr(work, "fslt_structure", None) or {}),
         "max_abs_diff": worst,
     }
-    return work, report
-
-
-def _check_structure(structure: Any) -> dict:
-    if not isinstance(structure, dict):
-        raise ValueError(f"structure must be a dict (model.fslt_structure), got {type(structure).__name__}")
-    try:
-        normal = json.loads(json.dumps(structure))
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"structure must be JSON-serialisable: {err}") from None
-    for name, entry in normal.items():
-        if not isinstance(entry, dict) or "kept" not in entry or "type" not in entry \
-                or not isinstance(entry["kept"], dict):
-            raise ValueError(f"structure entry {name!r} must be a dict with 'type' and 'kept', got {entry!r:.80}")
-        if entry.get("frozen") and "source_shape" not in entry:
-            raise ValueError(f"structure entry {name!r} of a frozen layer lacks 'source_shape'")
-        if not entry.get("frozen") and "source_channels" not in entry:
-            raise ValueError(f"structure entry {name!r} lacks 'source_channels'")
-    return normal
-
-
-def _removed(kept: Any, size: int, where: str) -> list[int]:
-    if not isinstance(kept, list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in kept):
-        raise ValueError(f"{where}: kept indices must be a list of ints")
-    if any(b <= a for a, b in zip(kept, kept[1:])) or (kept and not (0 <= kept[0] and kept[-1] < size)):
-        raise ValueError(f"{where}: kept indices must be increasing and lie in [0, {size})")
-    if not kept:
-        raise ValueError(f"{where}: at least one channel must be kept")
-    present = set(kept)
-    return [i for i in range(size) if i not in present]
-
-
-def restore_structure(model: nn.Module, structure: Optional[dict]) -> nn.Module:
-    """Re-apply recorded channel removals to a freshly frozen full-size model (in place).
-
-    ``model`` must be built and frozen exactly as the model the structure was
-    recorded on (same architecture, same ``FreezeConfig``), so every kept weight is
-    regenerated from the seed at its original coordinates.  Afterwards the model
-    has the same shapes, random weights, frozen codes, sparsity budget and
-    ``fslt_structure`` as the recorded one; its masks follow once its scores (or the
-    ticket's mask bits) are loaded.  ``None`` or ``{}`` leaves the model full size.
-    """
-    group = get_group(model)  # ValueError if the model is not frozen
-    if structure is None or (isinstance(structure, dict) and not structure):
-        return model
-    normal = _check_structure(structure)
-    if getattr(model, "fslt_structure", None):
-        raise ValueError("model already has channels removed (model.fslt_structure is set); "
-                         "restore_structure needs a freshly frozen full-size model")
-    pruner_of = _build_pruners(model, keep_budget=False)
-    modules = dict(model.named_modules())
-
-    plans = []  # validate everything first, so a bad structure leaves the model unchanged
-    for name, entry in normal.items():
-        module = modules.get(name)
-        if module is None or name == "":
-            raise ValueError(f"structure names module {name!r}, which this model does not have "
-                             "(different architecture?)")
-        pruner = pruner_of.get(type(module))
-        kind = plain_class(module).__name__
-        if kind != entry["type"]:
-            raise ValueError(f"structure entry {name!r} is a {entry['type']}, the model has a {kind}")
-        if entry.get("frozen"):
-            if not isinstance(pruner, FrozenLayerPruner):
-                raise ValueError(f"structure entry {name!r} is a frozen layer but the model's {name!r} "
-                                 "is not frozen (different freeze include/exclude?)")
-            shape = list(module.parametrizations.weight[0].frozen.shape)
-            if shape != entry["source_shape"]:
-                raise ValueError(f"layer {name!r} has weight shape {shape}, the structure was recorded on "
-                                 f"{entry['source_shape']}: rebuild the model with the same architecture")
-            out_dim, in_dim = _weight_dims(module)
-            for dim_key, kept in entry["kept"].items():
-                dim = int(dim_key)
-                if dim not in (out_dim, in_dim) or (isinstance(pruner, FrozenDepthwiseConvPruner)
-                                                    and dim != out_dim):
-                    raise ValueError(f"structure entry {name!r}: weight dim {dim} holds no channels")
-                fn = pruner.prune_out_channels if dim == out_dim else pruner.prune_in_channels
-                plans.append((fn, module, _removed(kept, shape[dim], f"structure entry {name!r} dim {dim}"),
-                              name, dim_key))
-            for counter in ("removed_numel", "removed_kept"):
-                value = entry.get(counter, 0)
-                if not isinstance(value, int) or value < 0:
-                    raise ValueError(f"structure entry {name!r}: {counter} must be a non-negative int")
-        else:
-            if not isinstance(pruner, _RecordedPruner):
-                raise ValueError(f"structure entry {name!r} ({entry['type']}) cannot be cut in this model")
-            for axis, kept in entry["kept"].items():
-                if axis not in ("out", "in") or (axis == "in" and isinstance(pruner, _RecordedCoupledPruner)):
-                    raise ValueError(f"structure entry {name!r}: unknown channel axis {axis!r}")
-                size = pruner.get_out_channels(module) if axis == "out" else pruner.get_in_channels(module)
-                if size != entry["source_channels"].get(axis):
-                    raise ValueError(f"module {name!r} has {size} {axis}put channels, the structure was "
-                                     f"recorded on {entry['source_channels'].get(axis)}")
-                fn = pruner.prune_out_channels if axis == "out" else pruner.prune_in_channels
-                plans.append((fn, module, _removed(kept, size, f"structure entry {name!r} {axis}"),
-                              name, axis))
-
-    expected = copy.deepcopy(normal)
-    for fn, module, removed, name, key in plans:
-        if removed:
-            fn(module, removed)
-        else:  # a full index list is no cut at all
-            del expected[name]["kept"][key]
-    expected = {name: entry for name, entry in expected.items() if entry["kept"]}
-    by_name = {name: m for name, m in model.named_modules()}
-    for name, entry in expected.items():
-        if entry.get("frozen"):
-            supermask = by_name[name].parametrizations.weight[0]
-            supermask.removed_numel = entry.get("removed_numel", 0)
-            supermask.removed_kept = entry.get("removed_kept", 0)
-            model.fslt_structure[name]["removed_numel"] = supermask.removed_numel
-            model.fslt_structure[name]["removed_kept"] = supermask.removed_kept
-    group.refresh(force=True)
-    if json.loads(json.dumps(getattr(model, "fslt_structure", None) or {})) != expected:
-        raise RuntimeError("internal error: the restored structure differs from the recorded one")
-    return model
