@@ -174,9 +174,9 @@ def test_sign_of_the_scores_is_applied_in_small_slices(monkeypatch, channels_las
     # The straight-through gradient g * W * sign(s) must not make a whole-layer float
     # temporary for sign(s): at the start of the backward (the memory peak) it would
     # sit beside the incoming gradient and the score gradient.
-    from timm_fslt.nn import supermask
+    from timm_fslt.nn import functional
 
-    monkeypatch.setattr(supermask, "_SIGN_CHUNK", 64)
+    monkeypatch.setattr(functional, "_SIGN_CHUNK", 64)
     g = torch.Generator().manual_seed(0)
     shape = (10, 3, 3, 3)
     grad, scores = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
@@ -187,7 +187,7 @@ def test_sign_of_the_scores_is_applied_in_small_slices(monkeypatch, channels_las
     sizes = []
     real_sign = torch.sign
     monkeypatch.setattr(torch, "sign", lambda t: sizes.append(t.numel()) or real_sign(t))
-    out = supermask._mul_sign_(grad.clone(), scores)
+    out = functional._mul_sign_(grad.clone(), scores)
     monkeypatch.setattr(torch, "sign", real_sign)
     assert torch.equal(out, grad * torch.sign(scores))
     assert sum(sizes) == grad.numel() and max(sizes) <= 64 and len(sizes) == 5

@@ -13,7 +13,8 @@ from torch.nn.utils import parametrize
 
 from timm_fslt.regen import pattern as freezing, rng
 from timm_fslt.nn import modules as L
-from timm_fslt.nn.supermask import SCALES, SCOPES, FrozenSupermask, SupermaskGroup, recompute_context
+from timm_fslt.nn.recompute import recompute_context
+from timm_fslt.nn.supermask import SCALES, SCOPES, FrozenSupermask, SupermaskGroup
 
 BATCHNORM_MODES = ("non_affine", "affine", "keep")
 BIAS_MODES = ("zero", "train", "keep")

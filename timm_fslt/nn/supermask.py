@@ -23,27 +23,36 @@ mask is updated by writing its free positions only (locked and pruned positions
 never change).  The forward adds one elementwise product per layer; the backward
 gathers the weight gradient and the weight at the free positions (through a cached
 int32 index) and multiplies them there; masks are bool and frozen codes int8.
+(That product and its backward: ``timm_fslt.nn.functional``; keeping no copy of it
+for the backward: ``timm_fslt.nn.recompute``.)
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
-import weakref
 from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from timm_fslt.nn import recompute
+from timm_fslt.nn.functional import masked_weight
 from timm_fslt.regen import pattern as freezing
 from timm_fslt.regen.topk import keys_topk_mask, magnitude_keys
 
 SCOPES = ("global", "layerwise")
+SCALES = (None, "static", "dynamic")
 
 # Fused optimizers (e.g. Adam(fused=True)) update parameters without moving their
 # version counters, so every optimizer step also bumps this counter; a group
 # whose last refresh predates a step recomputes its masks at the next forward.
+#
+# The hook is process-wide (torch's global optimizer step hook, registered once at
+# import) because freeze() never sees the optimizer: the user builds it afterwards,
+# possibly several of them or wrapped (e.g. by accelerate), and a per-optimizer hook
+# would need a registration call for every one of them in every training loop.  Its cost is an integer increment
+# per step of any optimizer in the process; a step that did not touch a group's
+# scores only costs that group one needless (identical) mask refresh.
 _optimizer_steps = 0
 
 
@@ -53,80 +62,11 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 
 
 register_optimizer_step_post_hook(_count_optimizer_step)
-SCALES = (None, "static", "dynamic")
-
-
-def _masked_product(weight: torch.Tensor, mask: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
-    """``W * mask * scale`` with one weight-sized allocation (no autograd)."""
-    if weight.device.type == "cpu":
-        # The product's own buffer is the only weight-sized allocation: the mask
-        # is widened into it (uint8 -> float is vectorized), then multiplied in
-        # place.  ``weight * mask`` would first make a float copy of the mask (CPU
-        # kernels do not mix dtypes) and run a slow unvectorized loop.
-        out = mask.view(torch.uint8).to(weight.dtype).mul_(weight)
-    else:  # GPU kernels cast inside the kernel: one pass, no copy
-        out = torch.mul(weight, mask)
-    return out if scale is None else out.mul_(scale)
-
-
-_SIGN_CHUNK = 1 << 20  # elements of sign(s) alive at once in the backward
-
-
-def _mul_sign_(out: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
-    """``out *= sign(scores)`` in slices along dim 0, so the float ``sign`` temporary stays
-    small: a whole-layer one would be alive together with the incoming gradient and the
-    score gradient at the start of the backward, where the memory peak of a step is."""
-    n = out.numel()
-    if n <= _SIGN_CHUNK or out.shape[0] < 2:  # (a 0-d tensor has n = 1)
-        return out.mul_(torch.sign(scores))
-    rows = max(1, _SIGN_CHUNK // (n // out.shape[0]))
-    for start in range(0, out.shape[0], rows):
-        out[start:start + rows].mul_(torch.sign(scores[start:start + rows]))
-    return out
-
-
-def _free_values(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """A new 1-D tensor of ``tensor``'s entries at the row-major flat positions ``index``."""
-    # (channels_last: a row-major copy first; one layer's copy is transient, and this is
-    # several times faster than torch.take, which reads strided and wants int64 indices)
-    return tensor.contiguous().view(-1).index_select(0, index)
 
 
 def free_entries(weight_shaped: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
     """The entries of a weight-shaped tensor at the free positions of ``frozen``, row-major."""
     return weight_shaped.reshape(-1)[frozen.reshape(-1).to(weight_shaped.device) == freezing.FREE]
-
-
-class _MaskedWeight(torch.autograd.Function):
-    """``W * mask * scale`` forward, straight-through estimator backward.
-
-    The mask is chosen by ``|s|``, and the estimator treats the mask as the identity
-    of ``|s|``: ``dL/d|s| = dL/dW_eff * W * scale``, so by the chain rule
-    ``dL/ds = dL/dW_eff * W * scale * sign(s)`` (as Edge-Popup's reference does by
-    selecting on ``scores.abs()`` inside autograd), evaluated at the free positions
-    ``index`` only (None: every weight is free), which is where ``scores`` lives.
-    ``scale`` is None when the group does not scale (multiplying by 1 would only
-    cost a pass).
-    """
-
-    @staticmethod
-    def forward(ctx, weight, scores, mask, scale, index):
-        ctx.save_for_backward(weight, scores, scale, index)
-        return _masked_product(weight, mask, scale)
-
-    @staticmethod
-    def backward(ctx, grad):
-        if not ctx.needs_input_grad[1]:
-            return None, None, None, None, None
-        weight, scores, scale, index = ctx.saved_tensors
-        if index is None:  # every weight is free: elementwise, then flattened like the scores
-            grad_scores = torch.mul(grad, weight).reshape(-1)
-        else:  # (grad * W)[free] == grad[free] * W[free], bit for bit, at F instead of N elements
-            grad_scores = _free_values(grad, index).mul_(_free_values(weight, index))
-        if scale is not None:
-            grad_scores.mul_(scale)
-        _mul_sign_(grad_scores, scores)
-        return None, grad_scores.to(scores.dtype), None, None, None
 
 
 class _FreeIndex(NamedTuple):
@@ -189,12 +129,9 @@ class FrozenSupermask(nn.Module):
         scale = None if group is not None and group.scale_mode is None else self.scale.to(weight.dtype)
         # (compiled code reads the index the last refresh cached: refreshes run eagerly)
         index = (self._free if torch.compiler.is_compiling() else self.free_index()).index
-        out = _MaskedWeight.apply(weight, self.scores, self.mask, scale, index)
-        if _recording and not torch.compiler.is_compiling():  # inside recompute_masked_weights
-            for recorder in reversed(_recorders()):
-                if recorder.group is group:
-                    recorder.record(out, weight, self.scores, self.mask, scale, index, self.layer_name)
-                    break
+        out = masked_weight(weight, self.scores, self.mask, scale, index)
+        if recompute.is_recording() and not torch.compiler.is_compiling():  # inside recompute_masked_weights
+            recompute.record(group, out, weight, self.scores, self.mask, scale, index, self.layer_name)
         return out
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
@@ -361,94 +298,3 @@ class SupermaskGroup:
                 layer._set_scale(1.0)
             layer._seen_version = layer.scores._version
         self._seen_steps = _optimizer_steps
-
-
-# -- recomputing W * mask in the backward instead of keeping it ----------------------
-# A conv or linear layer saves its weight argument for the input gradient, so eager
-# autograd keeps every layer's ``W * mask * scale`` (4 bytes per weight) from forward
-# to backward: the largest memory cost of a search over dense weight training.
-# Inside ``recompute_masked_weights`` those products are saved as a small token
-# instead and rebuilt (one elementwise product, bit-identical) when backward needs them.
-
-_local = threading.local()  # saved-tensor hooks are per thread, so is the recorder stack
-_recording = 0  # open recompute contexts in any thread (a cheap test for every forward)
-
-
-def _recorders() -> list:
-    stack = getattr(_local, "stack", None)
-    if stack is None:
-        stack = _local.stack = []
-    return stack
-
-
-class _RecomputeToken(NamedTuple):
-    """What rebuilds one saved ``W * mask * scale`` (all persistent tensors: no copy)."""
-
-    weight: torch.Tensor
-    weight_version: int
-    scores: torch.Tensor
-    mask: torch.Tensor
-    mask_version: int
-    scale: Optional[torch.Tensor]
-    index: Optional[torch.Tensor]
-    layer_name: str
-    view: Optional[tuple] = None  # (size, stride, offset) when a view of it was saved (linear: W.t())
-
-    def rebuild(self) -> torch.Tensor:
-        if self.mask._version != self.mask_version or self.weight._version != self.weight_version:
-            raise RuntimeError(
-                f"timm_fslt.recompute_masked_weights: the mask or frozen weight of layer {self.layer_name!r} "
-                "changed between the forward and its backward (the masks were refreshed by another "
-                "forward after an optimizer step, or written in place), so the masked weight this "
-                "backward needs cannot be rebuilt. Run backward before the next optimizer step, or "
-                "leave this forward outside recompute_masked_weights")
-        if torch.is_grad_enabled():  # backward(create_graph=True): rebuild with its graph
-            out = _MaskedWeight.apply(self.weight, self.scores, self.mask, self.scale, self.index)
-        else:
-            out = _masked_product(self.weight, self.mask, self.scale)
-        return out if self.view is None else out.as_strided(*self.view)
-
-
-class _Recorder:
-    def __init__(self, group: "SupermaskGroup"):
-        self.group = group
-        self.entries: dict = {}  # id(W_eff) -> (weak reference, token); dropped when W_eff dies
-
-    def record(self, out, weight, scores, mask, scale, index, layer_name) -> None:
-        key = id(out)
-        entries = self.entries
-        ref = weakref.ref(out, lambda _ref, key=key: entries.pop(key, None))
-        entries[key] = (ref, _RecomputeToken(weight, weight._version, scores, mask, mask._version,
-                                             scale, index, layer_name))
-
-
-def _pack(tensor):
-    base = tensor._base
-    for recorder in reversed(_recorders()):
-        entry = recorder.entries.get(id(tensor))
-        if entry is not None and entry[0]() is tensor:
-            return entry[1]
-        entry = None if base is None else recorder.entries.get(id(base))
-        if entry is not None and entry[0]() is base:
-            return entry[1]._replace(view=(tensor.size(), tensor.stride(), tensor.storage_offset()))
-    return tensor
-
-
-def _unpack(saved):
-    return saved.rebuild() if isinstance(saved, _RecomputeToken) else saved
-
-
-@contextlib.contextmanager
-def recompute_context(group: "SupermaskGroup"):
-    global _recording
-    recorder = _Recorder(group)
-    stack = _recorders()
-    stack.append(recorder)
-    _recording += 1
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(_pack, _unpack):
-            yield
-    finally:
-        _recording -= 1
-        stack.remove(recorder)
-        recorder.entries.clear()  # tokens already saved live on in their graphs

@@ -1,0 +1,89 @@
+"""The masked weight ``W * mask * scale`` as an autograd function.
+
+Forward: one elementwise product.  Backward: the straight-through estimator, evaluated
+at the free weights only (where the scores live); see ``_MaskedWeight``.  The
+parametrization (``timm_fslt.nn.supermask``) calls ``masked_weight``; the recompute
+machinery (``timm_fslt.nn.recompute``) rebuilds the same product in the backward.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def masked_product(weight: torch.Tensor, mask: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """``W * mask * scale`` with one weight-sized allocation (no autograd)."""
+    if weight.device.type == "cpu":
+        # The product's own buffer is the only weight-sized allocation: the mask
+        # is widened into it (uint8 -> float is vectorized), then multiplied in
+        # place.  ``weight * mask`` would first make a float copy of the mask (CPU
+        # kernels do not mix dtypes) and run a slow unvectorized loop.
+        out = mask.view(torch.uint8).to(weight.dtype).mul_(weight)
+    else:  # GPU kernels cast inside the kernel: one pass, no copy
+        out = torch.mul(weight, mask)
+    return out if scale is None else out.mul_(scale)
+
+
+_SIGN_CHUNK = 1 << 20  # elements of sign(s) alive at once in the backward
+
+
+def _mul_sign_(out: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+    """``out *= sign(scores)`` in slices along dim 0, so the float ``sign`` temporary stays
+    small: a whole-layer one would be alive together with the incoming gradient and the
+    score gradient at the start of the backward, where the memory peak of a step is."""
+    n = out.numel()
+    if n <= _SIGN_CHUNK or out.shape[0] < 2:  # (a 0-d tensor has n = 1)
+        return out.mul_(torch.sign(scores))
+    rows = max(1, _SIGN_CHUNK // (n // out.shape[0]))
+    for start in range(0, out.shape[0], rows):
+        out[start:start + rows].mul_(torch.sign(scores[start:start + rows]))
+    return out
+
+
+def _free_values(tensor: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """A new 1-D tensor of ``tensor``'s entries at the row-major flat positions ``index``."""
+    # (channels_last: a row-major copy first; one layer's copy is transient, and this is
+    # several times faster than torch.take, which reads strided and wants int64 indices)
+    return tensor.contiguous().view(-1).index_select(0, index)
+
+
+# (The class name is observable: a frozen layer's weight has grad_fn "_MaskedWeightBackward",
+# which timm_fslt.pruning.compact reads to tell the weight path from data paths.)
+class _MaskedWeight(torch.autograd.Function):
+    """``W * mask * scale`` forward, straight-through estimator backward.
+
+    The mask is chosen by ``|s|``, and the estimator treats the mask as the identity
+    of ``|s|``: ``dL/d|s| = dL/dW_eff * W * scale``, so by the chain rule
+    ``dL/ds = dL/dW_eff * W * scale * sign(s)`` (as Edge-Popup's reference does by
+    selecting on ``scores.abs()`` inside autograd), evaluated at the free positions
+    ``index`` only (None: every weight is free), which is where ``scores`` lives.
+    ``scale`` is None when the group does not scale (multiplying by 1 would only
+    cost a pass).
+    """
+
+    @staticmethod
+    def forward(ctx, weight, scores, mask, scale, index):
+        ctx.save_for_backward(weight, scores, scale, index)
+        return masked_product(weight, mask, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[1]:
+            return None, None, None, None, None
+        weight, scores, scale, index = ctx.saved_tensors
+        if index is None:  # every weight is free: elementwise, then flattened like the scores
+            grad_scores = torch.mul(grad, weight).reshape(-1)
+        else:  # (grad * W)[free] == grad[free] * W[free], bit for bit, at F instead of N elements
+            grad_scores = _free_values(grad, index).mul_(_free_values(weight, index))
+        if scale is not None:
+            grad_scores.mul_(scale)
+        _mul_sign_(grad_scores, scores)
+        return None, grad_scores.to(scores.dtype), None, None, None
+
+
+def masked_weight(weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
+                  scale: Optional[torch.Tensor], index: Optional[torch.Tensor]) -> torch.Tensor:
+    """``W * mask * scale`` whose gradient reaches the free ``scores`` (int32 positions ``index``;
+    None: every weight is free) by the straight-through estimator."""
+    return _MaskedWeight.apply(weight, scores, mask, scale, index)
