@@ -5,7 +5,7 @@ imports the table from there, so there is one copy):
 
     .venv/bin/python benchmarks/make_normal_tables.py > /tmp/tables.txt
 
-The method (README "Seed regeneration", and ``rng._normal_fixed``): a 32-bit hash ``h``
+The method (README "Seed regeneration", and ``rng.normal_fixed``): a 32-bit hash ``h``
 gives the sign (bit 31) and an odd integer ``t = 2 * (h mod 2**31) + 1`` in [1, 2**32), the
 upper-tail probability ``p = t / 2**33`` in (0, 1/2).  The value is ``+-Q(p)`` with
 ``Q(p) = Phi^{-1}(1 - p)``, the exact normal quantile, approximated by a polynomial per

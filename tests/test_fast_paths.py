@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 import timm_fslt
-from timm_fslt.regen import pattern as freezing, rng, topk as threshold
-from timm_fslt.nn import modules as layers
-from timm_fslt.regen.topk import keys_topk_mask, kth_largest, reference_topk_mask, topk_mask
+from timm_fslt.regen import init, pattern as freezing, rng, topk as threshold
+from timm_fslt.regen.topk import keys_topk_mask, kth_largest
 
 from helpers import masks, trainable
+from regen_reference import reference_topk_mask, topk_mask
 
 
 @pytest.fixture
@@ -273,7 +273,7 @@ def test_every_bit_of_long_streams_matches_the_original_generator():
     expected = {"kaiming_uniform": "b29b33fe16f23882", "signed_kaiming_constant": "4cd8265b00456b1c"}
     for kind, digest in expected.items():
         for version in (1, 2):
-            weight = layers.random_weight(kind, 4, "layer3.1.conv2", (96, 48, 3, 3), generator_version=version)
+            weight = init.random_weight(kind, 4, "layer3.1.conv2", (96, 48, 3, 3), generator_version=version)
             assert _digest(weight) == digest, (kind, version)
     assert _digest(freezing.frozen_code(3, "features.3", (300, 700), 70000, 50000)) == "7bd6f7b0f0600587"
     assert _digest(freezing.frozen_code(3, "features.3", (300, 700), 0, 123)) == "84e11b68f3d3b654"
@@ -325,10 +325,10 @@ def test_low_precision_weights_are_the_float64_values_rounded_via_float32(dtype)
     # bfloat16/float16 conversion does too; version 2 makes the float32 step explicit)
     view = torch.int16 if dtype != torch.float32 else torch.int32
     for version in (1, 2):
-        for kind in layers.WEIGHT_INITS:
-            wide = layers.random_weight(kind, 1, "conv", (16, 8, 3, 3), dtype=torch.float64,
+        for kind in init.WEIGHT_INITS:
+            wide = init.random_weight(kind, 1, "conv", (16, 8, 3, 3), dtype=torch.float64,
                                         generator_version=version)
-            narrow = layers.random_weight(kind, 1, "conv", (16, 8, 3, 3), dtype=dtype, generator_version=version)
+            narrow = init.random_weight(kind, 1, "conv", (16, 8, 3, 3), dtype=dtype, generator_version=version)
             assert narrow.dtype == dtype
             assert torch.equal(narrow.view(view), wide.to(torch.float32).to(dtype).view(view))
             assert torch.equal(narrow.view(view), wide.to(dtype).view(view))

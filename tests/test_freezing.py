@@ -7,7 +7,8 @@ from torch import nn
 
 import timm_fslt
 from timm_fslt.regen import pattern as freezing
-from timm_fslt.regen.topk import reference_topk_mask, topk_mask
+
+from regen_reference import reference_topk_mask, topk_mask
 
 
 def small_net():

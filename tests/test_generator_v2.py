@@ -17,8 +17,10 @@ import pytest
 import torch
 
 import timm_fslt
-from timm_fslt.regen import pattern as freezing, rng
 from timm_fslt.nn import modules as layers
+from timm_fslt.regen import init, pattern as freezing, rng
+
+from regen_reference import code_from_keys, normal_fixed_stream
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -52,20 +54,20 @@ GOLDEN_WEIGHTS = {
 
 
 def _stream_digest(kind):
-    fn = {"bits": rng.bits, "uniform": rng.uniform, "normal": rng.normal, "normal_fixed": rng.normal_fixed}[kind]
+    fn = {"bits": rng.bits, "uniform": rng.uniform, "normal": rng.normal, "normal_fixed": normal_fixed_stream}[kind]
     return _sha_all(fn(5, "blocks.1.conv2", "score", math.prod(s)) for s in SHAPES)
 
 
 def _weight_digest(kind, dtype):
-    return _sha_all(layers.random_weight(kind, 9, "layer2.0.conv1", s, dtype=dtype) for s in SHAPES)
+    return _sha_all(init.random_weight(kind, 9, "layer2.0.conv1", s, dtype=dtype) for s in SHAPES)
 
 
 def test_golden_first_values_of_every_v2_stream():
     assert rng.GENERATOR_VERSION == 2
     assert rng.bits(0, "conv1", "weight", 3).tolist() == [588910132, 2383137991, 2589257874]  # = version 1
-    assert rng.normal_fixed(0, "conv1", "weight", 4).tolist() == [300542461354, -439635574225, -347838804781, 414083650179]
-    w = {kind: layers.random_weight(kind, 0, "conv1", (2, 3, 1, 1), dtype=torch.float64).reshape(-1)[:3]
-         for kind in layers.WEIGHT_INITS}
+    assert normal_fixed_stream(0, "conv1", "weight", 4).tolist() == [300542461354, -439635574225, -347838804781, 414083650179]
+    w = {kind: init.random_weight(kind, 0, "conv1", (2, 3, 1, 1), dtype=torch.float64).reshape(-1)[:3]
+         for kind in init.WEIGHT_INITS}
     assert {k: [x.hex() for x in v.tolist()] for k, v in w.items()} == {
         "kaiming_uniform": ["-0x1.06c17f3726b6dp+0", "0x1.3dd3aa09c1db1p-3", "0x1.29e906f4fc47bp-2"],
         "kaiming_normal": ["0x1.c913f8f4b9277p-1", "-0x1.4e4ef541a3a3fp+0", "-0x1.0881119506b17p+0"],
@@ -78,7 +80,7 @@ def test_golden_stream_digests(kind):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind", layers.WEIGHT_INITS)
+@pytest.mark.parametrize("kind", init.WEIGHT_INITS)
 def test_golden_weight_digests(kind, dtype):
     assert _weight_digest(kind, dtype) == GOLDEN_WEIGHTS[f"{kind}/{dtype}"]
 
@@ -145,8 +147,8 @@ def test_weights_equal_an_exact_python_evaluation(dtype):
     shape = (520, 64, 3, 3)  # 299,520 weights: past one chunk
     positions = torch.tensor(sorted({(i * 7919 + 13) % math.prod(shape) for i in range(300)} |
                                     {0, 1, rng._CHUNK - 1, rng._CHUNK, math.prod(shape) - 1}))
-    for kind in layers.WEIGHT_INITS:
-        got = layers.random_weight(kind, 17, "stages.2.conv", shape, dtype=dtype)
+    for kind in init.WEIGHT_INITS:
+        got = init.random_weight(kind, 17, "stages.2.conv", shape, dtype=dtype)
         got = got.reshape(-1)[positions].double().tolist()
         ref = [_py_weight(kind, 17, "stages.2.conv", shape, int(i), dtype) for i in positions]
         assert got == ref, kind
@@ -159,7 +161,7 @@ def test_normal_fixed_equals_the_python_integer_evaluation_on_every_segment():
         for j in range(8):
             t = ((8 + j) << (28 - k)) if k <= 28 else (1 << (31 - k))
             hs += [(t | 1) >> 1, ((t | 1) >> 1) | 0x80000000]
-    got = rng._normal_fixed(torch.tensor(hs, dtype=torch.int64)).tolist()
+    got = rng.normal_fixed(torch.tensor(hs, dtype=torch.int64)).tolist()
     assert got == [_py_normal_z(h) for h in hs]
 
 
@@ -169,7 +171,7 @@ def test_normal_quantile_error_against_the_exact_quantile():
     mp.mp.dps = 40
     ts = sorted({1, 3, 5, 7, 2 ** 32 - 1} | {(2 ** 32 - 1) * i // 997 | 1 for i in range(1, 997)} |
                 {(1 << b) + 1 for b in range(1, 32)} | {(1 << b) - 1 for b in range(2, 33)})
-    z = rng._normal_fixed(torch.tensor([(t - 1) // 2 for t in ts], dtype=torch.int64)).tolist()
+    z = rng.normal_fixed(torch.tensor([(t - 1) // 2 for t in ts], dtype=torch.int64)).tolist()
     worst = max(abs(mp.mpf(zi) / 2 ** 38 + mp.sqrt(2) * mp.erfinv(2 * mp.mpf(t) / 2 ** 33 - 1))
                 for zi, t in zip(z, ts))
     assert worst < 1.25e-11  # make_normal_tables.py measures 1.24e-11 (400 inputs per segment); bound 2.6e-11
@@ -183,7 +185,7 @@ def test_normal_is_strictly_decreasing_in_t_across_every_segment_boundary():
             edge = (8 + j) << (28 - k)
             t += range(max(1, edge - 64) | 1, edge + 64, 2)
     t = sorted(set(x for x in t if x < 2 ** 32))
-    z = rng._normal_fixed(torch.tensor([(x - 1) // 2 for x in t], dtype=torch.int64))
+    z = rng.normal_fixed(torch.tensor([(x - 1) // 2 for x in t], dtype=torch.int64))
     assert bool((z[1:] < z[:-1]).all())
 
 
@@ -259,7 +261,7 @@ def test_weights_codes_and_scores_are_identical_under_every_cpu_capability_and_t
 def _check_keys(seed, name, shape, n_pruned, n_locked):
     code = freezing.frozen_code(seed, name, shape, n_pruned, n_locked)
     t1, t2 = freezing.freeze_keys_of_code(seed, name, code, n_pruned, n_locked)
-    assert torch.equal(freezing.code_from_keys(seed, name, shape, t1, t2), code), (name, n_pruned, n_locked)
+    assert torch.equal(code_from_keys(seed, name, shape, t1, t2), code), (name, n_pruned, n_locked)
     return t1, t2
 
 
@@ -296,7 +298,7 @@ def test_freeze_keys_edge_cases_and_sentinels():
     keys = sorted((hv << 32) | i for i, hv in enumerate(h))
     assert _check_keys(1, "l", shape, 30, 10) == (keys[30], keys[40])
     with pytest.raises(ValueError, match="0 <= t1 <= t2"):
-        freezing.code_from_keys(1, "l", shape, 5, 4)
+        code_from_keys(1, "l", shape, 5, 4)
 
 
 def test_freeze_keys_with_hash_ties(monkeypatch):
@@ -326,7 +328,7 @@ def test_new_tickets_record_version_2_dtypes_and_freeze_keys(tmp_path):
         assert row["dtype"] == "float32"
         assert row["freeze_keys"] == list(freezing.freeze_keys(2, row["name"], row["shape"], row["pruned"],
                                                                row["locked"]))
-        code = freezing.code_from_keys(2, row["name"], row["shape"], *row["freeze_keys"])
+        code = code_from_keys(2, row["name"], row["shape"], *row["freeze_keys"])
         assert torch.equal(code, layer.frozen)
 
 

@@ -130,7 +130,7 @@ def test_decoder_tables_and_constants_are_the_generators():
     assert dec.GENERATOR_VERSIONS == rng.GENERATOR_VERSIONS
     h = rng.bits(3, "a", "weight", 5000)
     assert np.array_equal(dec.hashes(3, "a", "weight", 5000).astype(np.int64), h.numpy())
-    assert np.array_equal(dec.normal_fixed(h.numpy()), rng._normal_fixed(h.clone()).numpy())
+    assert np.array_equal(dec.normal_fixed(h.numpy()), rng.normal_fixed(h.clone()).numpy())
 
 
 # -- bad input: one line naming the file, exit 2, nothing written ----------------------------

@@ -40,7 +40,7 @@ def test_scores_exist_for_free_weights_only_and_are_the_regenerated_initial_scor
     assert abs(n_free - (1 - prune - lock) * n_weights) <= len(group.layers)  # (per-layer rounding)
     for name, layer in timm_fslt.iter_frozen(model):
         sm = layer.parametrizations.weight[0]
-        drawn = timm_fslt.nn.modules.random_weight("kaiming_normal", 0, name, sm.frozen.shape, stream="score")
+        drawn = timm_fslt.regen.init.random_weight("kaiming_normal", 0, name, sm.frozen.shape, stream="score")
         assert sm.scores.dim() == 1 and torch.equal(sm.scores.detach(), drawn[sm.frozen == freezing.FREE])
         dense = sm.scores_like_weight(float("nan"))
         assert torch.equal(dense[sm.frozen == freezing.FREE], sm.scores.detach())

@@ -12,7 +12,7 @@ from torch import nn
 import timm_fslt
 from timm_fslt.pruning.compact import restore_structure
 from timm_fslt.pruning import torch_pruning as ftp
-from timm_fslt.nn.modules import random_weight
+from timm_fslt.regen.init import random_weight
 from timm_fslt.models.gin import gin
 
 

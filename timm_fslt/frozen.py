@@ -11,10 +11,11 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from timm_fslt.regen import pattern as freezing, rng
 from timm_fslt.nn import modules as L
 from timm_fslt.nn.recompute import recompute_context
 from timm_fslt.nn.supermask import SCALES, SCOPES, FrozenSupermask, SupermaskGroup
+from timm_fslt.regen import pattern as freezing, rng
+from timm_fslt.regen.init import SCORE_INITS, WEIGHT_INITS, random_weight
 
 BATCHNORM_MODES = ("non_affine", "affine", "keep")
 BIAS_MODES = ("zero", "train", "keep")
@@ -28,7 +29,7 @@ class FreezeConfig:
     sparsity: the ticket's overall sparsity, in [prune, 1 - lock]; None = middle.
     distribution: per-layer frozen counts, "epl" | "erk" | "igq".
     scope: "global" (one threshold for all layers) | "layerwise".
-    weight_init, score_init: see ``timm_fslt.nn.modules.random_weight``.
+    weight_init, score_init: see ``timm_fslt.regen.init.random_weight``.
     scale: None | "static" | "dynamic" -- multiply W*m by 1/sqrt(density).
     seed: keys the generator of weights, freezing pattern and scores.
     include, exclude: fnmatch patterns on module names.
@@ -86,7 +87,7 @@ class FreezeConfig:
                 raise ValueError(f"sparsity must lie in [prune, 1 - lock] = [{lo:g}, {hi:g}], "
                                  f"got {self.sparsity}")
         choices = {"distribution": freezing.DISTRIBUTIONS, "scope": SCOPES,
-                   "weight_init": L.WEIGHT_INITS, "score_init": L.SCORE_INITS,
+                   "weight_init": WEIGHT_INITS, "score_init": SCORE_INITS,
                    "scale": SCALES, "batchnorm": BATCHNORM_MODES, "bias": BIAS_MODES}
         for arg, allowed in choices.items():
             if getattr(self, arg) not in allowed:
@@ -212,13 +213,13 @@ def freeze(model: nn.Module, prune: float = 0.0, lock: float = 0.0, *,
     for (name, module), shape, (n_pruned, n_locked) in zip(targets, shapes, counts):
         device, dtype = module.weight.device, module.weight.dtype
         version = config.generator_version
-        weight = L.random_weight(config.weight_init, config.seed, name, shape, device, dtype,
-                                 generator_version=version)
+        weight = random_weight(config.weight_init, config.seed, name, shape, device, dtype,
+                               generator_version=version)
         code = freezing.frozen_code(config.seed, name, shape, n_pruned, n_locked, device)
         # Scores exist for the free weights only: draw just those (same bits as the full draw).
         free = (code.reshape(-1) == freezing.FREE).nonzero().squeeze(1)
-        scores = L.random_weight(config.score_init, config.seed, name, shape, device,
-                                 torch.float32, stream="score", positions=free, generator_version=version)
+        scores = random_weight(config.score_init, config.seed, name, shape, device,
+                               torch.float32, stream="score", positions=free, generator_version=version)
         supermask = FrozenSupermask(name, scores, code)
         # The random weight becomes a buffer: it is never a trainable parameter.
         del module._parameters["weight"]

@@ -167,7 +167,7 @@ _positive_float = _number(float, lambda v: math.isfinite(v) and v > 0, "expected
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from timm_fslt.nn.modules import WEIGHT_INITS
+    from timm_fslt.regen.init import WEIGHT_INITS
 
     d = DEFAULTS
     p = argparse.ArgumentParser(

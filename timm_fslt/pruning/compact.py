@@ -49,7 +49,7 @@ from torch import nn
 from torch_pruning import ops as tp_ops
 
 from timm_fslt.frozen import get_group
-from timm_fslt.nn.modules import _is_pyg_linear, is_frozen_layer
+from timm_fslt.nn.modules import is_frozen_layer, is_pyg_linear as _is_pyg_linear
 from timm_fslt.pruning.counting import count_ops_and_params
 from timm_fslt.pruning.geometry import is_depthwise, is_grouped, weight_dims
 from timm_fslt.pruning.pruners import FrozenLayerPruner, RecordedPruner, pruners, root_module_types

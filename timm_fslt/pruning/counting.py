@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 from torch_pruning.utils import op_counter as tp_op_counter
 
-from timm_fslt.nn.modules import _is_pyg_linear, is_frozen_layer
+from timm_fslt.nn.modules import is_frozen_layer, is_pyg_linear as _is_pyg_linear
 from timm_fslt.nn.supermask import FrozenSupermask
 from timm_fslt.pruning.geometry import is_conv
 

@@ -27,7 +27,7 @@ from torch_pruning import ops as tp_ops
 from torch_pruning.pruner import function as tp_function
 
 from timm_fslt.frozen import get_group
-from timm_fslt.nn.modules import _is_pyg_linear, is_frozen_layer
+from timm_fslt.nn.modules import is_frozen_layer, is_pyg_linear as _is_pyg_linear
 from timm_fslt.nn.supermask import free_entries
 from timm_fslt.pruning.geometry import channel_attrs, is_depthwise, is_grouped, weight_dims
 from timm_fslt.pruning.record import StructureRecorder

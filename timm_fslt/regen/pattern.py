@@ -169,21 +169,3 @@ def freeze_keys_of_code(seed: int, name: str, code: torch.Tensor, n_pruned: int,
     if n_locked == 0:
         return t1, t1
     return t1, _key_at_rank(h, code != FREE, n_pruned + n_locked, n)
-
-
-def code_from_keys(seed: int, name: str, shape: Sequence[int], t1: int, t2: int, device=None) -> torch.Tensor:
-    """The ternary int8 code from the two thresholds, elementwise (what a chip streams)."""
-    n = math.prod(shape)
-    if not 0 <= t1 <= t2 <= KEY_SENTINEL_ALL:
-        raise ValueError(f"layer {name!r}: freeze keys must satisfy 0 <= t1 <= t2 < 2**64, got {t1}, {t2}")
-    h = rng.bits(seed, name, "freeze", n, device)
-    index = torch.arange(n, dtype=torch.int64, device=h.device)
-
-    def below(t: int) -> torch.Tensor:  # key < t, i.e. (h, i) < (t >> 32, t & (2**32 - 1)), in int64
-        th, tl = t >> 32, t & 0xFFFFFFFF
-        return (h < th) | ((h == th) & (index < tl))
-
-    code = torch.zeros(n, dtype=torch.int8, device=h.device)
-    code.masked_fill_(below(t2), LOCKED)
-    code.masked_fill_(below(t1), PRUNED)
-    return code.view(tuple(shape))

@@ -27,7 +27,7 @@ value, so the bits do not depend on a CPU's or GPU's libm.
 
 3. Uniform in (0, 1): ``u = (h + 0.5) / 2**32``, i.e. the odd integer ``2h + 1`` times
    2**-33 (exact in float64).
-4. Normal (version 2, ``_normal_fixed``): the sign is bit 31 of ``h`` (1: negative);
+4. Normal (version 2, ``normal_fixed``): the sign is bit 31 of ``h`` (1: negative);
    ``t = 2 (h mod 2**31) + 1`` is odd in [1, 2**32) and ``p = t / 2**33`` in (0, 1/2)
    the upper-tail probability.  ``|z| = Q(p) = Phi^{-1}(1 - p)`` is a piecewise
    polynomial in fixed point: ``k = clz32(t)`` picks the octave, the 3 bits after
@@ -38,7 +38,7 @@ value, so the bits do not depend on a CPU's or GPU's libm.
    is ``+-Z * 2**-38``.
    Version 1 used Box-Muller with float64 ``sqrt`` (not correctly rounded by torch on
    every CPU); it is kept (``normal(..., version=1)``) so version-1 tickets load.
-5. Weights (``layers.random_weight``) are an integer times a constant:
+5. Weights (``timm_fslt.regen.init.random_weight``) are an integer times a constant:
    ``(2h + 1 - 2**32) * (bound * 2**-32)`` (uniform), ``(+-1) * std`` (signed constant,
    sign from bit 31), ``+-Z * (std * 2**-38)`` (normal), each ONE float64 multiplication.
 
@@ -171,10 +171,9 @@ def uniform(seed: int, name: str, stream: str, numel: int, device=None, *,
     rounding to ``dtype``.  ``positions``: draw only the values of these element
     indices (the same bits as indexing the full draw, at their cost only).
     """
-    key = stream_key(seed, name, stream)
     transform = transform or (lambda u: u)
-    numel, hashes = _check_positions(positions, numel), _hasher(device, positions)
-    return _fill(numel, dtype, device, lambda a, b: transform(_unit_(hashes(key, a, b))))
+    return bits(seed, name, stream, numel, device, dtype=dtype, positions=positions,
+                transform=lambda h: transform(_unit_(h)))
 
 
 # Polynomial pieces for ln and cos/sin, evaluated with plain float64 arithmetic.
@@ -273,7 +272,7 @@ def _columns(device) -> list:
     return cols
 
 
-def _normal_fixed(h: torch.Tensor) -> torch.Tensor:
+def normal_fixed(h: torch.Tensor) -> torch.Tensor:
     """``+-Z`` (int64, ``|Z| < 2**53``) for 32-bit hashes ``h`` (int64), integer ops only."""
     negative = (h >> 31).bool()
     x = (h & 0x7FFFFFFF).mul_(2).add_(1)  # t: odd, in [1, 2**32)
@@ -294,12 +293,10 @@ def _normal_fixed(h: torch.Tensor) -> torch.Tensor:
 def _normal_v2(seed: int, name: str, stream: str, numel: int, device=None, *,
                dtype: torch.dtype = torch.float64, transform: Transform = None,
                positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-    key = stream_key(seed, name, stream)
     transform = transform or (lambda z: z)
-    numel, hashes = _check_positions(positions, numel), _hasher(device, positions)
     scale = 2.0 ** -NORMAL_FRAC  # exact: Z * 2**-38 is the float64 value, no rounding
-    return _fill(numel, dtype, device,
-                 lambda a, b: transform(_normal_fixed(hashes(key, a, b)).to(torch.float64).mul_(scale)))
+    return bits(seed, name, stream, numel, device, dtype=dtype, positions=positions,
+                transform=lambda h: transform(normal_fixed(h).to(torch.float64).mul_(scale)))
 
 
 def normal(seed: int, name: str, stream: str, numel: int, device=None, *,
@@ -315,14 +312,6 @@ def normal(seed: int, name: str, stream: str, numel: int, device=None, *,
     check_version(version)
     impl = _normal_v2 if version == 2 else _normal_v1
     return impl(seed, name, stream, numel, device, dtype=dtype, transform=transform, positions=positions)
-
-
-def normal_fixed(seed: int, name: str, stream: str, numel: int, device=None, *,
-                 positions: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Version 2's integer normals ``+-Z`` (int64; the value is ``Z * 2**-NORMAL_FRAC``)."""
-    key = stream_key(seed, name, stream)
-    numel, hashes = _check_positions(positions, numel), _hasher(device, positions)
-    return _fill(numel, torch.int64, device, lambda a, b: _normal_fixed(hashes(key, a, b)))
 
 
 def check_version(version) -> int:

@@ -1,13 +1,14 @@
 """Exact top-k selection with deterministic tie-breaking, in linear time.
 
-``topk_mask(values, k)`` marks exactly ``k`` entries: every value above the k-th
-largest, then as many of the values equal to it as are still needed, lowest index
-first.  That is the set a stable descending sort keeps (``reference_topk_mask``),
-including the sort's conventions ``-0.0 == +0.0`` and NaN above ``+inf``.
+``keys_topk_mask(keys, k)`` marks exactly ``k`` entries: every key above the k-th
+largest, then as many of the keys equal to it as are still needed, lowest index
+first.  That is the set a stable descending sort keeps (the tests compare with one,
+``tests/regen_reference.py``), including the sort's conventions ``-0.0 == +0.0`` and
+NaN above ``+inf`` for the values the keys stand for.
 
 Nothing is sorted.  Values are mapped to integer keys with the same order (for
 non-negative float32, such as score magnitudes, the IEEE bit pattern already is
-one: ``magnitude_keys``), and ``kth_largest`` finds the k-th largest key:
+one: ``magnitude_keys``), and the k-th largest key is found (``kth_largest``):
 
 * up to ``_DIRECT`` keys: ``torch.kthvalue`` (quickselect on the CPU, radix select
   on CUDA);
@@ -33,8 +34,6 @@ _SAMPLE = 1 << 16  # sample size of the bracketing step
 # Every NaN bit pattern of a non-negative float32 is clamped to this key: above
 # +inf (0x7F800000) and equal to each other, as torch.sort orders them.
 NAN_KEY_32 = 0x7F800001
-_MAG_MASK = {torch.int32: 0x7FFFFFFF, torch.int64: 0x7FFFFFFFFFFFFFFF}
-_INF_KEY = {torch.int32: 0x7F800000, torch.int64: 0x7FF0000000000000}
 
 
 def magnitude_keys(values: torch.Tensor) -> torch.Tensor:
@@ -46,24 +45,6 @@ def magnitude_keys(values: torch.Tensor) -> torch.Tensor:
     if values.dtype != torch.float32:
         raise TypeError(f"values must be float32 magnitudes, got {values.dtype}")
     return values.view(torch.int32).clamp_max_(NAN_KEY_32)
-
-
-def order_keys(values: torch.Tensor) -> torch.Tensor:
-    """Integer keys ordered like ``torch.sort`` orders ``values`` (integers pass through).
-
-    Floats: ``key = +bits`` for positive, ``-magnitude bits`` for negative numbers,
-    so ``-0.0`` and ``+0.0`` share key 0; every NaN gets the same key above ``+inf``.
-    """
-    if not values.is_floating_point():
-        return values if values.dtype in (torch.int32, torch.int64) else values.to(torch.int64)
-    if values.dtype != torch.float64:
-        values = values.to(torch.float32)
-    int_dtype = torch.int32 if values.dtype == torch.float32 else torch.int64
-    raw = values.view(int_dtype)
-    mag = raw & _MAG_MASK[int_dtype]
-    nan = mag > _INF_KEY[int_dtype]
-    key = torch.where(raw < 0, -mag, mag)
-    return key.masked_fill_(nan, _INF_KEY[int_dtype] + 1)
 
 
 def _count(mask: torch.Tensor) -> int:
@@ -141,20 +122,3 @@ def keys_topk_mask(keys: torch.Tensor, k: int) -> torch.Tensor:
     ties = keys == kth
     keep_ties = torch.cumsum(ties, 0, dtype=torch.int32) <= k - n_above
     return (keys > kth).logical_or_(ties.logical_and_(keep_ties))
-
-
-def topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
-    """Boolean mask of the ``k`` largest entries of a 1-D tensor (ties: lower index wins)."""
-    if values.dim() != 1:
-        raise ValueError(f"values must be 1-D, got shape {tuple(values.shape)}")
-    return keys_topk_mask(order_keys(values), k)
-
-
-def reference_topk_mask(values: torch.Tensor, k: int) -> torch.Tensor:
-    """The same selection by a full stable sort; used by tests and benchmarks."""
-    n = values.numel()
-    out = torch.zeros(n, dtype=torch.bool, device=values.device)
-    if k > 0:
-        order = torch.sort(values, descending=True, stable=True).indices
-        out[order[:min(k, n)]] = True
-    return out
