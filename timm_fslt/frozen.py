@@ -4,14 +4,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from timm_fslt.nn import modules as L
+from timm_fslt.nn.modules import check_initialized, find_maskable, is_frozen_layer, is_norm, weight_shape
 from timm_fslt.nn.recompute import recompute_context
 from timm_fslt.nn.supermask import SCALES, SCOPES, FrozenSupermask, SupermaskGroup
 from timm_fslt.regen import pattern as freezing, rng
@@ -106,12 +106,24 @@ class FreezeConfig:
         return dataclasses.asdict(self)
 
 
+# A frozen model owns its SupermaskGroup as the attribute `_fslt_group`; only this
+# module reads or writes it (other modules ask is_frozen, get_group, remove_group).
+def _group_of(model: nn.Module) -> Optional[SupermaskGroup]:
+    return getattr(model, "_fslt_group", None)
+
+
 def _refresh_hook(module: nn.Module, args):
-    group = getattr(module, "_fslt_group", None)
+    group = _group_of(module)
     if group is not None:
         _refresh(group)
 
 
+# Kept out of torch.compile: a refresh reads Python-side state the compiler cannot
+# guard on (the scores' version counters, the process-wide optimizer step count), its
+# selection has data-dependent sizes (ties, Python ints from kthvalue) and it writes the
+# mask buffers in place, so tracing it would break the graph or recompile every step.
+# Run eagerly before the compiled forward, it leaves the masks current as ordinary
+# buffers; FrozenSupermask.forward relies on this and skips its own check when compiling.
 @torch.compiler.disable
 def _refresh(group: SupermaskGroup) -> None:
     group.refresh()
@@ -119,11 +131,11 @@ def _refresh(group: SupermaskGroup) -> None:
 
 def is_frozen(model: nn.Module) -> bool:
     """Whether ``model`` was frozen by ``timm_fslt.freeze`` (it owns a supermask group)."""
-    return getattr(model, "_fslt_group", None) is not None
+    return _group_of(model) is not None
 
 
 def get_group(model: nn.Module) -> SupermaskGroup:
-    group = getattr(model, "_fslt_group", None)
+    group = _group_of(model)
     if group is None:
         raise ValueError("model is not frozen: call timm_fslt.freeze(model, prune=..., lock=...) first")
     return group
@@ -134,6 +146,16 @@ def get_config(model: nn.Module) -> FreezeConfig:
     if config is None:
         raise ValueError("model is not frozen: call timm_fslt.freeze(model, prune=..., lock=...) first")
     return config
+
+
+def remove_group(model: nn.Module) -> None:
+    """Take off what ``freeze`` attached to the model itself: the refresh hook, the supermask
+    group and the config (its layers stay as they are; ``materialize`` replaces them)."""
+    for key, hook in list(model._forward_pre_hooks.items()):
+        if hook is _refresh_hook:
+            del model._forward_pre_hooks[key]
+    del model._fslt_group
+    del model.fslt_config
 
 
 def refresh_masks(model: nn.Module) -> None:
@@ -191,53 +213,61 @@ def freeze(model: nn.Module, prune: float = 0.0, lock: float = 0.0, *,
                               batchnorm=batchnorm, bias=bias, generator_version=generator_version)
     else:
         config = dataclasses.replace(config)  # validates, fills the default sparsity
-    if getattr(model, "_fslt_group", None) is not None or any(
-            L.is_frozen_layer(m) for m in model.modules()):
-        raise ValueError("model is already frozen (it has FrozenSupermask layers); "
-                         "freeze a freshly built model instead")
-
     # Validate everything before touching the model, so bad input leaves it unchanged.
-    targets = L.find_maskable(model, config.include, config.exclude)
-    if not targets:
-        raise ValueError("model has no maskable layer (Conv*d, Linear, timm or PyG Linear) "
-                         f"matching include={config.include} exclude={config.exclude}")
-    for name, module in targets:
-        L.check_initialized(name, module)
-        if parametrize.is_parametrized(module, "weight"):
-            raise ValueError(f"layer {name!r} already has a weight parametrization; "
-                             "remove it before freezing")
+    targets = _layers_to_freeze(model, config)
 
-    shapes = [L.weight_shape(m) for _, m in targets]
+    shapes = [weight_shape(m) for _, m in targets]
     counts = freezing.frozen_counts(shapes, config.prune, config.lock, config.distribution)
-    supermasks = []
-    for (name, module), shape, (n_pruned, n_locked) in zip(targets, shapes, counts):
-        device, dtype = module.weight.device, module.weight.dtype
-        version = config.generator_version
-        weight = random_weight(config.weight_init, config.seed, name, shape, device, dtype,
-                               generator_version=version)
-        code = freezing.frozen_code(config.seed, name, shape, n_pruned, n_locked, device)
-        # Scores exist for the free weights only: draw just those (same bits as the full draw).
-        free = (code.reshape(-1) == freezing.FREE).nonzero().squeeze(1)
-        scores = random_weight(config.score_init, config.seed, name, shape, device,
-                               torch.float32, stream="score", positions=free, generator_version=version)
-        supermask = FrozenSupermask(name, scores, code)
-        # The random weight becomes a buffer: it is never a trainable parameter.
-        del module._parameters["weight"]
-        module.register_buffer("weight", weight)
-        parametrize.register_parametrization(module, "weight", supermask, unsafe=True)
-        _plain_state_dict(module)
-        supermasks.append(supermask)
-        if getattr(module, "bias", None) is not None:
-            if config.bias == "zero":
-                with torch.no_grad():
-                    module.bias.zero_()
-            module.bias.requires_grad_(config.bias == "train")
-
+    supermasks = [_freeze_layer(name, module, shape, n_pruned, n_locked, config)
+                  for (name, module), shape, (n_pruned, n_locked) in zip(targets, shapes, counts)]
     _freeze_other_parameters(model, config)
     model._fslt_group = SupermaskGroup(supermasks, config.sparsity, config.scope, config.scale)
     model.fslt_config = config
     model.register_forward_pre_hook(_refresh_hook)
     return model
+
+
+def _layers_to_freeze(model: nn.Module, config: FreezeConfig) -> list[tuple[str, nn.Module]]:
+    """The layers ``freeze`` masks; raises (leaving the model unchanged) if it cannot freeze them."""
+    if is_frozen(model) or any(is_frozen_layer(m) for m in model.modules()):
+        raise ValueError("model is already frozen (it has FrozenSupermask layers); "
+                         "freeze a freshly built model instead")
+    targets = find_maskable(model, config.include, config.exclude)
+    if not targets:
+        raise ValueError("model has no maskable layer (Conv*d, Linear, timm or PyG Linear) "
+                         f"matching include={config.include} exclude={config.exclude}")
+    for name, module in targets:
+        check_initialized(name, module)
+        if parametrize.is_parametrized(module, "weight"):
+            raise ValueError(f"layer {name!r} already has a weight parametrization; "
+                             "remove it before freezing")
+    return targets
+
+
+def _freeze_layer(name: str, module: nn.Module, shape: tuple, n_pruned: int, n_locked: int,
+                  config: FreezeConfig) -> FrozenSupermask:
+    """Give one layer its random weight (a buffer), its frozen code and scores, and its bias mode."""
+    device, dtype = module.weight.device, module.weight.dtype
+    version = config.generator_version
+    weight = random_weight(config.weight_init, config.seed, name, shape, device, dtype,
+                           generator_version=version)
+    code = freezing.frozen_code(config.seed, name, shape, n_pruned, n_locked, device)
+    # Scores exist for the free weights only: draw just those (same bits as the full draw).
+    free = (code.reshape(-1) == freezing.FREE).nonzero().squeeze(1)
+    scores = random_weight(config.score_init, config.seed, name, shape, device,
+                           torch.float32, stream="score", positions=free, generator_version=version)
+    supermask = FrozenSupermask(name, scores, code)
+    # The random weight becomes a buffer: it is never a trainable parameter.
+    del module._parameters["weight"]
+    module.register_buffer("weight", weight)
+    parametrize.register_parametrization(module, "weight", supermask, unsafe=True)
+    _plain_state_dict(module)
+    if getattr(module, "bias", None) is not None:
+        if config.bias == "zero":
+            with torch.no_grad():
+                module.bias.zero_()
+        module.bias.requires_grad_(config.bias == "train")
+    return supermask
 
 
 def _plain_state_dict(module: nn.Module) -> None:
@@ -258,10 +288,10 @@ def _plain_state_dict(module: nn.Module) -> None:
 def _freeze_other_parameters(model: nn.Module, config: FreezeConfig) -> None:
     """Everything but the scores stops training (unless the config keeps it trainable)."""
     for module in model.modules():
-        if L.is_frozen_layer(module):
+        if is_frozen_layer(module):
             continue
-        trainable_norm = L.is_norm(module) and config.batchnorm == "affine"
-        if L.is_norm(module) and config.batchnorm == "non_affine":
+        trainable_norm = is_norm(module) and config.batchnorm == "affine"
+        if is_norm(module) and config.batchnorm == "non_affine":
             with torch.no_grad():
                 if getattr(module, "weight", None) is not None:
                     module.weight.fill_(1.0)

@@ -6,7 +6,7 @@ import copy
 import torch
 from torch import nn
 
-from timm_fslt.frozen import _refresh_hook, get_group
+from timm_fslt.frozen import get_group, remove_group
 from timm_fslt.nn.modules import is_frozen_layer
 
 
@@ -37,11 +37,7 @@ def materialize(model: nn.Module) -> nn.Module:
         for _, module in list(plain.named_modules()):
             if is_frozen_layer(module):
                 _unparametrize(module)
-    for key, hook in list(plain._forward_pre_hooks.items()):
-        if hook is _refresh_hook:
-            del plain._forward_pre_hooks[key]
-    del plain._fslt_group
-    del plain.fslt_config
+    remove_group(plain)
     for param in plain.parameters():
         param.requires_grad_(True)
     return plain

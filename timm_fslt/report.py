@@ -6,8 +6,8 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from timm_fslt.frozen import get_group
-from timm_fslt.nn.modules import is_frozen_layer, is_norm
+from timm_fslt.frozen import get_config, get_group
+from timm_fslt.nn.modules import dtype_name, is_frozen_layer, is_norm
 
 
 @dataclass
@@ -139,8 +139,12 @@ def non_regenerable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     Excluded: the random weights, freezing codes and scores of masked layers (the
     ticket stores their mask bits instead), biases zeroed by ``bias="zero"`` and
     norm affine parameters fixed by ``batchnorm="non_affine"`` (constants).
+
+    This is the ticket's state contract: ``timm_fslt.ticket`` saves and checks exactly
+    these tensors, and structural pruning keeps them consistent; it lives here, below
+    both, because the size report counts the same bits.
     """
-    config = model.fslt_config
+    config = get_config(model)
     skip = set()
     for name, module in model.named_modules():
         prefix = f"{name}." if name else ""
@@ -165,7 +169,7 @@ def size_report(model: nn.Module, print_report: bool = False) -> SizeReport:
     state = non_regenerable_state(model)
     bits = sum(t.numel() * t.element_size() * 8 for t in state.values())
     report = SizeReport(layers=rows, state_bits=bits,
-                        state_tensors={k: [list(v.shape), str(v.dtype).replace("torch.", "")]
+                        state_tensors={k: [list(v.shape), dtype_name(v.dtype)]
                                        for k, v in state.items()})
     if print_report:
         print(report)
