@@ -25,6 +25,12 @@ class LayerSize:
         return 1.0 - self.kept / self.numel if self.numel else 0.0
 
 
+def _layer_total(count: str) -> property:
+    """A read-only total over the report's layers of one ``LayerSize`` count."""
+    return property(lambda self: sum(getattr(layer, count) for layer in self.layers),
+                    doc=f"sum of the layers' ``{count}``")
+
+
 @dataclass
 class SizeReport:
     """Counts and storage of a frozen model's ticket.
@@ -41,25 +47,11 @@ class SizeReport:
     state_tensors: dict = field(default_factory=dict)
 
     # totals ------------------------------------------------------------------
-    @property
-    def params(self) -> int:
-        return sum(layer.numel for layer in self.layers)
-
-    @property
-    def pruned(self) -> int:
-        return sum(layer.pruned for layer in self.layers)
-
-    @property
-    def locked(self) -> int:
-        return sum(layer.locked for layer in self.layers)
-
-    @property
-    def free(self) -> int:
-        return sum(layer.free for layer in self.layers)
-
-    @property
-    def kept(self) -> int:
-        return sum(layer.kept for layer in self.layers)
+    params = _layer_total("numel")
+    pruned = _layer_total("pruned")
+    locked = _layer_total("locked")
+    free = _layer_total("free")
+    kept = _layer_total("kept")
 
     @property
     def sparsity(self) -> float:
