@@ -127,8 +127,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _demo(argv[1:])
     try:
         args = _parser().parse_args(argv)
-    except SystemExit as exit_:  # --help, or a usage error argparse already printed
-        return int(exit_.code or 0) if not isinstance(exit_.code, str) else 2
+    except SystemExit as exit_:  # --help (0), or a usage error argparse already printed (2)
+        return int(exit_.code or 0)
     try:
         return _info(args) if args.command == "info" else _push(args)
     except TicketError as err:
