@@ -57,8 +57,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _info(args) -> int:
-    from timm_fslt.ticket.hub import resolve_ticket_source
-    from timm_fslt.ticket.io import read_ticket, size_report_from_config
+    from timm_fslt.ticket.format import read_ticket, size_report_from_config
+    from timm_fslt.ticket.sources import resolve_ticket_source
 
     found = resolve_ticket_source(args.ticket, revision=args.revision)
     directory = found.directory
