@@ -13,7 +13,7 @@ import argparse
 
 import timm_fslt
 from timm_fslt.apps.demo import digit_sets
-from timm_fslt.training.loop import TrainConfig, train
+from timm_fslt.training import TrainConfig, train
 
 
 def main(argv=None) -> int:

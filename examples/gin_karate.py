@@ -17,7 +17,7 @@ from torch_geometric.nn.models import GIN
 
 import timm_fslt
 from timm_fslt.training.data import GraphSplit, permutation
-from timm_fslt.training.loop import NodeClassificationTask, TrainConfig, train
+from timm_fslt.training import NodeClassificationTask, TrainConfig, train
 
 
 def main(argv=None) -> int:

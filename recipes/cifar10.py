@@ -28,7 +28,7 @@ def main(argv=None) -> dict:
     R.check_timm_model(s["model"])
     R.init_processes(s)
     from timm_fslt.training.data import CIFAR10_HUB_ID, load_cifar10
-    from timm_fslt.training.loop import ClassificationTask
+    from timm_fslt.training import ClassificationTask
 
     data = load_cifar10(s["data"] or CIFAR10_HUB_ID, img_size=s["img_size"] or 32, seed=s["seed"],
                         val_fraction=s["val_fraction"], token=s["hf_token"])

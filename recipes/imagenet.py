@@ -30,7 +30,7 @@ def main(argv=None) -> dict:
     R.check_timm_model(s["model"])
     R.init_processes(s)
     from timm_fslt.training.data import IMAGENET_HUB_ID, load_imagenet
-    from timm_fslt.training.loop import ClassificationTask
+    from timm_fslt.training import ClassificationTask
 
     data = load_imagenet(s["data"] or IMAGENET_HUB_ID, img_size=s["img_size"] or 224, seed=s["seed"],
                          val_fraction=s["val_fraction"], token=s["hf_token"] or os.environ.get("HF_TOKEN"))

@@ -32,7 +32,7 @@ def main(argv=None) -> dict:
     from accelerate.utils import set_seed
     from timm_fslt.training.data import import_ogb, load_ogbn_arxiv
     from timm_fslt.models.gin import gin
-    from timm_fslt.training.loop import NodeClassificationTask
+    from timm_fslt.training import NodeClassificationTask
 
     data = load_ogbn_arxiv(s["data_root"] or os.path.join("data", "ogb"), download=s["download"])
     kwargs = {"in_channels": data.num_features, "num_classes": data.num_classes, **s["model_kwargs"]}

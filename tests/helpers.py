@@ -1,4 +1,5 @@
 """Small shared pieces for the core tests."""
+import json
 import shutil
 
 import torch
@@ -42,3 +43,9 @@ def copy_dir(src, dst):
         shutil.rmtree(dst)
     shutil.copytree(src, dst)
     return dst
+
+
+def read_jsonl(path) -> list:
+    """The records of a JSONL file (metrics.jsonl), blank lines skipped."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

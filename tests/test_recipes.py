@@ -28,7 +28,7 @@ sweep = importlib.import_module("sweep")
 R = importlib.import_module("fslt_recipe")
 
 from timm_fslt.training.data import DataError, load_cifar10, load_imagenet, load_ogbn_arxiv  # noqa: E402
-from timm_fslt.training.loop import RunConfigError  # noqa: E402
+from timm_fslt.training import RunConfigError  # noqa: E402
 
 QUICK = ["--epochs", "2", "--limit-train-batches", "2", "--batch-size", "8", "--num-workers", "0",
          "--no-progress", "--lr", "0.5"]
@@ -169,14 +169,14 @@ def test_cifar10_recipe_under_accelerate_launch_with_two_processes_keeps_masks_i
     # masks were compared across the two processes after every optimizer step, not only per epoch
     assert res["step_sync_checks"] == res["global_steps"] == 2
     # only the main process writes: one config record, each step logged once
-    from timm_fslt.training.loop import read_jsonl
+    from helpers import read_jsonl
     records = read_jsonl(out / "metrics.jsonl")
     assert [r["event"] for r in records].count("config") == 1
     steps = [r["step"] for r in records if "train/step_loss" in r]
     assert steps == [1, 2]
     fresh = timm_fslt.freeze(timm_fslt.create_model("conv6", width=0.0625, num_classes=10),
                              0.49, 0.21, sparsity=0.7, seed=0)
-    from timm_fslt.training.loop import mask_digest
+    from timm_fslt.training import mask_digest
     assert res["mask_digests"][0] != mask_digest(fresh)  # training changed the masks, identically
 
 

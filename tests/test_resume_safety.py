@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from test_train_loop import TEST, TRAIN, VAL, _config, _model
-from timm_fslt.training.loop import (CheckpointError, TrainConfig, inspect_checkpoint, latest_checkpoint,
-                                     list_checkpoints, read_jsonl, train)
+from helpers import read_jsonl
+from timm_fslt.training import (CheckpointError, TrainConfig, inspect_checkpoint, latest_checkpoint, list_checkpoints,
+                                train)
 
 
 def _reset_accelerate():

@@ -1,4 +1,4 @@
-"""The shared training loop (timm_fslt.training.loop): resume, checkpoints, selection, trackers, errors.
+"""The shared training loop (timm_fslt.training): resume, checkpoints, selection, trackers, errors.
 
 Small in-memory data and a Conv6 at 1/16 width, so each run takes a second or two.
 """
@@ -11,8 +11,9 @@ from torch.utils.data import TensorDataset
 
 import timm
 import timm_fslt
-from timm_fslt.training.loop import (ClassificationTask, RunConfigError, TrainConfig, build_optimizer,
-                                     check_masks_in_sync, latest_checkpoint, mask_digest, read_jsonl, train)
+from helpers import read_jsonl
+from timm_fslt.training import (ClassificationTask, RunConfigError, TrainConfig, build_optimizer, check_masks_in_sync,
+                                latest_checkpoint, mask_digest, train)
 
 
 @pytest.fixture(autouse=True)

@@ -14,7 +14,7 @@ import torch
 
 import timm_fslt
 from timm_fslt.errors import TicketError
-from timm_fslt.training.loop import TrainConfig
+from timm_fslt.training import TrainConfig
 
 
 @pytest.fixture(scope="module")

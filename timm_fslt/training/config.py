@@ -1,0 +1,166 @@
+"""``TrainConfig`` (the settings of one run), the errors a run raises before it trains, and
+the names of what a run writes into its output_dir."""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Union
+
+from timm_fslt.training.records import jsonable
+
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULERS = ("cosine", "constant")
+MIXED_PRECISION = ("no", "fp16", "bf16")
+# What a run writes into its output_dir.
+CHECKPOINTS_DIR = "checkpoints"
+LATEST_FILE = "latest"
+RUN_CONFIG_FILE = "run_config.json"
+RESULTS_FILE = "results.json"
+METRICS_FILE = "metrics.jsonl"
+TICKET_DIR = "ticket"
+CHECKPOINT_PREFIX = "epoch_"
+# run_config.json format 2 records epoch, global_step and every file's size and sha256
+# (format 1, before: identity and epoch only).
+CHECKPOINT_FORMAT = 2
+RESUME_MODES = ("auto", "fallback")
+_MODE_LOOKALIKES = {"auto", "fallback", "true", "false", "yes", "no", "latest", "1", "0", "none"}
+
+# TrainConfig fields that do not change what a run computes; a resumed run may change them.
+VOLATILE_FIELDS = ("check_finite", "check_sync_every", "recompute_weights", "output_dir", "resume", "overwrite",
+                   "keep_checkpoints", "stop_after", "log_with", "project_name", "progress", "log_every",
+                   "save_ticket", "push_to_hub", "hub_private", "num_workers", "cpu", "architecture", "dataset_ids")
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one run; the defaults are the paper's CIFAR-10 ResNet-18 score search.
+
+    batch_size is the global batch (all processes and accumulation steps together),
+    so a run computes the same thing on 1 or 8 GPUs; it must be divisible by
+    ``num_processes * grad_accum_steps``.  ``resume``: False (a fresh run; refuses an
+    output_dir that already holds checkpoints unless ``overwrite``), True (continue
+    from the newest checkpoint in output_dir), ``"auto"`` (continue if there is one,
+    start fresh if there is none), ``"fallback"`` (like True, but if the newest
+    checkpoint is corrupted, continue from the newest valid older one) or the path
+    of a checkpoint folder.  Checkpoints are ordered by the epoch and global step
+    their run_config.json records and verified (each file's size and sha256) before
+    use; ``checkpoints/latest`` is only a hint.  ``stop_after``: stop after that many
+    epochs in this invocation (for time-limited jobs; continue with ``resume``).
+    ``limit_train_batches`` / ``limit_eval_batches`` shorten each epoch (per process).
+    ``check_finite``: stop with ``FloatingPointError`` at the first non-finite loss,
+    naming the layers whose scores went non-finite (costs one device sync per step).
+    ``check_sync_every``: also verify every N optimizer steps that all processes hold
+    identical masks (0: once per epoch, which always happens).
+    ``recompute_weights``: run each forward inside ``timm_fslt.recompute_masked_weights``
+    (the backward rebuilds each layer's ``W * mask`` instead of keeping it: 4 bytes
+    less per weight at the peak, one elementwise product more per layer, the same
+    gradients); no effect on a model that is not frozen.
+    """
+
+    output_dir: str = "runs/fslt"
+    epochs: int = 100
+    batch_size: int = 128
+    eval_batch_size: Optional[int] = None
+    optimizer: str = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    nesterov: bool = False
+    scheduler: str = "cosine"
+    warmup_epochs: int = 0
+    label_smoothing: float = 0.0
+    grad_accum_steps: int = 1
+    mixed_precision: str = "no"
+    seed: int = 0
+    num_workers: int = 0
+    limit_train_batches: Optional[int] = None
+    limit_eval_batches: Optional[int] = None
+    resume: Union[bool, str] = False
+    overwrite: bool = False
+    keep_checkpoints: int = 1
+    stop_after: Optional[int] = None
+    log_with: Sequence[str] = ()
+    log_every: int = 50
+    project_name: str = "timm_fslt"
+    progress: bool = True
+    save_ticket: bool = True
+    architecture: Optional[Any] = None
+    dataset_ids: Sequence[str] = ()
+    push_to_hub: Optional[str] = None
+    hub_private: bool = False
+    cpu: bool = False
+    check_finite: bool = True
+    check_sync_every: int = 0
+    recompute_weights: bool = False
+
+    def __post_init__(self):
+        self.log_with = tuple(self.log_with or ())
+        self.dataset_ids = tuple(self.dataset_ids or ())
+        self.validate()
+
+    def validate(self) -> None:
+        def positive_int(name, allow_none=False):
+            value = getattr(self, name)
+            if value is None and allow_none:
+                return
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+        for name in ("epochs", "batch_size", "grad_accum_steps", "keep_checkpoints", "log_every"):
+            positive_int(name)
+        for name in ("eval_batch_size", "limit_train_batches", "limit_eval_batches", "stop_after"):
+            positive_int(name, allow_none=True)
+        for name, allowed in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
+                              ("mixed_precision", MIXED_PRECISION)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
+        for name in ("lr", "momentum", "weight_decay", "label_smoothing"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or value < 0:
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise ValueError(f"warmup_epochs must lie in [0, epochs), got {self.warmup_epochs}")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        if isinstance(self.check_sync_every, bool) or not isinstance(self.check_sync_every, int) \
+                or self.check_sync_every < 0:
+            raise ValueError(f"check_sync_every must be an int >= 0 (0: once per epoch), got {self.check_sync_every!r}")
+        if self.limit_train_batches is not None and self.limit_train_batches % self.grad_accum_steps:
+            raise ValueError(f"limit_train_batches ({self.limit_train_batches}) must be a multiple of "
+                             f"grad_accum_steps ({self.grad_accum_steps}) so each epoch ends on an optimizer step")
+        for name in ("nesterov", "overwrite", "progress", "save_ticket", "hub_private", "cpu", "check_finite",
+                     "recompute_weights"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        self._validate_resume()
+
+    def _validate_resume(self) -> None:
+        allowed = "resume must be False, True, 'auto', 'fallback' or a checkpoint folder path"
+        value = self.resume
+        if isinstance(value, bool) or value in RESUME_MODES:
+            return
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        if not isinstance(value, str):
+            raise ValueError(f"{allowed}, got {self.resume!r}")
+        if not value.strip():
+            raise ValueError(f"{allowed}, got an empty string")
+        # 'Auto', 'latest', 'true' ... would otherwise be taken for a folder and fail later, less clearly.
+        if value.strip().lower() in _MODE_LOOKALIKES and not os.path.exists(os.path.expanduser(value)):
+            raise ValueError(f"{allowed}, got {value!r} (not a mode, and no such folder)")
+
+    def to_dict(self) -> dict:
+        return jsonable(dataclasses.asdict(self))
+
+
+class RunConfigError(ValueError):
+    """A run cannot start as configured (e.g. resuming a checkpoint of another configuration)."""
+
+
+class CheckpointError(RunConfigError):
+    """A checkpoint cannot be resumed (a file missing, truncated or altered), or none can.
+
+    The message names each checkpoint folder and what is wrong with it."""

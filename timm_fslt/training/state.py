@@ -1,0 +1,92 @@
+"""What a run carries from step to step and from checkpoint to checkpoint: the progress
+(``TrainState``), the optimizer and its per-epoch schedule, and the best model's state."""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from timm_fslt.nn.modules import iter_frozen
+from timm_fslt.training.config import TrainConfig
+
+
+class TrainState:
+    """Progress of a run that Accelerate stores with each checkpoint."""
+
+    def __init__(self):
+        self.epoch = 0
+        self.global_step = 0
+        self.best_val: Optional[dict] = None
+        self.best_epoch = 0
+        self.best_state: dict = {}
+        self.history: list = []
+        self.elapsed = 0.0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "global_step": self.global_step, "best_val": self.best_val,
+                "best_epoch": self.best_epoch, "best_state": self.best_state, "history": self.history,
+                "elapsed": self.elapsed}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+
+class EpochSchedule:
+    """Per-epoch learning-rate factor: linear warm-up, then cosine decay to 0 (or constant)."""
+
+    def __init__(self, kind: str, epochs: int, warmup: int):
+        self.kind, self.epochs, self.warmup = kind, epochs, warmup
+
+    def __call__(self, epoch: int) -> float:
+        if epoch < self.warmup:
+            return (epoch + 1) / self.warmup
+        if self.kind == "constant":
+            return 1.0
+        progress = (epoch - self.warmup) / max(self.epochs - self.warmup, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no parameter with requires_grad=True: nothing to train")
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay, nesterov=config.nesterov)
+    return torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+
+
+def model_fingerprint(model: nn.Module) -> dict:
+    """What identifies the model among a run's settings (class, sizes, freeze settings)."""
+    config = getattr(model, "fslt_config", None)
+    return {"class": type(model).__name__,
+            "params": sum(p.numel() for p in model.parameters()),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "freeze": config.to_dict() if config is not None else None}
+
+
+def static_keys(model: nn.Module) -> set:
+    """State-dict keys that never change while training (random weights, frozen codes)."""
+    keys = set()
+    for name, _ in iter_frozen(model):
+        prefix = f"{name}." if name else ""
+        keys.add(prefix + "parametrizations.weight.original")
+        keys.add(prefix + "parametrizations.weight.0.frozen")
+    return keys
+
+
+def snapshot(model: nn.Module, static: set) -> dict:
+    """A CPU copy of the state that training changes (the best model so far; ``static`` left out)."""
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items() if k not in static}
+
+
+def restore(model: nn.Module, state: dict, static: set) -> None:
+    """Load a ``snapshot`` back; every key but the ``static`` ones must be in it."""
+    result = model.load_state_dict(state, strict=False)
+    missing = set(result.missing_keys) - static
+    if missing or result.unexpected_keys:
+        raise RuntimeError(f"best-model state does not fit the model: missing {sorted(missing)}, "
+                           f"unexpected {sorted(result.unexpected_keys)}")
