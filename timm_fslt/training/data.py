@@ -12,13 +12,17 @@ the same way on any machine, process count and torch release.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
+from accelerate import PartialState
 from torch.utils.data import Dataset, Sampler
+from torchvision import transforms as T
+from torchvision.datasets import ImageFolder
 
 from timm_fslt.regen import rng
 
@@ -125,8 +129,6 @@ class ImageData:
 
 def image_transforms(kind: str, img_size: int, mean=None, std=None):
     """(train, eval) transforms: random crop + flip for CIFAR, random resized crop for ImageNet."""
-    from torchvision import transforms as T
-
     if kind == "cifar":
         mean, std = mean or CIFAR10_MEAN, std or CIFAR10_STD
         resize = [] if img_size == 32 else [T.Resize(img_size)]
@@ -191,8 +193,7 @@ def load_image_splits(data: str, test_splits: Sequence[str], *, token: Optional[
     if _looks_like_path(data):
         raise FileNotFoundError(f"{arg}: path {data!r} does not exist (give a local dataset folder or a "
                                 f"Hub dataset id such as {CIFAR10_HUB_ID!r})")
-    import datasets
-    from accelerate import PartialState
+    import datasets  # heavy: imported only when the Hub is asked
 
     try:
         with PartialState().main_process_first():  # one process downloads, the others read the cache
@@ -215,7 +216,7 @@ def _load_local(path: str, test_splits: Sequence[str], arg: str):
         raise DataError(f"{arg}: {path!r} is a file; expected a folder ({_LAYOUTS})")
     entries = sorted(os.listdir(path))
     if "dataset_dict.json" in entries:
-        import datasets
+        import datasets  # heavy: imported only for a saved DatasetDict
 
         dsd = datasets.load_from_disk(path)
         test_name = _pick_split(list(dsd.keys()), test_splits, f"saved dataset {path!r}", arg)
@@ -231,8 +232,6 @@ def _load_local(path: str, test_splits: Sequence[str], arg: str):
                          f"and a test split (one of {list(test_splits)}) instead")
     test_dir = next((s for s in test_splits if _is_image_folder_split(os.path.join(path, s))), None)
     if _is_image_folder_split(os.path.join(path, "train")) and test_dir is not None:
-        from torchvision.datasets import ImageFolder
-
         train = ImageFolder(os.path.join(path, "train"))
         test = ImageFolder(os.path.join(path, test_dir))
         if train.classes != test.classes:
@@ -264,14 +263,12 @@ def load_image_data(data: str, kind: str, *, img_size: int, seed: int = 0, val_f
 
 def load_cifar10(data: str = CIFAR10_HUB_ID, *, img_size: int = 32, seed: int = 0,
                  val_fraction: float = 0.2, token: Optional[str] = None) -> ImageData:
-    return load_image_data(data, "cifar", img_size=img_size, seed=seed, val_fraction=val_fraction,
-                           token=token)
+    return load_image_data(data, "cifar", img_size=img_size, seed=seed, val_fraction=val_fraction, token=token)
 
 
 def load_imagenet(data: str = IMAGENET_HUB_ID, *, img_size: int = 224, seed: int = 0,
                   val_fraction: float = 0.2, token: Optional[str] = None) -> ImageData:
-    return load_image_data(data, "imagenet", img_size=img_size, seed=seed, val_fraction=val_fraction,
-                           token=token)
+    return load_image_data(data, "imagenet", img_size=img_size, seed=seed, val_fraction=val_fraction, token=token)
 
 
 # -- OGBN-Arxiv ------------------------------------------------------------------------
@@ -358,11 +355,9 @@ def _check_ogbn_folder(root: str, download: bool, arg: str) -> None:
 def load_ogbn_arxiv(root: str, *, download: bool = False, undirected: bool = True,
                     arg: str = "--data-root") -> GraphData:
     """OGBN-Arxiv with its default (time) split, as one graph for full-graph training."""
-    from accelerate import PartialState
-
     root = os.path.expanduser(root)
     _check_ogbn_folder(root, download, arg)
-    import_ogb()
+    import_ogb()  # ogb (heavy, optional to the image recipes) only behind its guard
     from ogb.nodeproppred import PygNodePropPredDataset
 
     if download:
@@ -377,8 +372,7 @@ def load_ogbn_arxiv(root: str, *, download: bool = False, undirected: bool = Tru
     y = data.y.view(-1).long()
     edge_index = data.edge_index
     if undirected:
-        from torch_geometric.utils import to_undirected
-
+        from torch_geometric.utils import to_undirected  # PyG is heavy: imported for graphs only
         edge_index = to_undirected(edge_index, num_nodes=data.num_nodes)
     sets = {}
     for name in OGBN_SPLITS:
@@ -391,22 +385,16 @@ def load_ogbn_arxiv(root: str, *, download: bool = False, undirected: bool = Tru
                      num_nodes=int(data.num_nodes), num_edges=int(edge_index.shape[1]), source=root)
 
 
-class _no_stdin:
+@contextlib.contextmanager
+def _no_stdin():
     """ogb asks questions with input(); with no terminal it must fail, not wait forever."""
-
-    def __enter__(self):
-        self._stdin = sys.stdin
-        if not (sys.stdin and sys.stdin.isatty()):
-            sys.stdin = open(os.devnull)
-        return self
-
-    def __exit__(self, *exc):
-        if sys.stdin is not self._stdin:
+    saved = sys.stdin
+    if not (sys.stdin and sys.stdin.isatty()):
+        sys.stdin = open(os.devnull)
+    try:
+        yield
+    finally:
+        if sys.stdin is not saved:
             sys.stdin.close()
-            sys.stdin = self._stdin
-        return False
+            sys.stdin = saved
 
-
-def first_item(items: list) -> Any:
-    """Collate function of one-example datasets (the whole graph)."""
-    return items[0]

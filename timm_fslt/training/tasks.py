@@ -5,14 +5,17 @@ A task has ``batched`` (False: one batch per epoch, the loop ignores batch sizes
 ``collate_fn``, ``loss(model, batch)`` and ``evaluate(model, loader, accelerator, ...)``."""
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from timm_fslt.training.data import first_item
+
+def first_item(items: list) -> Any:
+    """Collate function of one-example datasets (the whole graph)."""
+    return items[0]
 
 
 class ClassificationTask:
