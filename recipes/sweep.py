@@ -25,6 +25,9 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fslt_recipe as R  # noqa: E402
+from accelerate import PartialState  # noqa: E402
+
+from timm_fslt.atomic import write_json_atomic  # noqa: E402
 
 RECIPES = ("cifar10", "imagenet", "ogbn_arxiv")
 RESERVED = ("--prune", "--lock", "--sparsity", "--output-dir", "--method", "--resume", "--overwrite")
@@ -129,9 +132,6 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if args.weights:
         results = run_point(recipe, rest, os.path.join(args.output_dir, "weights"), ["--method", "weights"])
         rows.append(_row("weights", "weights", (0.0, 0.0, None), results))
-
-    from accelerate import PartialState
-    from timm_fslt.training.loop import write_json_atomic
 
     summary = {"recipe": args.recipe, "model": settings["model"], "points": rows}
     if PartialState().is_main_process:
