@@ -1,7 +1,7 @@
 """What the three recipes share: the command line, presets, model building and the run.
 
 Each recipe (``cifar10.py``, ``imagenet.py``, ``ogbn_arxiv.py``) only adds its data
-and model; the training itself is ``timm_fslt.training.loop.train``.  Settings come from,
+and model; the training itself is ``timm_fslt.training.train``.  Settings come from,
 in increasing priority: the defaults below, a preset (``presets/<name>.yaml``),
 then the command line.  Everything is checked before data is read or anything
 trains, and every error names the option at fault.
@@ -9,36 +9,66 @@ trains, and every error names the option at fault.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
+import timm
 import yaml
+from accelerate import PartialState
+from accelerate.utils import parse_flag_from_env, set_seed
+
+from timm_fslt.frozen import BATCHNORM_MODES, BIAS_MODES, FreezeConfig, freeze
+from timm_fslt.nn.supermask import SCALES, SCOPES
+from timm_fslt.regen.init import SCORE_INITS, WEIGHT_INITS
+from timm_fslt.regen.pattern import DISTRIBUTIONS
+from timm_fslt.training import (MIXED_PRECISION, OPTIMIZERS, SCHEDULERS, ClassificationTask, RunConfigError,
+                                TrainConfig, train)
+from timm_fslt.training.data import DataError
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-
-# Defaults under every preset (a preset overrides them, the command line overrides both).
-BASE = {
-    "model": None, "model_kwargs": {}, "method": "ticket",
-    "prune": 0.0, "lock": 0.0, "sparsity": None, "distribution": "epl", "scope": "global",
-    "weight_init": "kaiming_uniform", "score_init": "kaiming_normal", "scale": None,
-    "batchnorm": "non_affine", "bias": "zero",
-    "epochs": 100, "batch_size": 128, "eval_batch_size": None, "optimizer": "sgd", "lr": 0.1,
-    "momentum": 0.9, "weight_decay": 1e-4, "nesterov": False, "scheduler": "cosine", "warmup_epochs": 0,
-    "label_smoothing": 0.0, "grad_accum": 1, "mixed_precision": "no", "seed": 0, "num_workers": 4,
-    "limit_train_batches": None, "limit_eval_batches": None, "val_fraction": 0.2,
-    "output_dir": None, "resume": False, "overwrite": False, "keep_checkpoints": 1, "stop_after": None,
-    "log_with": [], "log_every": 50, "push_to_hub": None, "hub_private": False, "save_ticket": True,
-    "progress": True, "cpu": False, "check_finite": True, "check_sync_every": 0,
-    "recompute_weights": False,
-    "data": None, "hf_token": None, "img_size": None, "data_root": None, "download": False,
-    "sweep": [],
-}
+METHODS = ("ticket", "weights")
+# Recipe options passed to timm_fslt.freeze (FreezeConfig fields of the same names).
 FREEZE_KEYS = ("prune", "lock", "sparsity", "distribution", "scope", "weight_init", "score_init", "scale",
                "batchnorm", "bias", "seed")
-METHODS = ("ticket", "weights")
+# Recipe option -> TrainConfig field, for every field the command line sets; ``train_config``
+# adds output_dir, architecture and dataset_ids, and project_name stays the library's.
+TRAIN_KEYS = {name: name for name in (
+    "epochs", "batch_size", "eval_batch_size", "optimizer", "lr", "momentum", "weight_decay", "nesterov",
+    "scheduler", "warmup_epochs", "label_smoothing", "mixed_precision", "seed", "num_workers",
+    "limit_train_batches", "limit_eval_batches", "resume", "overwrite", "keep_checkpoints", "stop_after",
+    "log_with", "log_every", "progress", "save_ticket", "push_to_hub", "hub_private", "cpu", "check_finite",
+    "check_sync_every", "recompute_weights")}
+TRAIN_KEYS["grad_accum"] = "grad_accum_steps"
+
+
+def _library_defaults() -> dict:
+    """The defaults of FreezeConfig and TrainConfig under the recipe's option names."""
+    freezing = {f.name: f.default for f in dataclasses.fields(FreezeConfig)}
+    training = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return {**{k: freezing[k] for k in FREEZE_KEYS}, **{k: training[field] for k, field in TRAIN_KEYS.items()}}
+
+
+# Defaults under every preset (a preset overrides them, the command line overrides both):
+# the library's, then the options only recipes have, then where recipes deliberately differ.
+BASE = {
+    **_library_defaults(),
+    "model": None, "model_kwargs": {}, "method": "ticket", "val_fraction": 0.2,
+    "data": None, "hf_token": None, "img_size": None, "data_root": None, "download": False,
+    "sweep": [],
+    # Recipes read image files: worker processes keep the GPU fed (the library's 0 suits in-memory data).
+    "num_workers": 4,
+    # None: runs/<recipe>/<model>-<point>-seed<seed> (default_output_dir), not the library's one folder.
+    "output_dir": None,
+}
+# The choices of the command line are the library's own tuples.
+CHOICES = {"method": METHODS, "distribution": DISTRIBUTIONS, "scope": SCOPES, "weight_init": WEIGHT_INITS,
+           "score_init": SCORE_INITS, "scale": tuple("none" if c is None else c for c in SCALES),
+           "batchnorm": BATCHNORM_MODES, "bias": BIAS_MODES, "optimizer": OPTIMIZERS, "scheduler": SCHEDULERS,
+           "mixed_precision": MIXED_PRECISION}
 
 
 class RecipeError(ValueError):
@@ -85,44 +115,54 @@ def build_parser(recipe: str, description: str, *, image: bool) -> argparse.Argu
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", help="preset name in recipes/presets (or a .yaml path); "
                                     "default: the recipe's preset for --model")
-    g = p.add_argument_group("model and method")
+    _model_options(p.add_argument_group("model and method"))
+    _optimisation_options(p.add_argument_group("optimisation"))
+    _data_options(p.add_argument_group("data"), image)
+    _run_options(p.add_argument_group("run"))
+    return p
+
+
+def _model_options(g) -> None:
     g.add_argument("--model", help="model name (timm name for the image recipes, 'gin' for ogbn_arxiv)")
     g.add_argument("--model-kwargs", dest="model_kwargs", nargs="+", metavar="KEY=VALUE",
                    help="extra model constructor kwargs, e.g. width=0.25 (or one JSON object)")
-    g.add_argument("--method", choices=METHODS,
+    g.add_argument("--method", choices=CHOICES["method"],
                    help="ticket: Edge-Popup score search in a (partially) frozen random network; "
                         "weights: ordinary weight training of the same architecture (upper reference)")
     g.add_argument("--prune", type=float, help="fraction of weights pruned for good (P)")
     g.add_argument("--lock", type=float, help="fraction of weights kept for good (L)")
     g.add_argument("--sparsity", type=float, help="ticket sparsity K in [P, 1 - L] (default: middle)")
-    g.add_argument("--distribution", choices=("epl", "erk", "igq"))
-    g.add_argument("--scope", choices=("global", "layerwise"))
-    g.add_argument("--weight-init", dest="weight_init",
-                   choices=("kaiming_uniform", "kaiming_normal", "signed_kaiming_constant"))
-    g.add_argument("--score-init", dest="score_init", choices=("kaiming_normal", "kaiming_uniform"))
-    g.add_argument("--scale", choices=("none", "static", "dynamic"))
-    g.add_argument("--batchnorm", choices=("non_affine", "affine", "keep"))
-    g.add_argument("--bias", choices=("zero", "train", "keep"))
+    g.add_argument("--distribution", choices=CHOICES["distribution"])
+    g.add_argument("--scope", choices=CHOICES["scope"])
+    g.add_argument("--weight-init", dest="weight_init", choices=CHOICES["weight_init"])
+    g.add_argument("--score-init", dest="score_init", choices=CHOICES["score_init"])
+    g.add_argument("--scale", choices=CHOICES["scale"])
+    g.add_argument("--batchnorm", choices=CHOICES["batchnorm"])
+    g.add_argument("--bias", choices=CHOICES["bias"])
     g.add_argument("--seed", type=int, help="seed of weights, freezing, scores, split and data order")
-    g = p.add_argument_group("optimisation")
+
+
+def _optimisation_options(g) -> None:
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", dest="batch_size", type=int,
                    help="global batch size (all processes and accumulation steps together)")
     g.add_argument("--eval-batch-size", dest="eval_batch_size", type=int, help="per-process eval batch")
-    g.add_argument("--optimizer", choices=("sgd", "adamw"))
+    g.add_argument("--optimizer", choices=CHOICES["optimizer"])
     g.add_argument("--lr", type=float)
     g.add_argument("--momentum", type=float)
     g.add_argument("--weight-decay", dest="weight_decay", type=float)
     g.add_argument("--nesterov", action="store_true")
-    g.add_argument("--scheduler", choices=("cosine", "constant"))
+    g.add_argument("--scheduler", choices=CHOICES["scheduler"])
     g.add_argument("--warmup-epochs", dest="warmup_epochs", type=int)
     g.add_argument("--label-smoothing", dest="label_smoothing", type=float)
     g.add_argument("--grad-accum", dest="grad_accum", type=int, help="gradient accumulation steps")
-    g.add_argument("--mixed-precision", dest="mixed_precision", choices=("no", "fp16", "bf16"))
+    g.add_argument("--mixed-precision", dest="mixed_precision", choices=CHOICES["mixed_precision"])
     g.add_argument("--bf16", dest="mixed_precision", action="store_const", const="bf16")
     g.add_argument("--fp16", dest="mixed_precision", action="store_const", const="fp16")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
-    g = p.add_argument_group("data")
+
+
+def _data_options(g, image: bool) -> None:
     if image:
         g.add_argument("--data", help="Hub dataset id, a save_to_disk DatasetDict folder, or an image "
                                       "folder with train/ and test/ (or val/)")
@@ -137,7 +177,9 @@ def build_parser(recipe: str, description: str, *, image: bool) -> argparse.Argu
     g.add_argument("--limit-train-batches", dest="limit_train_batches", type=int,
                    help="train batches per epoch and process (quick runs)")
     g.add_argument("--limit-eval-batches", dest="limit_eval_batches", type=int)
-    g = p.add_argument_group("run")
+
+
+def _run_options(g) -> None:
     g.add_argument("--output-dir", dest="output_dir")
     g.add_argument("--resume", nargs="?", const=True, type=_resume_arg, metavar="auto|fallback|FOLDER",
                    help="continue the run in --output-dir from its newest checkpoint (by recorded epoch and "
@@ -162,7 +204,6 @@ def build_parser(recipe: str, description: str, *, image: bool) -> argparse.Argu
     g.add_argument("--hub-private", dest="hub_private", action="store_true")
     g.add_argument("--no-ticket", dest="save_ticket", action="store_false", help="do not save a ticket")
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
-    return p
 
 
 def load_preset(name_or_path: str) -> dict:
@@ -208,16 +249,11 @@ def resolve_settings(parser: argparse.ArgumentParser, argv: Optional[Sequence[st
 def init_processes(s: dict) -> None:
     """Set up the (distributed) process state first, so data preparation can run on the
     main process first; ``train`` later finds the same state (same --cpu, precision)."""
-    from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
-
     PartialState(cpu=s["cpu"] or parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
 def check_settings(s: dict) -> None:
     """Everything that can be checked without data, so bad input fails in seconds."""
-    import timm_fslt
-
     if s["method"] not in METHODS:
         raise RecipeError(f"--method must be one of {list(METHODS)}, got {s['method']!r}")
     if s["method"] == "weights":
@@ -228,13 +264,11 @@ def check_settings(s: dict) -> None:
             raise RecipeError("--push-to-hub uploads a ticket; it needs --method ticket")
     else:
         try:
-            timm_fslt.FreezeConfig(**{k: s[k] for k in FREEZE_KEYS})
+            FreezeConfig(**{k: s[k] for k in FREEZE_KEYS})
         except (TypeError, ValueError) as err:
             raise RecipeError(f"--{str(err)}") from None
     if not isinstance(s["model_kwargs"], dict):
         raise RecipeError(f"--model-kwargs must be a mapping, got {s['model_kwargs']!r}")
-    from timm_fslt.training.loop import TrainConfig
-
     try:  # --resume '' or 'Fallback' fails here, before any data is read
         TrainConfig(resume=s["resume"])
     except ValueError as err:
@@ -242,24 +276,10 @@ def check_settings(s: dict) -> None:
 
 
 def train_config(s: dict, output_dir: str, *, architecture: Optional[dict] = None,
-                 dataset_ids: Sequence[str] = ()):
-    from timm_fslt.training.loop import TrainConfig
-
+                 dataset_ids: Sequence[str] = ()) -> TrainConfig:
     try:
-        return TrainConfig(
-            output_dir=output_dir, epochs=s["epochs"], batch_size=s["batch_size"],
-            eval_batch_size=s["eval_batch_size"], optimizer=s["optimizer"], lr=s["lr"], momentum=s["momentum"],
-            weight_decay=s["weight_decay"], nesterov=s["nesterov"], scheduler=s["scheduler"],
-            warmup_epochs=s["warmup_epochs"], label_smoothing=s["label_smoothing"],
-            grad_accum_steps=s["grad_accum"], mixed_precision=s["mixed_precision"], seed=s["seed"],
-            num_workers=s["num_workers"], limit_train_batches=s["limit_train_batches"],
-            limit_eval_batches=s["limit_eval_batches"], resume=s["resume"], overwrite=s["overwrite"],
-            keep_checkpoints=s["keep_checkpoints"], stop_after=s["stop_after"], log_with=s["log_with"],
-            log_every=s["log_every"], progress=s["progress"], save_ticket=s["save_ticket"],
-            architecture=architecture if s["method"] == "ticket" else None, dataset_ids=dataset_ids,
-            push_to_hub=s["push_to_hub"], hub_private=s["hub_private"], cpu=s["cpu"],
-            check_finite=s["check_finite"], check_sync_every=s["check_sync_every"],
-            recompute_weights=s["recompute_weights"])
+        return TrainConfig(output_dir=output_dir, architecture=architecture if s["method"] == "ticket" else None,
+                           dataset_ids=dataset_ids, **{field: s[k] for k, field in TRAIN_KEYS.items()})
     except ValueError as err:
         raise RecipeError(_as_option(str(err))) from None
 
@@ -293,9 +313,7 @@ def default_output_dir(recipe: str, s: dict) -> str:
 
 
 def check_timm_model(name: str) -> None:
-    import timm
-    import timm_fslt  # noqa: F401  (registers conv6 / resnet18_cifar)
-
+    # timm knows conv6 / resnet18_cifar: importing timm_fslt (above) registered them.
     if not isinstance(name, str) or not timm.is_model(name):
         raise RecipeError(f"--model: unknown model {name!r}; give a timm model name "
                           "(e.g. conv6, resnet18_cifar, resnet18; see timm.list_models())")
@@ -303,10 +321,6 @@ def check_timm_model(name: str) -> None:
 
 def build_timm_model(s: dict, num_classes: int):
     """The recipe's model: frozen for --method ticket, as built for --method weights."""
-    import timm
-    import timm_fslt
-    from accelerate.utils import set_seed
-
     kwargs = dict(s["model_kwargs"])
     if kwargs.setdefault("num_classes", num_classes) != num_classes:
         raise RecipeError(f"--model-kwargs num_classes={kwargs['num_classes']} but the data has "
@@ -321,18 +335,37 @@ def build_timm_model(s: dict, num_classes: int):
 
 
 def freeze_if_ticket(model, s: dict):
-    import timm_fslt
-
     if s["method"] == "ticket":
-        timm_fslt.freeze(model, **{k: s[k] for k in FREEZE_KEYS})
+        freeze(model, **{k: s[k] for k in FREEZE_KEYS})
     return model
+
+
+def image_recipe(recipe: str, doc: str, *, default_model: str, load: Callable, default_data: str, img_size: int,
+                 env_token: bool = False) -> tuple[Callable, Callable]:
+    """``parser()`` and ``main(argv=None)`` of an image recipe (cifar10.py, imagenet.py): settings,
+    data (``load``, e.g. ``load_cifar10``), model, run.  The parser's description is the first
+    line of ``doc``; ``env_token``: without --hf-token, HF_TOKEN goes to ``load`` (gated data)."""
+    def parser() -> argparse.ArgumentParser:
+        return build_parser(recipe, doc.split("\n")[0], image=True)
+
+    def main(argv: Optional[Sequence[str]] = None) -> dict:
+        s = resolve_settings(parser(), argv, recipe=recipe, default_model=default_model)
+        check_timm_model(s["model"])
+        init_processes(s)
+        token = s["hf_token"] or (os.environ.get("HF_TOKEN") if env_token else None)
+        data = load(s["data"] or default_data, img_size=s["img_size"] or img_size, seed=s["seed"],
+                    val_fraction=s["val_fraction"], token=token)
+        model, architecture = build_timm_model(s, data.num_classes)
+        hub_ids = [data.source] if not os.path.exists(os.path.expanduser(data.source)) else []
+        return run(recipe, s, model, data, task=ClassificationTask(s["label_smoothing"]), architecture=architecture,
+                   dataset_ids=hub_ids, extra_info={"img_size": s["img_size"] or img_size})
+
+    return parser, main
 
 
 def run(recipe: str, s: dict, model, data, *, task=None, architecture: Optional[dict] = None,
         dataset_ids: Sequence[str] = (), extra_info: Optional[dict] = None) -> dict:
-    """Train (timm_fslt.training.loop.train) and print a one-screen summary."""
-    from timm_fslt.training.loop import train
-
+    """Train (timm_fslt.training.train) and print a one-screen summary."""
     output_dir = default_output_dir(recipe, s)
     config = train_config(s, output_dir, architecture=architecture, dataset_ids=dataset_ids)
     info = {"recipe": recipe, "preset": s["preset"], "model": s["model"], "model_kwargs": s["model_kwargs"],
@@ -348,8 +381,6 @@ def run(recipe: str, s: dict, model, data, *, task=None, architecture: Optional[
 
 
 def _print_summary(results: dict) -> None:
-    from accelerate import PartialState
-
     if not PartialState().is_main_process:
         return
     totals = results["size_report"]["totals"]
@@ -367,9 +398,6 @@ def _print_summary(results: dict) -> None:
 
 def main_guard(fn: Callable[[], Any]) -> None:
     """Run a recipe's main; bad input exits with the message, not a traceback."""
-    from timm_fslt.training.data import DataError
-    from timm_fslt.training.loop import RunConfigError
-
     try:
         fn()
     except (RecipeError, DataError, RunConfigError, FileNotFoundError, FileExistsError) as err:

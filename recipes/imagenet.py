@@ -17,27 +17,12 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import fslt_recipe as R  # noqa: E402
+from timm_fslt.training.data import IMAGENET_HUB_ID, load_imagenet  # noqa: E402
 
 RECIPE, DEFAULT_MODEL = "imagenet", "resnet18"
-
-
-def parser():
-    return R.build_parser(RECIPE, __doc__.split("\n")[0], image=True)
-
-
-def main(argv=None) -> dict:
-    s = R.resolve_settings(parser(), argv, recipe=RECIPE, default_model=DEFAULT_MODEL)
-    R.check_timm_model(s["model"])
-    R.init_processes(s)
-    from timm_fslt.training.data import IMAGENET_HUB_ID, load_imagenet
-    from timm_fslt.training import ClassificationTask
-
-    data = load_imagenet(s["data"] or IMAGENET_HUB_ID, img_size=s["img_size"] or 224, seed=s["seed"],
-                         val_fraction=s["val_fraction"], token=s["hf_token"] or os.environ.get("HF_TOKEN"))
-    model, architecture = R.build_timm_model(s, data.num_classes)
-    hub_ids = [data.source] if not os.path.exists(os.path.expanduser(data.source)) else []
-    return R.run(RECIPE, s, model, data, task=ClassificationTask(s["label_smoothing"]),
-                 architecture=architecture, dataset_ids=hub_ids, extra_info={"img_size": s["img_size"] or 224})
+# imagenet-1k is gated: without --hf-token, HF_TOKEN goes to the loader.
+parser, main = R.image_recipe(RECIPE, __doc__, default_model=DEFAULT_MODEL, load=load_imagenet,
+                              default_data=IMAGENET_HUB_ID, img_size=224, env_token=True)
 
 
 if __name__ == "__main__":
