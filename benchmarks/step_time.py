@@ -92,7 +92,7 @@ def step(model, opt, x, y, autocast: bool = False, recompute: bool = False) -> N
     import contextlib
     import timm_fslt
 
-    frozen = getattr(model, "_fslt_group", None) is not None
+    frozen = timm_fslt.is_frozen(model)
     keep = timm_fslt.recompute_masked_weights(model) if recompute and frozen else contextlib.nullcontext()
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast), keep:
         loss = F.cross_entropy(model(x), y)

@@ -9,6 +9,7 @@ trains, and every error names the option at fault.
 from __future__ import annotations
 
 import argparse
+import re
 import dataclasses
 import json
 import os
@@ -292,11 +293,12 @@ _OPTIONS = {"grad_accum_steps": "--grad-accum", "batch_size": "--batch-size", "e
             "limit_eval_batches": "--limit-eval-batches", "keep_checkpoints": "--keep-checkpoints",
             "stop_after": "--stop-after", "log_every": "--log-every", "log_with": "--log-with",
             "check_sync_every": "--check-sync-every"}
+_OPTION_WORDS = re.compile(r"\b(" + "|".join(sorted(_OPTIONS, key=len, reverse=True)) + r")\b")
 
 
 def _as_option(message: str) -> str:
-    for field, option in _OPTIONS.items():
-        message = message.replace(field, option)
+    # whole words only, so that "batch_size" inside "eval_batch_size" is left to its own entry
+    message = _OPTION_WORDS.sub(lambda m: _OPTIONS[m.group(0)], message)
     head = message.split(" ", 1)[0]
     return message if head.startswith("--") else f"--{message}"
 

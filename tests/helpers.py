@@ -49,3 +49,21 @@ def read_jsonl(path) -> list:
     """The records of a JSONL file (metrics.jsonl), blank lines skipped."""
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def reset_accelerate():
+    """Forget Accelerate's process-wide singletons, so that the next run builds its own state."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def one_thread_fresh_accelerate():
+    """Body of the autouse fixture of the training tests: one thread (these models are tiny, and
+    OpenMP threads only add contention), and fresh Accelerate state after each test."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    reset_accelerate()

@@ -16,6 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import helpers
 import timm_fslt
 from fixtures_data import (recipes_dir, repo_root, write_image_folder, write_ogbn_arxiv,
                            write_saved_image_dataset)
@@ -36,17 +37,8 @@ CONV6 = ["--model-kwargs", "width=0.0625"]
 TINY_RESNET18 = ["--model-kwargs", "channels=[8,16,32,64]", "stem_width=8"]
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Recipes run in this process one after another: reset Accelerate's singletons, one thread."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+# Recipes run in this process one after another: one thread, fresh Accelerate singletons.
+fresh_accelerate_state = pytest.fixture(autouse=True)(helpers.one_thread_fresh_accelerate)
 
 
 @pytest.fixture(scope="module")

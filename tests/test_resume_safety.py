@@ -13,25 +13,14 @@ import pytest
 import torch
 
 from test_train_loop import TEST, TRAIN, VAL, _config, _model
+import helpers
 from helpers import read_jsonl
 from timm_fslt.training import (CheckpointError, TrainConfig, inspect_checkpoint, latest_checkpoint, list_checkpoints,
                                 train)
 
 
-def _reset_accelerate():
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(autouse=True)
-def one_thread_fresh_state():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    _reset_accelerate()
+_reset_accelerate = helpers.reset_accelerate
+one_thread_fresh_state = pytest.fixture(autouse=True)(helpers.one_thread_fresh_accelerate)
 
 
 @pytest.fixture(scope="module")

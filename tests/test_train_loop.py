@@ -11,23 +11,13 @@ from torch.utils.data import TensorDataset
 
 import timm
 import timm_fslt
+import helpers
 from helpers import read_jsonl
 from timm_fslt.training import (ClassificationTask, RunConfigError, TrainConfig, build_optimizer, check_masks_in_sync,
                                 latest_checkpoint, mask_digest, train)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Each run builds its own Accelerator; forget the process-wide singletons between tests.
-    One thread: these models are tiny, and OpenMP threads only add contention."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
+fresh_accelerate_state = pytest.fixture(autouse=True)(helpers.one_thread_fresh_accelerate)
 
 
 def _data(n=48, seed=0):

@@ -9,12 +9,14 @@ import torch
 from torch import nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from timm_fslt.models.classifier import HiddenHeadClassifier
+
 
 def _ch(base: int, width: float) -> int:
     return max(1, int(round(base * width)))
 
 
-class Conv6(nn.Module):
+class Conv6(HiddenHeadClassifier):
     def __init__(self, num_classes: int = 10, in_chans: int = 3, width: float = 1.0,
                  img_size: int = 32, drop_rate: float = 0.0, device=None, dtype=None, **kwargs):
         super().__init__()
@@ -47,15 +49,6 @@ class Conv6(nn.Module):
         x = self.head_drop(self.head_hidden(x))
         return x if pre_logits else self.fc(x)
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool=None) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes, bias=False) if num_classes > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _cfg(**kwargs):

@@ -14,6 +14,8 @@ import torch
 from torch import nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
+from timm_fslt.models.classifier import HiddenHeadClassifier
+
 MNIST_MEAN, MNIST_STD = (0.1307,), (0.3081,)
 
 
@@ -21,7 +23,7 @@ def _ch(base: int, width: float) -> int:
     return max(1, int(round(base * width)))
 
 
-class _DigitNet(nn.Module):
+class _DigitNet(HiddenHeadClassifier):
     """timm's classifier API shared by both digit networks (features -> hidden head -> fc)."""
 
     num_features: int
@@ -30,15 +32,6 @@ class _DigitNet(nn.Module):
         x = self.head_hidden(torch.flatten(x, 1))
         return x if pre_logits else self.fc(x)
 
-    def get_classifier(self) -> nn.Module:
-        return self.fc
-
-    def reset_classifier(self, num_classes: int, global_pool=None) -> None:
-        self.num_classes = num_classes
-        self.fc = nn.Linear(self.num_features, num_classes, bias=False) if num_classes > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward_head(self.forward_features(x))
 
 
 def _hidden_stack(sizes: Sequence[int]) -> nn.Sequential:

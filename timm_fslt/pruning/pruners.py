@@ -27,7 +27,7 @@ from torch_pruning import ops as tp_ops
 from torch_pruning.pruner import function as tp_function
 
 from timm_fslt.frozen import get_group
-from timm_fslt.nn.modules import is_frozen_layer, is_pyg_linear as _is_pyg_linear
+from timm_fslt.nn.modules import is_frozen_layer, is_pyg_linear
 from timm_fslt.nn.supermask import free_entries
 from timm_fslt.pruning.geometry import channel_attrs, is_depthwise, is_grouped, weight_dims
 from timm_fslt.pruning.record import StructureRecorder
@@ -289,7 +289,7 @@ def _check_frozen_layer(name: str, module: nn.Module, grouped: set) -> None:
 
 def _add_torch_pruning_base(wrapped: dict, name: str, module: nn.Module) -> None:
     """Note torch-pruning's own pruner for ``module``'s class in ``wrapped``, if it slices tensors."""
-    if _is_pyg_linear(module):
+    if is_pyg_linear(module):
         base = _PygLinearPruner()
     else:
         optype = tp_ops.module2type(module)
@@ -357,7 +357,7 @@ def pruners(model: nn.Module, *, keep_budget: bool = False) -> dict:
 
 
 def _has_pyg_linear(model: nn.Module) -> bool:
-    return any(_is_pyg_linear(m) for m in model.modules())
+    return any(is_pyg_linear(m) for m in model.modules())
 
 
 def root_module_types(model: nn.Module) -> list:
