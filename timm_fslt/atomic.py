@@ -164,6 +164,15 @@ def recover(directory: Path, is_complete: Callable[[Path], bool]) -> Optional[Pa
     return None
 
 
+def recover_if_missing(directory: Path, is_complete: Callable[[Path], bool]) -> Optional[Path]:
+    """``recover`` for readers: only when ``directory`` is missing and a ``.old`` copy exists, and
+    under the writer lock, so that it never races a save that is between its two renames."""
+    if directory.exists() or not _siblings(directory, "old"):
+        return None
+    with locked(directory):
+        return recover(directory, is_complete)
+
+
 def _remove_orphans(directory: Path) -> None:
     for path in _siblings(directory, "tmp") + _siblings(directory, "old"):
         shutil.rmtree(path, ignore_errors=True)

@@ -280,7 +280,7 @@ def load_ticket(source: PathLike, *, materialize: bool = False, revision: Option
                           f"['config_sha256'] of the ticket to accept), got {expected_sha256!r}")
     if isinstance(source, (str, os.PathLike)) and not os.fsdecode(os.fspath(source)).startswith(HUB_PREFIX):
         # a save killed between its two fallback renames left the old ticket in a hidden sibling
-        atomic.recover(Path(os.fsdecode(os.fspath(source))).expanduser(), _is_complete_ticket)
+        atomic.recover_if_missing(Path(os.fsdecode(os.fspath(source))).expanduser(), _is_complete_ticket)
     found = resolve_ticket_source(source, revision=revision, token=token, cache_dir=cache_dir)
     try:
         config, packed, state = read_ticket(found.directory, max_params=max_params, root=found.root)
