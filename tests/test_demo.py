@@ -1,5 +1,6 @@
 """The demo (``fslt demo``): real packaged digits, every source kind, table, plot, results, ticket."""
 import json
+import logging
 
 import pytest
 import torch
@@ -91,16 +92,58 @@ def test_table_lists_every_method_with_sizes_and_compression(quick_run):
         assert name in table
 
 
-def test_rerun_into_an_earlier_demo_directory_replaces_it_with_identical_results(quick_run, capsys):
+def _tree(directory):
+    """Every file under ``directory`` with its bytes and modification time."""
+    return {str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+def test_rerun_into_an_earlier_demo_directory_is_refused_and_writes_nothing(quick_run, capsys):
+    _, out = quick_run
+    before = _tree(out)
+    assert demo.main(["--quick", "--methods", "frozen", "--out", str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert f"--out: {str(out)!r} already holds the results of an earlier demo run" in err
+    assert "results.json, demo.png, ticket/, runs/" in err and "pass --overwrite" in err
+    assert _tree(out) == before  # not one byte, not one timestamp
+
+
+def test_rerun_with_overwrite_replaces_it_with_identical_results(quick_run, capsys, caplog):
     _, out = quick_run
     first = {s["label"]: s["test_acc"] for s in json.loads((out / demo.RESULTS_FILE).read_text())["summary"]}
-    assert demo.main(["--quick", "--methods", "weights", "frozen", "--out", str(out), "--no-progress"]) == 0
+    with caplog.at_level(logging.INFO, logger="timm_fslt"):
+        assert demo.main(["--quick", "--methods", "weights", "frozen", "--out", str(out), "--no-progress",
+                          "--overwrite"]) == 0
     results = json.loads((out / demo.RESULTS_FILE).read_text())
     again = {s["label"]: s["test_acc"] for s in results["summary"]}
     assert list(again) == ["weights", "frozen-0.7"]
     # Everything is a function of the seed: weights, freezing pattern, scores, split, batch order.
     assert again == {label: first[label] for label in again}
-    assert "plot:" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "plot:" in captured.out
+    # One info line per run, on stderr through the demo's own logger; stdout keeps only the results.
+    assert captured.err.count(": test accuracy") == 2 * len(results["settings"]["seeds"])
+    assert ": test accuracy" not in captured.out
+    assert {r.name for r in caplog.records if "test accuracy" in r.getMessage()} == {"timm_fslt.apps.demo"}
+    assert logging.getLogger("timm_fslt").handlers == []  # the app took its handler off again
+
+
+def test_quiet_run_prints_only_the_results(tmp_path, capsys):
+    out = tmp_path / "quiet"
+    assert demo.main(["--quick", "--quiet", "--methods", "frozen", "--seeds", "0", "--out", str(out)]) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""  # no bar (the demo's or the training loop's), no info line
+    assert "frozen source" in captured.out and f"results: {out / demo.RESULTS_FILE}" in captured.out
+    assert json.loads((out / demo.RESULTS_FILE).read_text())["settings"]["progress"] is False
+
+
+def test_quick_and_full_runs_default_to_their_own_directories(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert demo.parse_args([]).out == "fslt_demo"
+    assert demo.parse_args(["--quick"]).out == "fslt_demo_quick"
+    assert demo.parse_args(["--quick", "--out", "mine"]).out == "mine"
+    assert "fslt_demo_quick/ with --quick" in " ".join(demo.build_parser().format_help().split())
+    assert list(tmp_path.iterdir()) == []  # parsing writes nothing
 
 
 @pytest.mark.parametrize("argv, words", [
@@ -121,6 +164,31 @@ def test_foreign_non_empty_out_dir_is_refused_and_left_alone(tmp_path, capsys):
     assert demo.main(["--quick", "--out", str(tmp_path)]) == 2
     assert "--out" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+def test_out_that_is_a_file_is_refused_even_with_overwrite(tmp_path, capsys):
+    target = tmp_path / "results"
+    target.write_text("keep me")
+    assert demo.main(["--quick", "--overwrite", "--out", str(target)]) == 2
+    assert f"--out: {str(target)!r} exists and is not a directory" in capsys.readouterr().err
+    assert target.read_text() == "keep me" and sorted(p.name for p in tmp_path.iterdir()) == ["results"]
+
+
+def test_earlier_results_without_the_marker_still_count_as_an_earlier_run(tmp_path):
+    # A results.json of the demo's format is enough (an older demo wrote no marker file).
+    (tmp_path / demo.RESULTS_FILE).write_text(json.dumps({"format": demo.DEMO_FORMAT}))
+    with pytest.raises(ValueError, match="already holds the results of an earlier demo run \\(results.json\\)"):
+        demo.prepare_out(tmp_path, overwrite=False)
+    with pytest.raises(TypeError, match="overwrite must be True or False, got 'yes'"):
+        demo.prepare_out(tmp_path, overwrite="yes")
+    assert [p.name for p in tmp_path.iterdir()] == [demo.RESULTS_FILE]
+
+
+def test_a_directory_with_only_the_marker_is_not_an_earlier_run(tmp_path):
+    # An interrupted run that wrote nothing yet: there is nothing to replace, so no --overwrite is needed.
+    demo.prepare_out(tmp_path, overwrite=False)
+    demo.prepare_out(tmp_path, overwrite=False)
+    assert [p.name for p in tmp_path.iterdir()] == [".fslt_demo"]
 
 
 def test_cli_dispatches_demo_subcommand(capsys):

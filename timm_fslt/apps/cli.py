@@ -3,17 +3,23 @@
     fslt info TICKET                 size report and config of a ticket (directory or Hub repo id)
     fslt push TICKET REPO_ID         upload a saved ticket and its model card to the Hub
     fslt demo [ARGS...]              run timm_fslt.apps.demo.main(ARGS)
+    fslt --version                   print ``fslt <version>``
 """
 from __future__ import annotations
 
 import argparse
 import importlib
 import json
+import logging
 import math
 import sys
 from typing import Optional, Sequence
 
+from timm_fslt.apps.console import app_logging
 from timm_fslt.errors import TicketError
+from timm_fslt.version import __version__
+
+log = logging.getLogger(__name__)
 
 
 def _metric(text: str) -> tuple[str, float]:
@@ -30,6 +36,7 @@ def _metric(text: str) -> tuple[str, float]:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fslt", description="Compact strong lottery tickets in partially frozen random networks.")
+    parser.add_argument("--version", action="version", version=f"fslt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     info = sub.add_parser("info", help="print a ticket's size report and config")
@@ -82,8 +89,8 @@ def _token(args) -> Optional[str]:
     if args.token is not None and args.token_file is not None:
         raise TicketError("--token and --token-file: give one of them")
     if args.token is not None:
-        print("fslt push: warning: a token given with --token is visible to other users in the process list "
-              "and stays in shell history; prefer HF_TOKEN or --token-file", file=sys.stderr)
+        log.warning("a token given with --token is visible to other users in the process list "
+                    "and stays in shell history; prefer HF_TOKEN or --token-file")
         return args.token
     if args.token_file is not None:
         try:
@@ -120,17 +127,31 @@ def _demo(rest: list[str]) -> int:
     return int(code or 0)
 
 
+def _demo_not_first() -> int:
+    # Some Pythons' argparse drop a leading "--" and pick the demo subcommand, which the parser
+    # path cannot run (the demo's arguments are parsed by the demo); say how to call it instead.
+    print("usage: fslt demo [ARGS...]\nfslt: error: demo: `demo` must be the first argument "
+          "(e.g. `fslt demo --quick`); nothing may come before it, not even `--`", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Run the ``fslt`` command line; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":  # everything after "demo" belongs to the demo's own parser
         return _demo(argv[1:])
+    leading = next((i for i, a in enumerate(argv) if a != "--"), len(argv))
+    if argv[leading:leading + 1] == ["demo"]:  # `fslt -- demo`: refused before argparse sees it
+        return _demo_not_first()
     try:
         args = _parser().parse_args(argv)
-    except SystemExit as exit_:  # --help (0), or a usage error argparse already printed (2)
+    except SystemExit as exit_:  # --help or --version (0), or a usage error argparse already printed (2)
         return int(exit_.code or 0)
+    if args.command == "demo":  # argparse found "demo" after something else; it has no ticket to push
+        return _demo_not_first()
     try:
-        return _info(args) if args.command == "info" else _push(args)
+        with app_logging(f"fslt {args.command}"):
+            return _info(args) if args.command == "info" else _push(args)
     except TicketError as err:
         print(f"fslt {args.command}: error: {err}", file=sys.stderr)
         return 1

