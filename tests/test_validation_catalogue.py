@@ -5,14 +5,17 @@ Each row: the call, the kind of mistake, the exception and the message it must c
 tests/test_recipes.py. The last test keeps the README's troubleshooting table in step
 with this catalogue.
 """
+import json
 import os
 import re
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 import timm_fslt
+from timm_fslt.apps.demo_out import DEMO_FORMAT, RESULTS_FILE, TICKET_DIR, prepare_out
 from timm_fslt.errors import TicketError
 from timm_fslt.training import TrainConfig
 
@@ -103,7 +106,27 @@ CATALOGUE = [
      r"name must be a builder name .*\(no ':'\), got 'os:system'", "name must be a builder name"),
     ("register_builder/taken", lambda p, f, d: timm_fslt.register_builder("gin", print), ValueError,
      r"builder name 'gin' is already registered to .*pass replace=True", "is already registered to"),
+    ("fslt demo/earlier-run", lambda p, f, d: _demo_into_an_earlier_run(), ValueError,
+     r"--out: '.*' already holds the results of an earlier demo run \(results.json, ticket/\); pass --overwrite",
+     "already holds the results of an earlier demo run"),
+    ("fslt demo/foreign-dir", lambda p, f, d: prepare_out(d, overwrite=False), ValueError,
+     r"--out: '.*' is not empty and holds no earlier demo \(it contains notes.txt\); .*pass --overwrite",
+     "is not empty and holds no earlier demo"),
+    ("fslt demo/out-is-a-file", lambda p, f, d: prepare_out(d / "notes.txt", overwrite=True), ValueError,
+     r"--out: '.*notes.txt' exists and is not a directory", "exists and is not a directory"),
 ]
+
+
+def _demo_into_an_earlier_run():
+    """``fslt demo`` into a directory an earlier demo wrote: refused, and nothing there changes."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        (out / RESULTS_FILE).write_text(json.dumps({"format": DEMO_FORMAT}))
+        (out / TICKET_DIR).mkdir()
+        try:
+            prepare_out(out, overwrite=False)
+        finally:
+            assert sorted(x.name for x in out.iterdir()) == [RESULTS_FILE, TICKET_DIR]
 
 
 def _load_relative(directory):
