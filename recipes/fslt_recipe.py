@@ -28,6 +28,7 @@ from timm_fslt.regen.init import SCORE_INITS, WEIGHT_INITS
 from timm_fslt.regen.pattern import DISTRIBUTIONS
 from timm_fslt.training import (MIXED_PRECISION, OPTIMIZERS, SCHEDULERS, ClassificationTask, RunConfigError,
                                 TrainConfig, train)
+from timm_fslt.training.config import resolve_mixed_precision
 from timm_fslt.training.data import DataError
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
@@ -274,6 +275,8 @@ def check_settings(s: dict) -> None:
         TrainConfig(resume=s["resume"])
     except ValueError as err:
         raise RecipeError(_as_option(str(err))) from None
+    # A bad ACCELERATE_MIXED_PRECISION (the launcher's flag or config file) too: a RunConfigError naming it.
+    resolve_mixed_precision(s["mixed_precision"])
 
 
 def train_config(s: dict, output_dir: str, *, architecture: Optional[dict] = None,

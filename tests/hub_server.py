@@ -70,7 +70,7 @@ class HubServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, name="hub-server", daemon=True)
         self._timer = threading.Timer(lifetime, self.stop)
         self._timer.daemon = True
-        self._stopped = False
+        self._stopping = self._stopped = False
 
     @property
     def url(self) -> str:
@@ -84,12 +84,13 @@ class HubServer:
 
     def stop(self) -> None:
         with self.lock:
-            if self._stopped:
+            if self._stopping:
                 return
-            self._stopped = True
+            self._stopping = True
         self._timer.cancel()
         self._httpd.shutdown()
         self._httpd.server_close()
+        self._stopped = True  # only once the socket is closed: nothing can connect any more
 
     def __enter__(self) -> "HubServer":
         return self.start()

@@ -303,3 +303,57 @@ def test_the_finite_check_can_be_turned_off(tmp_path):
     poisoned = TensorDataset(torch.where(torch.arange(len(x)).view(-1, 1, 1, 1) == 3, float("nan"), x), y)
     config = _config(tmp_path / "off", check_finite=False, epochs=1, limit_train_batches=1)
     train(_model(), poisoned, VAL, config=config)  # runs to the end, however meaningless
+
+
+def _autocast_probe(model):
+    """Records, for each training forward of the first frozen layer, whether it ran under CPU autocast
+    and in which dtype it answered."""
+    seen = []
+    layer = model.get_submodule(timm_fslt.get_group(model).layers[0].layer_name)
+
+    def hook(module, args, output):
+        if module.training:
+            seen.append((torch.is_autocast_enabled("cpu"), output.dtype))
+    layer.register_forward_hook(hook)
+    return seen
+
+
+def test_the_launchers_mixed_precision_is_used_and_an_explicit_setting_overrides_it(tmp_path, monkeypatch, capsys):
+    # `accelerate launch --mixed_precision bf16` (or a config file saying bf16) sets this for the script.
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    model = _model()
+    seen = _autocast_probe(model)
+    res = train(model, TRAIN, VAL, TEST, _config(tmp_path / "launcher", epochs=1, cpu=True))
+    assert res["config"]["mixed_precision"] is None and res["mixed_precision"] == "bf16"
+    assert json.loads((tmp_path / "launcher" / "results.json").read_text())["mixed_precision"] == "bf16"
+    assert seen == [(True, torch.bfloat16)] * 2
+    assert "overrides the launcher" not in capsys.readouterr().out
+    helpers.reset_accelerate()
+    model = _model()
+    seen = _autocast_probe(model)
+    res = train(model, TRAIN, VAL, TEST, _config(tmp_path / "flag", epochs=1, cpu=True, mixed_precision="no"))
+    assert res["mixed_precision"] == "no" and seen == [(False, torch.float32)] * 2
+    assert ("mixed precision: no (mixed_precision / --mixed-precision) overrides the launcher's bf16 "
+            "(ACCELERATE_MIXED_PRECISION)") in capsys.readouterr().out
+
+
+def test_resume_compares_the_precision_in_effect_not_the_setting(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "r", stop_after=1))
+    stored = json.loads(open(os.path.join(latest_checkpoint(str(tmp_path / "r")), "run_config.json")).read())
+    assert stored["identity"]["train"]["mixed_precision"] == "bf16"
+    helpers.reset_accelerate()
+    monkeypatch.delenv("ACCELERATE_MIXED_PRECISION")
+    with pytest.raises(RunConfigError, match=r"train\.mixed_precision: 'bf16' \(checkpoint\) != 'no' \(now\)"):
+        train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "r", resume=True))
+    helpers.reset_accelerate()
+    # the same precision given explicitly instead of by the launcher is the same run
+    res = train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "r", resume=True, mixed_precision="bf16"))
+    assert res["completed"] and res["mixed_precision"] == "bf16"
+
+
+def test_a_bad_launcher_precision_is_named_with_its_source(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf17")
+    with pytest.raises(RunConfigError, match=r"ACCELERATE_MIXED_PRECISION='bf17' \(accelerate launch "
+                                             r"--mixed_precision or its config file's mixed_precision\) must be one of"):
+        train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "r", epochs=1))

@@ -13,6 +13,8 @@ from timm_fslt.training.records import jsonable
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULERS = ("cosine", "constant")
 MIXED_PRECISION = ("no", "fp16", "bf16")
+# Where `accelerate launch` leaves its --mixed_precision (or the config file's mixed_precision).
+LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
 # What a run writes into its output_dir.
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -57,6 +59,9 @@ class TrainConfig:
     (the backward rebuilds each layer's ``W * mask`` instead of keeping it: 4 bytes
     less per weight at the peak, one elementwise product more per layer, the same
     gradients); no effect on a model that is not frozen.
+    ``mixed_precision``: None takes what ``accelerate launch`` says (its ``--mixed_precision``
+    or config file, passed on as ACCELERATE_MIXED_PRECISION; "no" without a launcher); a value
+    overrides the launcher.  Checkpoints and results.json record the precision in effect.
     """
 
     output_dir: str = "runs/fslt"
@@ -72,7 +77,7 @@ class TrainConfig:
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
     grad_accum_steps: int = 1
-    mixed_precision: str = "no"
+    mixed_precision: Optional[str] = None
     seed: int = 0
     num_workers: int = 0
     limit_train_batches: Optional[int] = None
@@ -114,6 +119,8 @@ class TrainConfig:
             positive_int(name, allow_none=True)
         for name, allowed in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
                               ("mixed_precision", MIXED_PRECISION)):
+            if name == "mixed_precision" and self.mixed_precision is None:
+                continue  # the launcher's, checked by resolve_mixed_precision when the run starts
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {list(allowed)}, got {getattr(self, name)!r}")
         for name in ("lr", "momentum", "weight_decay", "label_smoothing"):
@@ -154,6 +161,24 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return jsonable(dataclasses.asdict(self))
+
+
+def resolve_mixed_precision(setting: Optional[str]) -> tuple[str, Optional[str]]:
+    """The precision a run uses, and a note to print when the setting overrides the launcher's.
+
+    An explicit setting wins; None takes the launcher's (ACCELERATE_MIXED_PRECISION), else "no".
+    Resolved here, not by Accelerate, so that a bad launcher value fails naming its source.
+    """
+    launcher = os.environ.get(LAUNCHER_PRECISION_ENV, "").strip().lower() or None
+    if setting is not None:
+        if launcher is None or launcher == setting:
+            return setting, None
+        return setting, (f"mixed precision: {setting} (mixed_precision / --mixed-precision) overrides the "
+                         f"launcher's {launcher} ({LAUNCHER_PRECISION_ENV})")
+    if launcher is not None and launcher not in MIXED_PRECISION:
+        raise RunConfigError(f"{LAUNCHER_PRECISION_ENV}={launcher!r} (accelerate launch --mixed_precision or its "
+                             f"config file's mixed_precision) must be one of {list(MIXED_PRECISION)}")
+    return launcher or "no", None
 
 
 class RunConfigError(ValueError):

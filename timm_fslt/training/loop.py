@@ -52,7 +52,7 @@ from timm_fslt.frozen import is_frozen, recompute_masked_weights
 from timm_fslt.ticket.architecture import resolve_architecture
 from timm_fslt.training.checkpoint import save_checkpoint
 from timm_fslt.training.config import (CHECKPOINTS_DIR, METRICS_FILE, RESULTS_FILE, VOLATILE_FIELDS, RunConfigError,
-                                       TrainConfig)
+                                       TrainConfig, resolve_mixed_precision)
 from timm_fslt.training.data import EpochShuffleSampler
 from timm_fslt.training.outputs import current_sparsity, save_outputs, size_results
 from timm_fslt.training.records import flat_hparams, jsonable, write_json_atomic
@@ -96,7 +96,7 @@ def train(model: nn.Module, train_set, val_set, test_set=None, config: Optional[
     output_dir = os.path.abspath(os.path.expanduser(str(config.output_dir)))
     accelerator = _make_accelerator(config, output_dir)
     batch_sizes = _batch_sizes(config, task, accelerator.num_processes)
-    identity = _identity(model, config, run_info, accelerator.num_processes, (train_set, val_set, test_set))
+    identity = _identity(model, config, run_info, accelerator, (train_set, val_set, test_set))
     # Decided before anything trains; every process gets the same answer (or the same error).
     resume_from = decide_resume(accelerator, config, output_dir, identity)
     set_seed(config.seed, device_specific=True)
@@ -155,8 +155,9 @@ def _check_before_start(model: nn.Module, config: TrainConfig) -> None:
 
 
 def _make_accelerator(config: TrainConfig, output_dir: str) -> Accelerator:
+    precision, note = resolve_mixed_precision(config.mixed_precision)
     accelerator = Accelerator(
-        mixed_precision=config.mixed_precision, gradient_accumulation_steps=config.grad_accum_steps,
+        mixed_precision=precision, gradient_accumulation_steps=config.grad_accum_steps,
         cpu=config.cpu, step_scheduler_with_optimizer=False,
         log_with=[JSONLTracker(os.path.join(output_dir, METRICS_FILE)), *config.log_with],
         project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, "logs")))
@@ -165,6 +166,8 @@ def _make_accelerator(config: TrainConfig, output_dir: str) -> Accelerator:
         warnings.warn("accelerate launch --cpu --num_processes N starts ONE process unless MPI is set up "
                       "(--mpirun_hostfile); for N CPU processes use torchrun: accelerate launch --multi_gpu "
                       "--num_processes N <recipe> --cpu")
+    if note:
+        accelerator.print(note)
     return accelerator
 
 
@@ -178,15 +181,17 @@ def _batch_sizes(config: TrainConfig, task, n_proc: int) -> tuple[int, int]:
     return per_process_batch, config.eval_batch_size or per_process_batch
 
 
-def _identity(model: nn.Module, config: TrainConfig, run_info: dict, n_proc: int, sets: tuple) -> dict:
+def _identity(model: nn.Module, config: TrainConfig, run_info: dict, accelerator, sets: tuple) -> dict:
     """What a checkpoint must share with the run that resumes it (stored in run_config.json)."""
     def size(ds):
         return None if ds is None else len(ds.dataset) if isinstance(ds, DataLoader) else len(ds)
 
     train_set, val_set, test_set = sets
+    train = {k: v for k, v in config.to_dict().items() if k not in VOLATILE_FIELDS}
+    train["mixed_precision"] = accelerator.mixed_precision  # in effect (the launcher's if config says None)
     return jsonable({
-        "train": {k: v for k, v in config.to_dict().items() if k not in VOLATILE_FIELDS},
-        "run": run_info, "model": model_fingerprint(model), "num_processes": n_proc,
+        "train": train, "run": run_info, "model": model_fingerprint(model),
+        "num_processes": accelerator.num_processes,
         "data": {"train": size(train_set), "val": size(val_set), "test": size(test_set)},
     })
 
@@ -370,6 +375,7 @@ def _finish(run: _Run, state: TrainState, run_info: dict) -> dict:
         "val": state.best_val, "test": test, "best_epoch": state.best_epoch, "epochs": config.epochs,
         "global_steps": state.global_step, "history": state.history, "mask_digests": digests,
         "step_sync_checks": run.sync_checks, "num_processes": accelerator.num_processes, "run": run_info,
+        "mixed_precision": accelerator.mixed_precision,
         "config": config.to_dict(), "output_dir": run.output_dir,
         **size_results(run.unwrapped, run.frozen),
     }
