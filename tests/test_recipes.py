@@ -142,22 +142,29 @@ def test_ogbn_arxiv_recipe_trains_full_graph_resumes_exactly_and_saves_a_reloada
     assert loss == pytest.approx(full["test"]["loss"], rel=1e-5)
 
 
-def test_cifar10_recipe_under_accelerate_launch_with_two_processes_keeps_masks_identical(data, tmp_path):
+def test_cifar10_recipe_under_accelerate_launch_with_two_processes_keeps_masks_and_batchnorm_identical(
+        data, tmp_path):
     # `accelerate launch --cpu --num_processes 2` starts a single process in accelerate 1.x
     # (it needs MPI for more); torchrun-based launching with the recipe's --cpu gives two.
-    out = tmp_path / "ddp"
+    # resnet18_cifar has BatchNorm: without DDP's buffer broadcast its statistics must be averaged.
+    out, counted = tmp_path / "ddp", tmp_path / "broadcast"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
            "--main_process_port", "29517", os.path.join(recipes_dir(), "cifar10.py"), "--cpu",
-           "--data", str(data["cifar_saved"]), *CONV6, "--epochs", "1", "--limit-train-batches", "2",
-           "--batch-size", "8", "--num-workers", "0", "--no-progress", "--lr", "5.0",
+           "--data", str(data["cifar_saved"]), "--model", "resnet18_cifar", "--model-kwargs", "width=0.125",
+           "--epochs", "1",
+           "--limit-train-batches", "2", "--batch-size", "8", "--num-workers", "0", "--no-progress", "--lr", "5.0",
            "--check-sync-every", "1", "--log-every", "1", "--output-dir", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUTDATED_IGNORE": "1", "HF_HUB_OFFLINE": "1"}
+    # sitecustomize in that folder counts the bytes DDP broadcasts in each process
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUTDATED_IGNORE": "1", "HF_HUB_OFFLINE": "1",
+           "FSLT_BROADCAST_LOG": str(counted), "PYTHONPATH": os.pathsep.join(
+               [os.path.join(repo_root(), "tests", "fixtures", "ddp_broadcast_counter"), os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.run(cmd, cwd=repo_root(), env=env, capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads((out / "results.json").read_text())
     assert res["num_processes"] == 2
     assert len(res["mask_digests"]) == 2 and res["mask_digests"][0] == res["mask_digests"][1]
+    assert len(res["batchnorm_digests"]) == 2 and res["batchnorm_digests"][0] == res["batchnorm_digests"][1]
     # masks were compared across the two processes after every optimizer step, not only per epoch
     assert res["step_sync_checks"] == res["global_steps"] == 2
     # only the main process writes: one config record, each step logged once
@@ -166,10 +173,17 @@ def test_cifar10_recipe_under_accelerate_launch_with_two_processes_keeps_masks_i
     assert [r["event"] for r in records].count("config") == 1
     steps = [r["step"] for r in records if "train/step_loss" in r]
     assert steps == [1, 2]
-    fresh = timm_fslt.freeze(timm_fslt.create_model("conv6", width=0.0625, num_classes=10),
+    fresh = timm_fslt.freeze(timm_fslt.create_model("resnet18_cifar", width=0.125, num_classes=10),
                              0.49, 0.21, sparsity=0.7, seed=0)
     from timm_fslt.training import mask_digest
     assert res["mask_digests"][0] != mask_digest(fresh)  # training changed the masks, identically
+    # DDP's default would broadcast every buffer (random weights, codes, masks, BN statistics) from
+    # rank 0 before each training forward; the frozen model's run broadcasts none.
+    per_step_default = sum(b.numel() * b.element_size() for b in fresh.buffers())
+    for rank in (0, 1):
+        sent = json.loads((counted / f"rank{rank}.json").read_text())
+        assert sent["init_bytes"] > 0  # the counter was live: DDP's one-time parameter sync
+        assert sent["forward_calls"] == 0 and sent["forward_bytes"] == 0 < per_step_default
 
 
 @pytest.mark.slow

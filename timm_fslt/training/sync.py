@@ -1,5 +1,6 @@
 """What every process must agree on: the masks (digests compared after each epoch, or every
-N steps) and the resume decision (taken once, on the main process)."""
+N steps), BatchNorm running statistics (averaged, then compared), and the resume decision
+(taken once, on the main process)."""
 from __future__ import annotations
 
 import hashlib
@@ -29,6 +30,51 @@ def mask_digest(model: nn.Module) -> str:
     return h.hexdigest()
 
 
+def _batchnorm_stats(model: nn.Module) -> list[torch.Tensor]:
+    return [buf for module in model.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)
+            for buf in (module.running_mean, module.running_var, module.num_batches_tracked) if buf is not None]
+
+
+def average_batchnorm_stats(accelerator, model: nn.Module) -> None:
+    """All-reduce mean of every BatchNorm's running_mean, running_var and num_batches_tracked.
+
+    A frozen model runs under DDP with ``broadcast_buffers=False`` (its random weights, codes
+    and masks are regenerated identically on every process, so broadcasting them each step is
+    waste), so each process's running statistics follow only its own shard of the batch and
+    drift apart; the loop averages them (as timm's ``distribute_bn`` does) before every
+    evaluation and checkpoint.  One all-reduce of one float64 vector: the result is the same
+    on every process, and equal counters (every process takes the same steps) stay exact.
+    """
+    stats = _batchnorm_stats(accelerator.unwrap_model(model))
+    if accelerator.num_processes == 1 or not stats:
+        return
+    flat = torch.cat([t.detach().reshape(-1).double() for t in stats])
+    flat = accelerator.reduce(flat, "mean")
+    offset = 0
+    with torch.no_grad():
+        for t in stats:
+            part = flat[offset:offset + t.numel()].view_as(t)
+            t.copy_(part.round() if not t.is_floating_point() else part)
+            offset += t.numel()
+
+
+def batchnorm_digests(accelerator, model: nn.Module) -> list[str]:
+    """sha256 of the BatchNorm running statistics, one per process; fails unless they agree."""
+    h = hashlib.sha256()
+    for t in _batchnorm_stats(accelerator.unwrap_model(model)):
+        h.update(t.detach().to("cpu").reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
+    digests = _gathered(accelerator, h.hexdigest())
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"BatchNorm running statistics differ between processes: digests per process {digests}")
+    return digests
+
+
+def _gathered(accelerator, digest: str) -> list[str]:
+    local = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.int64, device=accelerator.device)
+    rows = accelerator.gather(local).view(accelerator.num_processes, -1).cpu()
+    return [bytes(row.tolist()).hex() for row in rows]
+
+
 def check_masks_in_sync(accelerator, model: nn.Module) -> list[str]:
     """All-gather every process's ``mask_digest`` and fail loudly unless they agree.
 
@@ -36,10 +82,7 @@ def check_masks_in_sync(accelerator, model: nn.Module) -> list[str]:
     threshold (hence every mask) is then identical too.  This checks it.
     Returns the digests, one per process.
     """
-    digest = mask_digest(accelerator.unwrap_model(model))
-    local = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.int64, device=accelerator.device)
-    rows = accelerator.gather(local).view(accelerator.num_processes, -1).cpu()
-    digests = [bytes(row.tolist()).hex() for row in rows]
+    digests = _gathered(accelerator, mask_digest(accelerator.unwrap_model(model)))
     if len(set(digests)) != 1:
         raise RuntimeError("supermasks differ between processes (the global threshold must be identical "
                            f"everywhere): digests per process {digests}")
