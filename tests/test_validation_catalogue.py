@@ -17,7 +17,8 @@ import torch
 import timm_fslt
 from timm_fslt.apps.demo_out import DEMO_FORMAT, RESULTS_FILE, TICKET_DIR, prepare_out
 from timm_fslt.errors import TicketError
-from timm_fslt.training import TrainConfig
+from timm_fslt.training import RunConfigError, TrainConfig
+from timm_fslt.training.config import resolve_mixed_precision
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +103,9 @@ CATALOGUE = [
      r"expected_sha256 must be 64 lowercase hex digits", "expected_sha256"),
     ("load_ticket/max-build-seconds", lambda p, f, d: timm_fslt.load_ticket(d, max_build_seconds=-1), TicketError,
      r"max_build_seconds must be a positive number of seconds, got -1", "max_build_seconds"),
+    ("train/launcher-precision", lambda p, f, d: _launcher_precision("bf17"), RunConfigError,
+     r"ACCELERATE_MIXED_PRECISION='bf17' \(accelerate launch --mixed_precision or its config file's "
+     r"mixed_precision\) must be one of \['no', 'fp16', 'bf16'\]", "its config file's mixed_precision) must be one of"),
     ("register_builder/colon", lambda p, f, d: timm_fslt.register_builder("os:system", print), ValueError,
      r"name must be a builder name .*\(no ':'\), got 'os:system'", "name must be a builder name"),
     ("register_builder/taken", lambda p, f, d: timm_fslt.register_builder("gin", print), ValueError,
@@ -127,6 +131,19 @@ def _demo_into_an_earlier_run():
             prepare_out(out, overwrite=False)
         finally:
             assert sorted(x.name for x in out.iterdir()) == [RESULTS_FILE, TICKET_DIR]
+
+
+def _launcher_precision(value):
+    """What a run does first with the precision ``accelerate launch`` passed on."""
+    old = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    os.environ["ACCELERATE_MIXED_PRECISION"] = value
+    try:
+        return resolve_mixed_precision(None)
+    finally:
+        if old is None:
+            del os.environ["ACCELERATE_MIXED_PRECISION"]
+        else:
+            os.environ["ACCELERATE_MIXED_PRECISION"] = old
 
 
 def _load_relative(directory):
