@@ -8,12 +8,10 @@ digests, the size bounds).
 """
 import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 import warnings
 from pathlib import Path

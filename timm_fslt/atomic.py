@@ -62,8 +62,9 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:
+def _write_file(path, data: bytes, mode: str = "xb") -> None:
+    """Write and fsync: a rename that follows must not reach the disk before the data."""
+    with open(path, mode) as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -237,11 +238,13 @@ def write_bytes_atomic(path, data: bytes) -> None:
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}"  # same folder: os.replace cannot cross file systems
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())  # the rename must not reach the disk before the data
-    os.replace(tmp, path)
+    try:
+        _write_file(tmp, data, "wb")
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # never leave a half-written temporary beside the file
+        raise
 
 
 def write_text_atomic(path, text: str) -> None:

@@ -131,9 +131,9 @@ def is_ticket_dir(directory: Path) -> bool:
     names = {p.name for p in directory.iterdir()}
     if CONFIG_NAME not in names or not names <= set(TICKET_FILES) | {CARD_NAME}:
         return False
-    try:
-        config = json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    try:  # the loader's own bounded, link-refusing read: a huge or linked file is not a ticket
+        config = parse_json(_read_regular_file(directory / CONFIG_NAME, MAX_CONFIG_BYTES), directory / CONFIG_NAME)
+    except (OSError, TicketError, _TooLarge):
         return False
     return isinstance(config, dict) and config.get("format") == FORMAT
 
