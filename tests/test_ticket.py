@@ -198,21 +198,27 @@ def test_supermask_file_is_ceil_free_over_8_bytes_plus_its_header(which, request
 
 
 def test_state_file_holds_exactly_the_non_regenerable_state_at_its_own_precision(resnet):
+    # format 3: one flat tensor per dtype, the tensors in the sorted order of their keys, whose
+    # shapes and dtypes are in config.json (timm_fslt/ticket/state_codec.py; tests/test_ticket_state.py)
     path = resnet.dir / "state.safetensors"
     stored = safetensors.torch.load_file(path)
     expected = non_regenerable_state(resnet.model)
-    assert stored.keys() == expected.keys()
-    assert {stored[k].dtype for k in stored} == {torch.float32, torch.int64}  # BN stats and batch counters
-    assert all(torch.equal(stored[k], expected[k]) for k in stored)
+    dtypes = {str(v.dtype).replace("torch.", "") for v in expected.values()}
+    assert stored.keys() == dtypes and "float32" in dtypes  # BatchNorm statistics
+    for name, flat in stored.items():
+        keys = [k for k in sorted(expected) if str(expected[k].dtype) == f"torch.{name}"]
+        assert torch.equal(flat, torch.cat([expected[k].reshape(-1) for k in keys]))
     header_len, _ = _header(path)
     assert path.stat().st_size == 8 + header_len + sum(v.numel() * v.element_size() for v in stored.values())
     config = json.loads((resnet.dir / "config.json").read_text())
+    assert config["state"]["tensors"] == {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
+                                          for k, v in sorted(expected.items())}
     assert config["state"]["bits"] == timm_fslt.size_report(resnet.model).state_bits
 
 
 def test_config_records_versions_architecture_freeze_arguments_layers_and_checksums(resnet):
     config = json.loads((resnet.dir / "config.json").read_text())
-    assert config["format"] == "timm_fslt.ticket" and config["format_version"] == 2
+    assert config["format"] == "timm_fslt.ticket" and config["format_version"] == 3
     assert config["generator_version"] == timm_fslt.GENERATOR_VERSION
     assert config["architecture"] == {"timm": "resnet18_cifar", "kwargs": {"num_classes": 10, "width": 0.125}}
     assert config["freeze"] == timm_fslt.get_config(resnet.model).to_dict()

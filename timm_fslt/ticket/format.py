@@ -22,7 +22,10 @@ model card, README.md):
     significant first) of byte ``i // 8``; the unused high bits of the last byte
     are 0.  1 = the weight is kept.
 ``state.safetensors``
-    ``timm_fslt.report.non_regenerable_state(model)``, each tensor at its own dtype.
+    ``timm_fslt.report.non_regenerable_state(model)``: one flat 1-D tensor per stored dtype,
+    the tensors in the sorted order of their keys, whose names, shapes and dtypes are in
+    config.json's ``"state"`` record (``ticket.state_codec``; formats 1 and 2: one tensor per
+    key). Floating state is at its own dtype, or rounded to ``state_dtype`` (bfloat16, float16).
 
 Loading reads only JSON and safetensors (never pickle).
 """
@@ -44,10 +47,14 @@ from timm_fslt.regen.rng import GENERATOR_VERSION, GENERATOR_VERSIONS
 from timm_fslt.report import LayerSize, SizeReport
 from timm_fslt.ticket.architecture import normalize_architecture
 from timm_fslt.ticket.integrity import verify_integrity
+from timm_fslt.ticket.state_codec import (check_record, decode_state, group_sizes, is_flat, payload_bytes,
+                                          stored_dtype)
 from timm_fslt.version import __version__
 
 FORMAT = "timm_fslt.ticket"
-FORMAT_VERSION = 2  # 2: config.json carries an "integrity" record (format 1 is still read)
+# 2: config.json carries an "integrity" record; 3: the state is stored flat, one tensor per dtype
+# (ticket.state_codec), optionally at a lower precision. Formats 1 and 2 are still read.
+FORMAT_VERSION = 3
 CONFIG_NAME = "config.json"
 MASK_NAME = "supermask.safetensors"
 STATE_NAME = "state.safetensors"
@@ -251,13 +258,9 @@ def read_config(directory: PathLike, *, root: Optional[PathLike] = None) -> dict
                 and row["pruned"] + row["locked"] + row["free"] == row["numel"]):
             raise TicketError(f"{str(path)!r} has a malformed layers[{i}] entry {row!r}: it needs a name, a shape "
                               "and counts with pruned + locked + free = numel = the shape's product")
-    state = config["state"]
-    tensors = state.get("tensors", {})
-    if not (_is_int(state.get("bits", 0)) and isinstance(tensors, dict) and all(
-            isinstance(t, dict) and isinstance(t.get("shape"), list) and all(_is_int(d) and d >= 0 for d in t["shape"])
-            and isinstance(t.get("dtype"), str) for t in tensors.values())):
-        raise TicketError(f"{str(path)!r} has a malformed 'state' entry: 'bits' must be an int and 'tensors' "
-                          "map names to a shape and a dtype")
+    problem = check_record(config["state"], version)
+    if problem is not None:
+        raise TicketError(f"{str(path)!r} has a malformed 'state' entry: {problem}")
     try:
         config["metrics"] = check_metrics(config.get("metrics"))
         config["datasets"] = check_datasets(config.get("datasets"))
@@ -280,6 +283,8 @@ def _file_limit(config: dict, name: str) -> int:
     """The most bytes ``name`` can hold for the layers and state that config.json declares."""
     if name == MASK_NAME:
         n_tensors, payload = 1, (sum(row["free"] for row in config["layers"]) + 7) // 8
+    elif is_flat(config["state"]):  # one tensor per stored dtype: exact sizes
+        n_tensors, payload = len(group_sizes(config["state"])), payload_bytes(config["state"])
     else:
         tensors = config["state"].get("tensors", {})
         n_tensors = len(tensors)
@@ -342,6 +347,8 @@ def read_ticket(directory: PathLike, *, max_params: Optional[int] = None,
             f"{MASK_NAME} holds {packed.numel()} bytes ({config['mask'].get('bits')} bits recorded) but the "
             f"layers in {CONFIG_NAME} have {n_free} free weights, i.e. {(n_free + 7) // 8} bytes")
     state = _read_tensor_file(directory, config, STATE_NAME, root)
+    if is_flat(config["state"]):
+        state = decode_state(config["state"], state, STATE_NAME)
     return config, packed, state
 
 
@@ -350,5 +357,6 @@ def size_report_from_config(config: Mapping) -> SizeReport:
     rows = [LayerSize(name=r["name"], shape=tuple(r["shape"]), numel=r["numel"], pruned=r["pruned"],
                       locked=r["locked"], free=r["free"], kept=r["kept"]) for r in config["layers"]]
     state = config.get("state", {})
-    tensors = {k: [v["shape"], v["dtype"]] for k, v in state.get("tensors", {}).items()}
+    tensors = {k: [v["shape"], stored_dtype(v["dtype"], state.get("state_dtype"))]  # as stored
+               for k, v in state.get("tensors", {}).items()}
     return SizeReport(layers=rows, state_bits=int(state.get("bits", 0)), state_tensors=tensors)

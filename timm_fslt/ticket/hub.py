@@ -111,7 +111,9 @@ def model_card(config: Mapping, repo_id: str, *, metrics: Optional[Mapping] = No
         "| | bits |",
         "|---|---|",
         f"| supermask (1 bit per free weight) | {t.mask_bits:,} |",
-        f"| non-regenerable state ({len(t.state_tensors)} tensors) | {t.state_bits:,} |",
+        f"| non-regenerable state ({len(t.state_tensors)} tensors"
+        f"{', floats as ' + config['state']['state_dtype'] if config['state'].get('state_dtype') else ''}) "
+        f"| {t.state_bits:,} |",
         f"| **ticket** | **{t.ticket_bits:,}** ({(t.ticket_bits + 7) // 8:,} bytes) |",
         f"| same ticket in a dense random source | {t.dense_source_ticket_bits:,} "
         f"({t.compression_vs_dense_source:.2f}x larger) |",
@@ -130,7 +132,9 @@ def model_card(config: Mapping, repo_id: str, *, metrics: Optional[Mapping] = No
         "",
         "- `config.json`: architecture, every `freeze` argument and seed, per-layer counts, checksums.",
         f"- `supermask.safetensors`: {t.mask_bits:,} bits packed in one uint8 tensor; {config['mask']['order']}.",
-        "- `state.safetensors`: the non-regenerable state (e.g. BatchNorm running statistics).",
+        "- `state.safetensors`: the non-regenerable state (e.g. BatchNorm running statistics)"
+        + ("; one flat tensor per stored dtype, keys, shapes and dtypes in config.json's `state` record."
+           if config.get("format_version", 1) >= 3 else "."),
         "",
     ]
     content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
@@ -143,13 +147,14 @@ def model_card(config: Mapping, repo_id: str, *, metrics: Optional[Mapping] = No
 def push_to_hub(model_or_ticket_dir: Union[nn.Module, PathLike], repo_id: str, *, private: bool = False,
                 token: Union[str, bool, None] = None, commit_message: Optional[str] = None,
                 metrics: Optional[Mapping] = None, datasets: Union[None, str, Sequence[str]] = None,
-                architecture: Optional[Mapping] = None):
+                architecture: Optional[Mapping] = None, state_dtype: Optional[str] = None):
     """Upload a ticket (a frozen model, or a saved ticket directory) to a Hub model repo.
 
     Creates the repo if needed (``private``), uploads config.json,
     supermask.safetensors and state.safetensors unchanged and a generated model
     card (README.md: metadata, accuracy if known, size report, freezing ratios,
     seeds, and the code to load it). Returns huggingface_hub's ``CommitInfo``.
+    ``state_dtype``: as in ``save_ticket`` (a frozen model only; a saved ticket is pushed as saved).
     """
     from huggingface_hub import HfApi
 
@@ -159,8 +164,12 @@ def push_to_hub(model_or_ticket_dir: Union[nn.Module, PathLike], repo_id: str, *
         staging = Path(tmp) / "ticket"
         if isinstance(model_or_ticket_dir, nn.Module):
             save_ticket(model_or_ticket_dir, staging, architecture=architecture, metrics=metrics,
-                        datasets=datasets)
+                        datasets=datasets, state_dtype=state_dtype)
         else:
+            if state_dtype is not None:
+                raise TicketError(f"state_dtype={state_dtype!r} applies when a frozen model is pushed; a saved "
+                                  "ticket directory is pushed as saved: save it with save_ticket(model, "
+                                  "directory, state_dtype=...) first")
             source = Path(model_or_ticket_dir).expanduser()
             if not source.is_dir():
                 raise TicketError(f"model_or_ticket_dir must be a frozen model or a ticket directory, "

@@ -31,6 +31,7 @@ from timm_fslt.ticket.format import (BIT_ORDER, CONFIG_NAME, DEFAULT_MAX_BUILD_S
                                      FORMAT_VERSION, MASK_NAME, MASK_TENSOR, STATE_NAME, PathLike, check_datasets,
                                      check_metrics, is_ticket_dir, pack_bits, read_ticket, sha256_hex, unpack_bits)
 from timm_fslt.ticket.integrity import layer_digests, seal_config
+from timm_fslt.ticket.state_codec import check_state_dtype, encode_state
 from timm_fslt.ticket.sources import HUB_PREFIX, redownload, resolve_ticket_source
 from timm_fslt.version import __version__
 
@@ -50,9 +51,11 @@ def frozen_group(model: nn.Module):
 
 def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
                  metrics: Optional[Mapping] = None,
-                 datasets: Union[None, str, Sequence[str]] = None) -> dict[str, bytes]:
+                 datasets: Union[None, str, Sequence[str]] = None,
+                 state_dtype: Optional[str] = None) -> dict[str, bytes]:
     """The bytes of the three ticket files of a frozen model (``save_ticket`` writes them)."""
     group = frozen_group(model)
+    state_dtype = check_state_dtype(state_dtype)
     config = get_config(model)
     metrics = check_metrics(metrics)
     datasets = check_datasets(datasets)
@@ -82,9 +85,7 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
     mask_bytes = safetensors.torch.save({MASK_TENSOR: pack_bits(all_bits)},
                                         metadata={"format": "timm_fslt.supermask"})
 
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in non_regenerable_state(model).items()}
-    state_bytes = safetensors.torch.save(state, metadata={"format": "timm_fslt.state"})
-    state_bits = sum(t.numel() * t.element_size() * 8 for t in state.values())
+    state_record, state_bytes = encode_state(non_regenerable_state(model), state_dtype)
 
     document = seal_config({
         "format": FORMAT,
@@ -97,9 +98,7 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
         "layers": layers,
         "mask": {"file": MASK_NAME, "tensor": MASK_TENSOR, "bits": n_free,
                  "bytes": (n_free + 7) // 8, "order": BIT_ORDER},
-        "state": {"file": STATE_NAME, "bits": state_bits,
-                  "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
-                              for k, v in state.items()}},
+        "state": {"file": STATE_NAME, **state_record},
         "files": {MASK_NAME: {"bytes": len(mask_bytes), "sha256": sha256_hex(mask_bytes)},
                   STATE_NAME: {"bytes": len(state_bytes), "sha256": sha256_hex(state_bytes)}},
         "metrics": metrics,
@@ -119,7 +118,7 @@ def _is_complete_ticket(directory: Path) -> bool:
 
 def save_ticket(model: nn.Module, directory: PathLike, *, architecture: Optional[Mapping] = None,
                 overwrite: bool = False, metrics: Optional[Mapping] = None,
-                datasets: Union[None, str, Sequence[str]] = None) -> Path:
+                datasets: Union[None, str, Sequence[str]] = None, state_dtype: Optional[str] = None) -> Path:
     """Save a frozen model's ticket (config.json, supermask.safetensors, state.safetensors).
 
     architecture: ``{"timm": name, "kwargs": {...}}`` or ``{"builder": "<registered name>",
@@ -131,6 +130,12 @@ def save_ticket(model: nn.Module, directory: PathLike, *, architecture: Optional
         are replaced).
     metrics: e.g. ``{"accuracy": 0.91}``, stored in config.json and shown on the model card.
     datasets: Hub dataset ids the metrics were measured on (for the model card).
+    state_dtype: ``None`` (default) stores the state (BatchNorm running statistics, trained
+        or kept tensors) at its own precision: the loaded model is bit-identical to this one.
+        ``"bfloat16"`` (or ``"float16"``) stores floating state wider than that at that
+        precision, about half the state's bits; the loaded model then equals this model with
+        its state rounded the same way (``timm_fslt.ticket.state_codec.round_state``).
+        Measured effect on accuracy: benchmarks/README.md ("Lower-precision state").
 
     The files are written to a hidden sibling directory and exchanged with the old
     ticket in one atomic step, so the path holds a complete ticket (old or new) at
@@ -142,7 +147,8 @@ def save_ticket(model: nn.Module, directory: PathLike, *, architecture: Optional
     directory = Path(directory).expanduser().resolve()
     if not directory.name:
         raise TicketError(f"cannot save a ticket to {str(directory)!r}: give a directory with a name")
-    files = ticket_files(model, architecture=architecture, metrics=metrics, datasets=datasets)
+    files = ticket_files(model, architecture=architecture, metrics=metrics, datasets=datasets,
+                         state_dtype=state_dtype)
     if directory.exists():
         if not directory.is_dir():
             raise TicketError(f"cannot save a ticket to {str(directory)!r}: it exists and is not a directory")
@@ -222,7 +228,13 @@ def _apply_mask(model: nn.Module, config: dict, packed: torch.Tensor) -> None:
 
 @torch.no_grad()
 def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """The stored state into the rebuilt model (values at their recorded dtypes: ``read_ticket``)."""
     expected = non_regenerable_state(model)
+    # Tickets of formats 1 and 2 stored BatchNorm's num_batches_tracked, which is not stored any
+    # more (it does not change an eval output); it still loads into the buffer the model holds.
+    buffers = model.state_dict()
+    expected.update({k: buffers[k] for k in state if k not in expected and k.endswith(".num_batches_tracked")
+                     and k in buffers})
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
