@@ -82,7 +82,13 @@ def _package_arrays(directory):
 def _assert_same(npz_path, directory, dtype_name):
     got = np.load(npz_path)
     expected = _package_arrays(directory)
-    assert sorted(got.files) == sorted(f"{n}.{part}" for n in expected for part in ("weight", "frozen", "mask"))
+    regenerated = json.loads((Path(directory) / "config.json").read_text()).get("regenerated", {})
+    assert sorted(got.files) == sorted([f"{n}.{part}" for n in expected for part in ("weight", "frozen", "mask")]
+                                       + list(regenerated))
+    plain = timm_fslt.materialize(timm_fslt.load_ticket(directory)).state_dict()
+    for key in regenerated:  # the constants (norms, biases) the ticket does not store
+        value = plain[key].float() if plain[key].dtype == torch.bfloat16 else plain[key]
+        assert got[key].tobytes() == value.numpy().tobytes(), key
     for name, (weight, frozen, mask) in expected.items():
         w = got[f"{name}.weight"]
         assert w.dtype == (np.float32 if dtype_name == "bfloat16" else weight.dtype) and w.shape == weight.shape

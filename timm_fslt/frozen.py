@@ -9,13 +9,15 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
+from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
-from timm_fslt.nn.modules import check_initialized, find_maskable, is_frozen_layer, is_norm, weight_shape
+from timm_fslt.nn.modules import check_initialized, is_frozen_layer, is_maskable, module_registrations
+from timm_fslt.nn.placement import PLACEMENT_VERSION, PLACEMENT_VERSIONS, Fate, Placement, place_parameters
 from timm_fslt.nn.recompute import recompute_context
 from timm_fslt.nn.supermask import SCALES, SCOPES, FrozenSupermask, SupermaskGroup
 from timm_fslt.regen import pattern as freezing, rng
-from timm_fslt.regen.init import SCORE_INITS, WEIGHT_INITS, random_weight
+from timm_fslt.regen.init import SCORE_INITS, WEIGHT_INITS, random_weight, regenerated_table
 
 BATCHNORM_MODES = ("non_affine", "affine", "keep")
 BIAS_MODES = ("zero", "train", "keep")
@@ -32,12 +34,17 @@ class FreezeConfig:
     weight_init, score_init: see ``timm_fslt.regen.init.random_weight``.
     scale: None | "static" | "dynamic" -- multiply W*m by 1/sqrt(density).
     seed: keys the generator of weights, freezing pattern and scores.
-    include, exclude: fnmatch patterns on module names.
-    batchnorm: "non_affine" (gamma=1, beta=0, frozen) | "affine" (trained) | "keep" (as built, frozen).
-    bias: "zero" (zeroed, frozen) | "train" | "keep" (as built, frozen), for masked layers' biases.
+    include, exclude: fnmatch patterns on module names (that module's weights) or on parameter
+        names (that parameter); see ``timm_fslt.nn.placement``.
+    batchnorm: "non_affine" (gamma=1, beta=0, frozen) | "affine" (trained) | "keep" (as built, frozen),
+        for norm layers' parameters and for gains and layer scales.
+    bias: "zero" (zeroed, frozen) | "train" | "keep" (as built, frozen), for every bias.
     generator_version: 2 (default: integer-only, the same bits on every CPU and GPU) or 1
         (the original generator, kept so version-1 tickets load; its kaiming_normal
         stream uses float64 sqrt, whose last bit differs between CPUs).
+    placement_version: 2 (default: every weight tensor masked, the other parameters regenerated
+        or stored as ``timm_fslt.nn.placement`` says) or 1 (0.1/0.2's rule, kept so their tickets
+        load: conv and linear weights only, everything else kept as built).
     """
 
     prune: float = 0.0
@@ -54,6 +61,7 @@ class FreezeConfig:
     batchnorm: str = "non_affine"
     bias: str = "zero"
     generator_version: int = rng.GENERATOR_VERSION
+    placement_version: int = PLACEMENT_VERSION
 
     def __post_init__(self):
         for arg in ("include", "exclude"):
@@ -95,6 +103,9 @@ class FreezeConfig:
         if isinstance(self.generator_version, bool) or self.generator_version not in rng.GENERATOR_VERSIONS:
             raise ValueError(f"generator_version must be one of {list(rng.GENERATOR_VERSIONS)}, "
                              f"got {self.generator_version!r}")
+        if isinstance(self.placement_version, bool) or self.placement_version not in PLACEMENT_VERSIONS:
+            raise ValueError(f"placement_version must be one of {list(PLACEMENT_VERSIONS)}, "
+                             f"got {self.placement_version!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise TypeError(f"seed must be a non-negative int, got {self.seed!r}")
         for arg in ("include", "exclude"):
@@ -115,7 +126,21 @@ def _group_of(model: nn.Module) -> Optional[SupermaskGroup]:
 def _refresh_hook(module: nn.Module, args):
     group = _group_of(module)
     if group is not None:
-        _refresh(group)
+        _refresh(group, module)
+
+
+def check_unchanged(model: nn.Module) -> None:
+    """Refuse a conv or linear layer added or replaced after ``freeze`` (e.g. by timm's
+    ``reset_classifier``): it would train densely, outside the supermask, and no ticket
+    could rebuild it.  Run at every forward after a module was registered anywhere in the
+    process, and by ``save_ticket``."""
+    for name, module in model.named_modules():
+        if is_maskable(module) and not is_frozen_layer(module) and "_fslt_fates" not in module.__dict__:
+            raise RuntimeError(
+                f"layer {name!r} ({type(module).__name__}) was added or replaced after timm_fslt.freeze: it is not "
+                "masked and no ticket could rebuild it. Change the model first (e.g. reset_classifier(...)), then "
+                "call timm_fslt.freeze on it")
+    model._fslt_modules_seen = module_registrations()
 
 
 # Kept out of torch.compile: a refresh reads Python-side state the compiler cannot
@@ -125,7 +150,9 @@ def _refresh_hook(module: nn.Module, args):
 # Run eagerly before the compiled forward, it leaves the masks current as ordinary
 # buffers; FrozenSupermask.forward relies on this and skips its own check when compiling.
 @torch.compiler.disable
-def _refresh(group: SupermaskGroup) -> None:
+def _refresh(group: SupermaskGroup, model: nn.Module) -> None:
+    if model.__dict__.get("_fslt_modules_seen") != module_registrations():
+        check_unchanged(model)
     group.refresh()
 
 
@@ -156,6 +183,7 @@ def remove_group(model: nn.Module) -> None:
             del model._forward_pre_hooks[key]
     del model._fslt_group
     del model.fslt_config
+    model.__dict__.pop("_fslt_modules_seen", None)
 
 
 def refresh_masks(model: nn.Module) -> None:
@@ -196,11 +224,17 @@ def freeze(model: nn.Module, prune: float = 0.0, lock: float = 0.0, *,
            config: Optional[FreezeConfig] = None) -> nn.Module:
     """Freeze ``model`` in place into a partially frozen random network and return it.
 
-    Every maskable layer's weight is replaced by seed-generated random values
-    and gets a ``FrozenSupermask``: a fraction ``prune`` of the weights is removed
-    for good, a fraction ``lock`` is kept for good, and Edge-Popup scores search
-    the rest.  Afterwards only the scores (and, if asked, BatchNorm affine
-    parameters or biases) require grad; masks follow the scores automatically.
+    Every floating-point parameter gets one of three fates (``timm_fslt.nn.placement``):
+    *masked* -- every weight the model multiplies with (conv and linear weights, raw
+    weight ``Parameter``s, recurrent and attention weights) is replaced by seed-generated
+    random values and gets a ``FrozenSupermask``: a fraction ``prune`` of them is removed
+    for good, a fraction ``lock`` kept for good, and Edge-Popup scores search the rest;
+    *regenerated* -- biases, norm and layer-scale parameters fixed by ``bias=`` and
+    ``batchnorm=``, position/token tables and embeddings (drawn from the seed): a ticket
+    stores nothing for them; *stored* -- what no seed rebuilds (BatchNorm running
+    statistics, parameters the config trains or keeps as built).  Afterwards only the
+    scores (and, if asked, norm/gain parameters or biases) require grad; masks follow the
+    scores automatically.
 
     Pass either the keyword arguments or ``config=FreezeConfig(...)``.
     """
@@ -214,59 +248,65 @@ def freeze(model: nn.Module, prune: float = 0.0, lock: float = 0.0, *,
     else:
         config = dataclasses.replace(config)  # validates, fills the default sparsity
     # Validate everything before touching the model, so bad input leaves it unchanged.
-    targets = _layers_to_freeze(model, config)
+    placements = _place(model, config)
+    targets = [p for p in placements if p.fate == "masked"]
 
-    shapes = [weight_shape(m) for _, m in targets]
+    shapes = [tuple(p.module._parameters[p.param_name].shape) for p in targets]
     counts = freezing.frozen_counts(shapes, config.prune, config.lock, config.distribution)
-    supermasks = [_freeze_layer(name, module, shape, n_pruned, n_locked, config)
-                  for (name, module), shape, (n_pruned, n_locked) in zip(targets, shapes, counts)]
-    _freeze_other_parameters(model, config)
+    supermasks = [_freeze_site(site, shape, n_pruned, n_locked, config)
+                  for site, shape, (n_pruned, n_locked) in zip(targets, shapes, counts)]
+    _apply_fates(placements, config)
     model._fslt_group = SupermaskGroup(supermasks, config.sparsity, config.scope, config.scale)
     model.fslt_config = config
+    model._fslt_modules_seen = module_registrations()
     model.register_forward_pre_hook(_refresh_hook)
     return model
 
 
-def _layers_to_freeze(model: nn.Module, config: FreezeConfig) -> list[tuple[str, nn.Module]]:
-    """The layers ``freeze`` masks; raises (leaving the model unchanged) if it cannot freeze them."""
+def _place(model: nn.Module, config: FreezeConfig) -> list[Placement]:
+    """Every parameter's fate; raises (leaving the model unchanged) if the model cannot be frozen."""
     if is_frozen(model) or any(is_frozen_layer(m) for m in model.modules()):
         raise ValueError("model is already frozen (it has FrozenSupermask layers); "
                          "freeze a freshly built model instead")
-    targets = find_maskable(model, config.include, config.exclude)
+    for name, module in model.named_modules():
+        if is_maskable(module):
+            check_initialized(name, module)
+    placements = place_parameters(model, config.include, config.exclude, batchnorm=config.batchnorm,
+                                  bias=config.bias, version=config.placement_version)
+    targets = [p for p in placements if p.fate == "masked"]
     if not targets:
-        raise ValueError("model has no maskable layer (Conv*d, Linear, timm or PyG Linear) "
-                         f"matching include={config.include} exclude={config.exclude}")
-    for name, module in targets:
-        check_initialized(name, module)
-        if parametrize.is_parametrized(module, "weight"):
-            raise ValueError(f"layer {name!r} already has a weight parametrization; "
-                             "remove it before freezing")
-    return targets
+        raise ValueError("model has no maskable layer or weight (Conv*d, Linear, timm or PyG Linear, or a weight "
+                         f"Parameter) matching include={config.include} exclude={config.exclude}")
+    for p in targets:
+        if isinstance(p.module._parameters[p.param_name], UninitializedParameter):
+            raise ValueError(f"parameter {p.name!r} ({type(p.module).__name__}) is lazy and not initialised yet; "
+                             "run one forward pass with example inputs before calling timm_fslt.freeze")
+        if parametrize.is_parametrized(p.module, p.param_name):
+            raise ValueError(f"parameter {p.name!r} already has a parametrization; remove it before freezing")
+    return placements
 
 
-def _freeze_layer(name: str, module: nn.Module, shape: tuple, n_pruned: int, n_locked: int,
-                  config: FreezeConfig) -> FrozenSupermask:
-    """Give one layer its random weight (a buffer), its frozen code and scores, and its bias mode."""
-    device, dtype = module.weight.device, module.weight.dtype
+def _freeze_site(site: Placement, shape: tuple, n_pruned: int, n_locked: int,
+                 config: FreezeConfig) -> FrozenSupermask:
+    """Give one masked parameter its random weight (a buffer), its frozen code and scores."""
+    module, pname, key = site.module, site.param_name, site.key
+    original = module._parameters[pname]
+    device, dtype = original.device, original.dtype
     version = config.generator_version
-    weight = random_weight(config.weight_init, config.seed, name, shape, device, dtype,
+    weight = random_weight(config.weight_init, config.seed, key, shape, device, dtype,
                            generator_version=version)
-    code = freezing.frozen_code(config.seed, name, shape, n_pruned, n_locked, device)
+    code = freezing.frozen_code(config.seed, key, shape, n_pruned, n_locked, device)
     # Scores exist for the free weights only: draw just those (same bits as the full draw).
     free = (code.reshape(-1) == freezing.FREE).nonzero().squeeze(1)
-    scores = random_weight(config.score_init, config.seed, name, shape, device,
+    scores = random_weight(config.score_init, config.seed, key, shape, device,
                            torch.float32, stream="score", positions=free, generator_version=version)
-    supermask = FrozenSupermask(name, scores, code)
+    supermask = FrozenSupermask(key, scores, code)
+    supermask.module_name, supermask.param_name = site.module_name, pname
     # The random weight becomes a buffer: it is never a trainable parameter.
-    del module._parameters["weight"]
-    module.register_buffer("weight", weight)
-    parametrize.register_parametrization(module, "weight", supermask, unsafe=True)
+    del module._parameters[pname]
+    module.register_buffer(pname, weight)
+    parametrize.register_parametrization(module, pname, supermask, unsafe=True)
     _plain_state_dict(module)
-    if getattr(module, "bias", None) is not None:
-        if config.bias == "zero":
-            with torch.no_grad():
-                module.bias.zero_()
-        module.bias.requires_grad_(config.bias == "train")
     return supermask
 
 
@@ -285,22 +325,25 @@ def _plain_state_dict(module: nn.Module) -> None:
         cls._load_from_state_dict = nn.Module._load_from_state_dict
 
 
-def _freeze_other_parameters(model: nn.Module, config: FreezeConfig) -> None:
-    """Everything but the scores stops training (unless the config keeps it trainable)."""
-    for module in model.modules():
-        if is_frozen_layer(module):
+@torch.no_grad()
+def _apply_fates(placements: list[Placement], config: FreezeConfig) -> None:
+    """Constants and regenerated tables get their values; only trained parameters keep requires_grad.
+
+    Each module records its parameters' fates in ``module._fslt_fates`` ({name: ``Fate``}; it follows the module through copies and ``.to()``): ``non_regenerable_state``
+    reads it, and a module without it was added after ``freeze``.
+    """
+    for p in placements:
+        fates = p.module.__dict__.setdefault("_fslt_fates", {})
+        fates[p.param_name] = Fate(p.kind, p.fate, p.reason, p.value, p.key)
+        if p.fate == "masked":
             continue
-        trainable_norm = is_norm(module) and config.batchnorm == "affine"
-        if is_norm(module) and config.batchnorm == "non_affine":
-            with torch.no_grad():
-                if getattr(module, "weight", None) is not None:
-                    module.weight.fill_(1.0)
-                if getattr(module, "bias", None) is not None:
-                    module.bias.zero_()
-        for pname, param in module.named_parameters(recurse=False):
-            if isinstance(module, FrozenSupermask) and pname == "scores":
-                continue
-            param.requires_grad_(trainable_norm)
+        param = p.module._parameters[p.param_name]
+        if p.fate == "constant":
+            param.fill_(p.value)
+        elif p.fate == "regenerated":
+            param.copy_(regenerated_table(config.seed, p.name, tuple(param.shape), p.value, param.device,
+                                          param.dtype, generator_version=config.generator_version))
+        param.requires_grad_(p.fate == "trained")
 
 
 def ticket_freeze_config(config: dict) -> FreezeConfig:
@@ -315,6 +358,7 @@ def ticket_freeze_config(config: dict) -> FreezeConfig:
     """
     generator = config.get("generator_version")
     fields = dict(config["freeze"])
+    fields.setdefault("placement_version", 1)  # tickets before 0.3 used the first placement rule
     if fields.setdefault("generator_version", generator) != generator:
         raise ValueError(f"freeze.generator_version {fields['generator_version']!r} differs from the "
                          f"ticket's generator_version {generator!r}")

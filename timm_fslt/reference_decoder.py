@@ -12,6 +12,11 @@ masked layer NAME of the ticket it writes, bit for bit what
     NAME.frozen  int8 code: -1 pruned, +1 locked, 0 free
     NAME.mask    bool supermask (locked, plus the free weights whose stored bit is 1)
 
+(a masked tensor other than a layer's weight -- its row has "module" and "param", and NAME
+is "module.param" -- is written as NAME itself, with NAME.frozen and NAME.mask), and for
+every parameter the ticket regenerates (config "regenerated": constants, and tables drawn
+from the seed) its value under its state-dict key, checked against the recorded digest.
+
 Not covered: compacted tickets (config "structure"; their layers were cut by
 torch-pruning) and generator version 1 with kaiming_normal weights (version 1's
 normal used torch's float64 sqrt, whose last bit differs between CPUs).  Anything
@@ -37,7 +42,7 @@ import tempfile  # noqa: E402
 import numpy as np  # noqa: E402
 
 FORMAT = "timm_fslt.ticket"
-FORMAT_VERSIONS = (1, 2)
+FORMAT_VERSIONS = (1, 2, 3)
 GENERATOR_VERSIONS = (1, 2)
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 M32 = 0xFFFFFFFF
@@ -515,8 +520,39 @@ def decode(directory):
             else:  # "dynamic": the layer's own kept fraction
                 scale = 1.0 / math.sqrt(max(int(mask.sum()) / max(math.prod(shape), 1), 1e-12))
             value = multiply(value, to_dtype(scale, dtype), dtype)  # scale: float32 first, as its buffer
-        out[f"{name}.weight"], out[f"{name}.frozen"], out[f"{name}.mask"] = value, code, mask
+        value_key = name if "param" in row else f"{name}.weight"
+        out[value_key], out[f"{name}.frozen"], out[f"{name}.mask"] = value, code, mask
+    for key, row in (config.get("regenerated") or {}).items():
+        out[key] = regenerated(freeze["seed"], key, row, version, directory)
     return out
+
+
+def regenerated(seed, key, row, generator_version, directory):
+    """A parameter the ticket regenerates: a constant, or N(0, std**2) drawn like kaiming_normal
+    weights on the stream "table" under its generator key; checked against its digest."""
+    shape, dtype = tuple(row["shape"]), row["dtype"]
+    where = f"{os.path.join(directory, 'config.json')}: regenerated {key!r}"
+    if dtype not in DTYPES:
+        raise DecodeError(f"{where} has dtype {dtype!r}")
+    if row["fate"] == "constant":
+        value = round_to(np.full(shape, float(row["value"]), dtype=np.float64), dtype)
+    elif row["fate"] == "regenerated" and generator_version == 2:
+        h = hashes(seed, row["key"], "table", math.prod(shape))
+        value = round_to(normal_fixed(h).astype(np.float64) * (float(row["std"]) * 2.0 ** -FRAC), dtype)
+        value = value.reshape(shape)
+    else:
+        raise DecodeError(f"{where}: fate {row['fate']!r} with generator version {generator_version} "
+                          "is not decodable")
+    if dtype != "bfloat16" and digest(value, dtype) != row["digest"]:
+        raise DecodeError(f"{where}: the regenerated value does not match its digest")
+    return value
+
+
+def digest(value, dtype):
+    """The package's tensor digest: sha256 of "<dtype>[shape];" and the little-endian bytes, 128 bits."""
+    h = hashlib.sha256(f"{dtype}{list(value.shape)};".encode())
+    h.update(np.ascontiguousarray(value, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
+    return h.hexdigest()[:32]
 
 
 def write_npz(arrays, path):
@@ -550,7 +586,7 @@ def main(argv=None):
     except OSError as err:
         print(f"reference_decoder: error: {args.out}: cannot write ({err})", file=sys.stderr)
         return 2
-    print(f"reference_decoder: {len(arrays) // 3} layers -> {args.out}")
+    print(f"reference_decoder: {sum(k.endswith('.mask') for k in arrays)} masked tensors -> {args.out}")
     return 0
 
 

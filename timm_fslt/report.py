@@ -7,7 +7,11 @@ import torch
 from torch import nn
 
 from timm_fslt.frozen import get_config, get_group
-from timm_fslt.nn.modules import dtype_name, is_frozen_layer, is_norm
+from torch.nn.utils.parametrize import ParametrizationList
+
+from timm_fslt.nn.modules import dtype_name
+from timm_fslt.nn.placement import fate_of
+from timm_fslt.nn.supermask import FrozenSupermask
 
 
 @dataclass
@@ -125,31 +129,61 @@ class SizeReport:
         return "\n".join(lines)
 
 
+_REGENERABLE = ("masked", "constant", "regenerated")
+
+
+def _state_entries(model: nn.Module):
+    """(state_dict key, tensor, reason it is stored or None if regenerable) of every state entry.
+
+    Decided per module, so a module shared under several names (listed once by
+    ``named_modules`` but under every name by ``state_dict``) is decided the same everywhere.
+    """
+    config = get_config(model)
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        path, _, local = key.rpartition(".")
+        module = modules.get(path)
+        if isinstance(module, FrozenSupermask):
+            yield key, tensor, None  # scores (the ticket stores mask bits) and the frozen code
+            continue
+        if isinstance(module, ParametrizationList) and local == "original" and any(
+                isinstance(p, FrozenSupermask) for p in module):
+            yield key, tensor, None  # the random weight
+            continue
+        if local == "num_batches_tracked" and config.placement_version >= 2:
+            yield key, tensor, None  # only counts training steps (momentum=None norms), never used in eval
+            continue
+        fate = fate_of(module, local)
+        if fate is not None:
+            kind, where, reason = fate.kind, fate.fate, fate.reason
+            yield key, tensor, (None if where in _REGENERABLE else
+                                reason if kind == "excluded" else f"{kind}: {reason or where}")
+        elif local in ("running_mean", "running_var"):
+            yield key, tensor, "norm running statistics (no seed rebuilds them)"
+        elif not isinstance(tensor, nn.Parameter):
+            yield key, tensor, f"buffer of {type(module).__name__} (not rebuilt by timm_fslt)"
+        else:
+            yield key, tensor, "parameter added after timm_fslt.freeze"
+
+
 def non_regenerable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Tensors a ticket must store: everything the seed and the architecture cannot rebuild.
 
-    Excluded: the random weights, freezing codes and scores of masked layers (the
-    ticket stores their mask bits instead), biases zeroed by ``bias="zero"`` and
-    norm affine parameters fixed by ``batchnorm="non_affine"`` (constants).
+    Excluded: masked tensors' random weights, freezing codes and scores (the ticket stores
+    their mask bits instead), and every parameter ``freeze`` fixed to a constant or drew from
+    the seed (``timm_fslt.nn.placement``); ``num_batches_tracked`` (placement version 2).
+    ``state_reasons`` says why each stored tensor is stored.
 
     This is the ticket's state contract: ``timm_fslt.ticket`` saves and checks exactly
     these tensors, and structural pruning keeps them consistent; it lives here, below
     both, because the size report counts the same bits.
     """
-    config = get_config(model)
-    skip = set()
-    for name, module in model.named_modules():
-        prefix = f"{name}." if name else ""
-        if is_frozen_layer(module):
-            skip.add(prefix + "parametrizations.weight.original")
-            skip.add(prefix + "parametrizations.weight.0.scores")
-            skip.add(prefix + "parametrizations.weight.0.frozen")
-            if config.bias == "zero":
-                skip.add(prefix + "bias")
-        elif is_norm(module) and config.batchnorm == "non_affine":
-            skip.add(prefix + "weight")
-            skip.add(prefix + "bias")
-    return {k: v for k, v in model.state_dict().items() if k not in skip}
+    return {key: tensor.detach() for key, tensor, reason in _state_entries(model) if reason is not None}
+
+
+def state_reasons(model: nn.Module) -> dict[str, str]:
+    """``{state_dict key: why a ticket stores it}`` for every tensor of ``non_regenerable_state``."""
+    return {key: reason for key, _, reason in _state_entries(model) if reason is not None}
 
 
 def size_report(model: nn.Module, print_report: bool = False) -> SizeReport:
@@ -158,10 +192,10 @@ def size_report(model: nn.Module, print_report: bool = False) -> SizeReport:
     group.refresh()
     rows = [LayerSize(name=layer.layer_name, shape=tuple(layer.frozen.shape),
                       **layer.counts()) for layer in group.layers]
-    state = non_regenerable_state(model)
+    state, reasons = non_regenerable_state(model), state_reasons(model)
     bits = sum(t.numel() * t.element_size() * 8 for t in state.values())
     report = SizeReport(layers=rows, state_bits=bits,
-                        state_tensors={k: [list(v.shape), dtype_name(v.dtype)]
+                        state_tensors={k: [list(v.shape), dtype_name(v.dtype), reasons[k]]
                                        for k, v in state.items()})
     if print_report:
         print(report)

@@ -34,8 +34,42 @@ def is_norm(module: nn.Module) -> bool:
 
 
 def is_frozen_layer(module: nn.Module) -> bool:
-    return parametrize.is_parametrized(module, "weight") and any(
-        type(p).__name__ == "FrozenSupermask" for p in module.parametrizations["weight"])
+    """Whether any of ``module``'s tensors carries a ``FrozenSupermask`` (usually its ``weight``)."""
+    if not parametrize.is_parametrized(module):
+        return False
+    return any(type(p).__name__ == "FrozenSupermask"
+               for plist in module.parametrizations.values() for p in plist)
+
+
+def iter_sites(model: nn.Module):
+    """(key, module, parameter name, supermask) of every masked tensor, in the group's order of
+    registration (the key is the supermask's ``layer_name``: the module's name for a ``weight``)."""
+    for _, module in model.named_modules():
+        if not parametrize.is_parametrized(module):
+            continue
+        for pname, plist in module.parametrizations.items():
+            for p in plist:
+                if type(p).__name__ == "FrozenSupermask":
+                    yield p.layer_name, module, pname, p
+
+
+# Counts every module and parameter registration in the process (torch's global hooks): a
+# frozen model walks its modules again only when this moved since its last forward, to
+# notice a layer added after freeze (e.g. timm's reset_classifier).
+_registrations = 0
+
+
+def _count_registration(*args):
+    global _registrations
+    _registrations += 1
+
+
+nn.modules.module.register_module_module_registration_hook(_count_registration)
+nn.modules.module.register_module_parameter_registration_hook(_count_registration)
+
+
+def module_registrations() -> int:
+    return _registrations
 
 
 def _matches(name: str, patterns: Optional[Sequence[str]]) -> bool:
@@ -87,10 +121,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 def frozen_weight_dtypes(model: nn.Module) -> dict:
     """``{id(FrozenSupermask): dtype of the random weight W}`` for every frozen layer."""
     out = {}
-    for _, module in iter_frozen(model):
-        dtype = module.parametrizations["weight"].original.dtype
-        for p in module.parametrizations["weight"]:
-            out[id(p)] = dtype
+    for _, module, pname, supermask in iter_sites(model):
+        out[id(supermask)] = module.parametrizations[pname].original.dtype
     return out
 
 

@@ -93,3 +93,29 @@ def _draw_v1(kind: str, std: float, seed: int, name: str, stream: str, n: int, d
                           transform=lambda z: z.mul_(std), version=1)
     return rng.bits(seed, name, stream, n, device, dtype=dtype, positions=positions,
                     transform=lambda h: (h >> 31).to(torch.float64).mul_(2.0).sub_(1.0).mul_(std))
+
+
+def regenerated_table(seed: int, name: str, shape: Sequence[int], std: float, device=None,
+                      dtype=torch.float32, generator_version: int = rng.GENERATOR_VERSION) -> torch.Tensor:
+    """A parameter that is regenerated rather than masked or stored (position and token tables,
+    embeddings): N(0, std**2), keyed by its qualified name on the stream ``"table"``.
+
+    Drawn exactly as ``kaiming_normal`` weights are (version 2: an exact integer per element
+    times the float64 constant ``std * 2**-38``, rounded once to float32, then to ``dtype``).
+    """
+    rng.check_version(generator_version)
+    if not (isinstance(std, float) and math.isfinite(std) and std > 0):
+        raise ValueError(f"std must be a positive finite float, got {std!r}")
+    n = math.prod(shape)
+    if generator_version == 1:
+        values = rng.normal(seed, name, "table", n, device, dtype=dtype,
+                            transform=lambda z: z.mul_(std), version=1)
+    else:
+        factor = std * 2.0 ** -rng.NORMAL_FRAC
+        wide = dtype in (torch.float64, torch.float32)
+
+        def value(h):
+            out = rng.normal_fixed(h).to(torch.float64).mul_(factor)
+            return out if wide else out.to(torch.float32)
+        values = rng.bits(seed, name, "table", n, device, dtype=dtype, transform=value)
+    return values.view(tuple(shape))

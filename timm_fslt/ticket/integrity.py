@@ -19,6 +19,7 @@ from torch import nn
 
 from timm_fslt.errors import TicketChecksumError, TicketIntegrityWarning
 from timm_fslt.nn import modules as L
+from timm_fslt.nn.placement import fate_of
 
 CONFIG_NAME = "config.json"
 
@@ -38,11 +39,48 @@ def layer_digests(model: nn.Module, masked: bool) -> dict[str, str]:
     """Per masked layer: the digest of its regenerated weight and freezing code (``regen_digest``),
     or of the weight its forward uses, ``W * mask * scale`` (``masked_digest``)."""
     out = {}
-    for name, module in L.iter_frozen(model):
-        supermask = next(p for p in module.parametrizations["weight"] if type(p).__name__ == "FrozenSupermask")
-        tensors = (module.weight,) if masked else (module.parametrizations["weight"].original, supermask.frozen)
-        out[supermask.layer_name] = tensor_digest(*tensors)
+    for key, module, pname, supermask in L.iter_sites(model):
+        tensors = (getattr(module, pname),) if masked else (module.parametrizations[pname].original,
+                                                             supermask.frozen)
+        out[key] = tensor_digest(*tensors)
     return out
+
+
+@torch.no_grad()
+def regenerated_record(model: nn.Module) -> dict[str, dict]:
+    """``{parameter name: {"kind", "fate", "rule", "shape", "dtype", "digest"}}`` of every parameter
+    ``freeze`` fixed to a constant or drew from the seed: a ticket stores none of their values,
+    and the loader checks that the rebuilt model's digests are these."""
+    out = {}
+    modules = dict(model.named_modules(remove_duplicate=False))
+    for key, tensor in model.state_dict(keep_vars=True).items():
+        path, _, local = key.rpartition(".")
+        fate = fate_of(modules.get(path), local)
+        if fate is None or fate.fate not in ("constant", "regenerated"):
+            continue
+        rule = {"value": fate.value} if fate.fate == "constant" else {"std": fate.value, "key": fate.key,
+                                                                       "stream": "table"}
+        out[key] = {"kind": fate.kind, "fate": fate.fate, **rule, "reason": fate.reason,
+                    "shape": list(tensor.shape), "dtype": L.dtype_name(tensor.dtype),
+                    "digest": tensor_digest(tensor)}
+    return out
+
+
+def check_regenerated(model: nn.Module, saved: Mapping) -> None:
+    """Raise ``TicketChecksumError`` if the rebuilt model's constants and seed-drawn parameters are not
+    the ones a ticket recorded (``regenerated_record`` at save time)."""
+    if not isinstance(saved, Mapping):
+        raise TicketChecksumError(f"config.json 'regenerated' must be an object, got {type(saved).__name__}")
+    now = regenerated_record(model)
+    if set(now) != set(saved):
+        missing, extra = sorted(set(saved) - set(now)), sorted(set(now) - set(saved))
+        raise TicketChecksumError(f"the rebuilt model regenerates other parameters than the ticket recorded "
+                                  f"(recorded, not rebuilt: {missing[:5]}; rebuilt, not recorded: {extra[:5]})")
+    for key, row in saved.items():
+        if not isinstance(row, Mapping) or row.get("digest") != now[key]["digest"]:
+            raise TicketChecksumError(f"parameter {key!r}: the rebuilt model's value ({now[key]['reason']}) differs "
+                                      "from the one the ticket was saved with: the ticket would load as another "
+                                      "network")
 
 
 def canonical_json(value: Any) -> bytes:

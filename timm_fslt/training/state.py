@@ -71,10 +71,11 @@ def model_fingerprint(model: nn.Module) -> dict:
 def static_keys(model: nn.Module) -> set:
     """State-dict keys that never change while training (random weights, frozen codes)."""
     keys = set()
-    for name, _ in iter_frozen(model):
+    for name, module in iter_frozen(model):
         prefix = f"{name}." if name else ""
-        keys.add(prefix + "parametrizations.weight.original")
-        keys.add(prefix + "parametrizations.weight.0.frozen")
+        for pname in module.parametrizations:
+            keys.add(f"{prefix}parametrizations.{pname}.original")
+            keys.add(f"{prefix}parametrizations.{pname}.0.frozen")
     return keys
 
 
