@@ -41,6 +41,14 @@ def is_frozen_layer(module: nn.Module) -> bool:
                for plist in module.parametrizations.values() for p in plist)
 
 
+def has_frozen_weight(module: nn.Module) -> bool:
+    """Whether ``module`` is a conv or linear layer whose ``weight`` is masked (what the
+    torch-pruning integration cuts; a module with only other masked tensors, e.g. an LSTM
+    or a GAT conv's attention vectors, is not one)."""
+    return is_maskable(module) and parametrize.is_parametrized(module, "weight") and any(
+        type(p).__name__ == "FrozenSupermask" for p in module.parametrizations["weight"])
+
+
 def iter_sites(model: nn.Module):
     """(key, module, parameter name, supermask) of every masked tensor, in the group's order of
     registration (the key is the supermask's ``layer_name``: the module's name for a ``weight``)."""
