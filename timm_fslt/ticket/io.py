@@ -20,7 +20,8 @@ from torch import nn
 
 from timm_fslt import atomic
 from timm_fslt.errors import (ArchitectureError, TicketChecksumError, TicketError, TicketMismatchError)
-from timm_fslt.frozen import freeze, get_config, get_group, is_frozen, refresh_masks, ticket_freeze_config
+from timm_fslt.frozen import (check_unchanged, freeze, get_config, get_group, is_frozen, refresh_masks,
+                              ticket_freeze_config)
 from timm_fslt.nn import modules as L
 from timm_fslt.nn.supermask import free_entries
 from timm_fslt.regen import pattern as freezing
@@ -30,7 +31,7 @@ from timm_fslt.ticket.architecture import (build_architecture, build_for_check, 
 from timm_fslt.ticket.format import (BIT_ORDER, CONFIG_NAME, DEFAULT_MAX_BUILD_SECONDS, DEFAULT_MAX_PARAMS, FORMAT,
                                      FORMAT_VERSION, MASK_NAME, MASK_TENSOR, STATE_NAME, PathLike, check_datasets,
                                      check_metrics, is_ticket_dir, pack_bits, read_ticket, sha256_hex, unpack_bits)
-from timm_fslt.ticket.integrity import layer_digests, seal_config
+from timm_fslt.ticket.integrity import check_regenerated, layer_digests, regenerated_record, seal_config
 from timm_fslt.ticket.state_codec import check_state_dtype, encode_state
 from timm_fslt.ticket.sources import HUB_PREFIX, redownload, resolve_ticket_source
 from timm_fslt.version import __version__
@@ -55,6 +56,10 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
                  state_dtype: Optional[str] = None) -> dict[str, bytes]:
     """The bytes of the three ticket files of a frozen model (``save_ticket`` writes them)."""
     group = frozen_group(model)
+    try:
+        check_unchanged(model)  # a layer added after freeze could not be rebuilt
+    except RuntimeError as err:
+        raise TicketError(f"cannot save this model's ticket: {err}") from None
     state_dtype = check_state_dtype(state_dtype)
     config = get_config(model)
     metrics = check_metrics(metrics)
@@ -70,7 +75,9 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
     layers, bits = [], []
     for layer in group.layers:
         counts = layer.counts()
-        layers.append({"name": layer.layer_name, "shape": list(layer.frozen.shape), **counts,
+        param = {} if getattr(layer, "param_name", "weight") == "weight" else {
+            "module": layer.module_name, "param": layer.param_name}  # a masked tensor other than a weight
+        layers.append({"name": layer.layer_name, **param, "shape": list(layer.frozen.shape), **counts,
                        "regen_digest": digests[layer.layer_name], "masked_digest": masked[layer.layer_name],
                        "dtype": L.dtype_name(dtypes[id(layer)])})
         if structure is None:  # (t1, t2) of the regenerated code; a compacted layer's code is not one
@@ -96,6 +103,7 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
         "freeze": json_clean(config.to_dict(), "the FreezeConfig"),
         "structure": structure,
         "layers": layers,
+        "regenerated": regenerated_record(model),
         "mask": {"file": MASK_NAME, "tensor": MASK_TENSOR, "bits": n_free,
                  "bytes": (n_free + 7) // 8, "order": BIT_ORDER},
         "state": {"file": STATE_NAME, **state_record},
@@ -178,7 +186,7 @@ def _check_layers(group, config: dict, arch: Mapping) -> None:
             f"the ticket stores masks for {len(stored)} layers but the model rebuilt from "
             f"{describe_architecture(arch)} has {len(group.layers)} masked layers: layer count mismatch")
     for layer, row in zip(group.layers, stored):
-        if layer.layer_name != row["name"]:
+        if layer.layer_name != row["name"] or getattr(layer, "param_name", "weight") != row.get("param", "weight"):
             raise TicketMismatchError(f"the ticket's layer {row['name']!r} stands where the rebuilt model "
                                       f"has {layer.layer_name!r}")
         shape = list(layer.frozen.shape)
@@ -375,6 +383,8 @@ def _rebuild(config: dict, packed: torch.Tensor, state: Mapping[str, torch.Tenso
             model.fslt_structure = structure
     _check_layers(get_group(model), config, arch)
     _check_digests(model, config, masked=False)
+    if "regenerated" in config:  # (tickets before 0.3 have no record: their regenerated values were constants)
+        check_regenerated(model, config["regenerated"])
     _apply_mask(model, config, packed)
     _load_state(model, state)
     _check_digests(model, config, masked=True)
