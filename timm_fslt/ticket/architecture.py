@@ -31,15 +31,12 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from timm_fslt.errors import ArchitectureError, TicketError
-from timm_fslt.frozen import FreezeConfig, get_config, get_group
-from timm_fslt.nn import modules as L
-from timm_fslt.report import non_regenerable_state
-
-# kwargs of timm.create_model that fetch weights but do not change the architecture.
-DOWNLOAD_KWARGS = ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir",
-                   "pretrained_strict")
+from timm_fslt.frozen import get_config
+from timm_fslt.ticket.inference import DOWNLOAD_KWARGS, infer_timm_architecture
+from timm_fslt.ticket.rebuild_check import argument_hint, rebuild_problems
 # A registered builder's name: no ':' (that makes an import path) and nothing a shell or path would read.
 _NAME_RE = re.compile(r"^[A-Za-z_][\w.\-]*$")
 # An import path for trust_builder=True: dotted module, one colon, ONE attribute name.
@@ -149,7 +146,7 @@ def normalize_architecture(architecture: Any, where: str = "architecture") -> di
     kwargs = architecture.get("kwargs") or {}
     if not isinstance(kwargs, Mapping) or not all(isinstance(k, str) for k in kwargs):
         raise ArchitectureError(f"{where}['kwargs'] must be a dict with string keys, got {kwargs!r}")
-    kwargs = json_clean(dict(kwargs), f"{where}['kwargs']")
+    kwargs = {key: json_clean(value, f"{where}['kwargs'][{key!r}]") for key, value in kwargs.items()}
     if kind == "timm":
         kwargs = {k: v for k, v in kwargs.items() if k not in DOWNLOAD_KWARGS}
     return {kind: name, "kwargs": kwargs}
@@ -213,19 +210,21 @@ class BuildBudget:
     torch calls the global registration hooks for every ``register_parameter`` /
     ``register_buffer`` (and so for every ``nn.Parameter`` attribute), so the count is
     checked as the model grows, long before a hostile ``depth=30000`` is reached. Only
-    the building thread is counted.
+    the building thread is counted; ``start`` (``time.monotonic()``) lets a retry share
+    the first attempt's seconds. Lazy parameters count once built (``count_elements``).
     """
 
-    def __init__(self, max_elements: Optional[int], max_seconds: Optional[float], what: str):
+    def __init__(self, max_elements: Optional[int], max_seconds: Optional[float], what: str,
+                 start: Optional[float] = None):
         self.max_elements, self.max_seconds, self.what = max_elements, max_seconds, what
         self.elements = 0
         self._thread = threading.get_ident()
-        self._start = time.monotonic()
+        self._start = time.monotonic() if start is None else start
 
     def _tensor(self, module, name, tensor):
         if threading.get_ident() != self._thread:
             return None
-        if tensor is not None:
+        if tensor is not None and not is_lazy(tensor):
             self.elements += tensor.numel()
         self._check()
         return None
@@ -245,12 +244,20 @@ class BuildBudget:
                 f"{self.what} took more than max_build_seconds={self.max_seconds:g} s to build (stopped at "
                 f"{self.elements:,} elements); pass a larger max_build_seconds to load it")
 
+    def _to_meta(self, module, name, param):
+        """(``parameters_on_meta``) a real parameter becomes a meta one as it is registered."""
+        if threading.get_ident() != self._thread or type(param) is not nn.Parameter or param.is_meta:
+            return None
+        return nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+
     @contextlib.contextmanager
-    def active(self):
+    def active(self, parameters_on_meta: bool = False):
         from torch.nn.modules import module as _m
         handles = [_m.register_module_parameter_registration_hook(self._tensor),
                    _m.register_module_buffer_registration_hook(self._tensor),
                    _m.register_module_module_registration_hook(self._module)]
+        if parameters_on_meta:
+            handles.append(_m.register_module_parameter_registration_hook(self._to_meta))
         try:
             yield self
         finally:
@@ -259,17 +266,20 @@ class BuildBudget:
 
 
 def build_architecture(arch: Mapping, *, trust_builder: bool = True, max_params: Optional[int] = None,
-                       max_seconds: Optional[float] = None) -> nn.Module:
+                       max_seconds: Optional[float] = None, parameters_on_meta: bool = False,
+                       start: Optional[float] = None) -> nn.Module:
     """Build the untrained model an architecture record describes (never downloads weights).
 
     ``trust_builder`` defaults to True here because a caller that builds its own record
-    runs its own code; ``load_ticket`` passes the user's choice.
+    runs its own code; ``load_ticket`` passes the user's choice. ``parameters_on_meta``:
+    parameters are moved to the meta device as they are registered (buffers stay real:
+    the save-time check compares their values without allocating the weights).
     """
     arch = normalize_architecture(arch)
     fn = resolve_builder(arch, trust_builder)
-    budget = BuildBudget(max_params, max_seconds, describe_architecture(arch))
+    budget = BuildBudget(max_params, max_seconds, describe_architecture(arch), start)
     try:
-        with budget.active():
+        with budget.active(parameters_on_meta):
             model = fn(**dict(arch["kwargs"]))
     except TicketError:
         raise
@@ -283,15 +293,23 @@ def build_architecture(arch: Mapping, *, trust_builder: bool = True, max_params:
 
 
 def count_elements(model: nn.Module) -> int:
-    return sum(t.numel() for t in model.parameters()) + sum(t.numel() for t in model.buffers())
+    """Parameter and buffer elements; an uninitialised lazy parameter counts 0."""
+    return sum(t.numel() for t in (*model.parameters(), *model.buffers()) if not is_lazy(t))
 
 
 def build_for_check(arch: Mapping, *, trust_builder: bool = True, max_params: Optional[int] = None,
-                    max_seconds: Optional[float] = None) -> nn.Module:
-    """Build on the meta device (nothing allocated); a few constructors need real values
-    (e.g. ``.tolist()`` on a drop-path schedule, PyG's ``PNAConv``), so fall back to the CPU."""
-    kwargs = dict(trust_builder=trust_builder, max_params=max_params, max_seconds=max_seconds)
+                    max_seconds: Optional[float] = None, values: bool = False) -> nn.Module:
+    """Build without allocating the weights: on the meta device, or (``values=True``) with
+    the parameters on the meta device and real buffers. A constructor that needs real
+    tensors (PyG's ``PNAConv`` reads its degree histogram; a builder that runs a forward
+    to initialise lazy layers) raises there: it is built again on the CPU, under the same
+    budget (the seconds count from the first attempt). Only an error on the CPU is the
+    record's fault; an exceeded budget is never retried."""
+    start = time.monotonic()
+    kwargs = dict(trust_builder=trust_builder, max_params=max_params, max_seconds=max_seconds, start=start)
     try:
+        if values:
+            return build_architecture(arch, parameters_on_meta=True, **kwargs)
         with torch.device("meta"):
             return build_architecture(arch, **kwargs)
     except _ConstructorError:
@@ -301,9 +319,10 @@ def build_for_check(arch: Mapping, *, trust_builder: bool = True, max_params: Op
 def create_model(model_name: str, **kwargs) -> nn.Module:
     """``timm.create_model`` that remembers how it was called, so a ticket can rebuild it.
 
-    Records ``model.fslt_architecture = {"timm": model_name, "kwargs": kwargs}``
-    (download-only kwargs such as ``pretrained`` are left out: a ticket never
-    needs pretrained weights).
+    Records ``model.fslt_architecture = {"timm": model_name, "kwargs": kwargs}``: every
+    creation argument (``img_size``, ``depth``, drop rates, ...), download-only ones such
+    as ``pretrained`` left out (a ticket never needs pretrained weights). A value that is
+    not JSON (a class, a function) cannot go into a ticket: ``save_ticket`` names it.
     """
     import timm
     _register_own_builders()
@@ -319,62 +338,16 @@ def create_model(model_name: str, **kwargs) -> nn.Module:
 
 # -- which record rebuilds a given model ----------------------------------------------------
 
-def _layer_mismatch(model: nn.Module, arch: Mapping, config: FreezeConfig,
-                    structured: bool) -> Optional[str]:
-    """Why ``arch`` does not rebuild ``model`` (None when it does)."""
-    candidate = build_for_check(arch)
-    targets = L.find_maskable(candidate, config.include, config.exclude)
-    group = get_group(model)
-    if len(targets) != len(group.layers):
-        return (f"it has {len(targets)} maskable layers, the model has {len(group.layers)}")
-    for (name, module), layer in zip(targets, group.layers):
-        if name != layer.layer_name:
-            return f"its maskable layer {name!r} stands where the model has {layer.layer_name!r}"
-        try:
-            L.check_initialized(name, module)
-        except ValueError as err:
-            raise ArchitectureError(f"{describe_architecture(arch)} builds lazy layers: {err}. A ticket "
-                                    "needs an architecture that builds initialised layers") from None
-        shape = tuple(L.weight_shape(module))
-        if not structured and shape != tuple(layer.frozen.shape):
-            return f"its layer {name!r} has weight shape {shape}, the model's has {tuple(layer.frozen.shape)}"
-    state = candidate.state_dict()
-    for key, value in non_regenerable_state(model).items():
-        if key not in state:
-            return f"it has no tensor {key!r}"
-        if not structured and tuple(state[key].shape) != tuple(value.shape):
-            return f"its {key!r} has shape {tuple(state[key].shape)}, the model's {tuple(value.shape)}"
-    return None
-
-
-def _infer_architecture(model: nn.Module) -> dict:
-    cfg = getattr(model, "pretrained_cfg", None)
-    name = cfg.get("architecture") if isinstance(cfg, Mapping) else None
-    if not name:
-        raise ArchitectureError(f"cannot tell which architecture built this {type(model).__name__}: {ARCH_HELP}")
-    kwargs: dict = {}
-    if isinstance(getattr(model, "num_classes", None), int):
-        kwargs["num_classes"] = model.num_classes
-    first_conv = cfg.get("first_conv")
-    if isinstance(first_conv, str):
-        try:
-            in_chans = getattr(model.get_submodule(first_conv), "in_channels", None)
-        except AttributeError:
-            in_chans = None
-        if isinstance(in_chans, int):
-            kwargs["in_chans"] = in_chans
-    return {"timm": name, "kwargs": kwargs}
-
-
 def resolve_architecture(model: nn.Module, architecture: Optional[Mapping] = None) -> dict:
-    """The architecture record for ``model``: explicit, recorded by ``create_model``, or inferred.
+    """The architecture record for a frozen ``model``: explicit, recorded by ``create_model``,
+    or read off a plain timm model (``ticket.inference``).
 
-    An inferred one (timm's ``pretrained_cfg["architecture"]`` with num_classes and
-    in_chans) is accepted only if it rebuilds exactly the model's layers; explicit
-    and recorded ones are checked the same way, so a ticket that could not be
-    loaded again is never written.
+    Whichever it is, it is built and compared with the model (``ticket.rebuild_check``:
+    every tensor, module and attribute, and the values of the buffers a ticket does not
+    store); a record that does not rebuild the model exactly is refused, so a ticket that
+    would load as another network is never written.
     """
-    config = get_config(model)
+    get_config(model)  # a frozen model, or a clear error
     structured = getattr(model, "fslt_structure", None) is not None
     if architecture is not None:
         arch, source = normalize_architecture(architecture), "architecture="
@@ -382,13 +355,17 @@ def resolve_architecture(model: nn.Module, architecture: Optional[Mapping] = Non
         arch, source = normalize_architecture(model.fslt_architecture, "model.fslt_architecture"), \
             "model.fslt_architecture"
     else:
-        arch, source = normalize_architecture(_infer_architecture(model)), None
-    problem = _layer_mismatch(model, arch, config, structured)
-    if problem is not None:
-        if source is None:
-            raise ArchitectureError(
-                f"cannot infer the architecture unambiguously: timm's pretrained_cfg names "
-                f"{describe_architecture(arch)}, but {problem}; {ARCH_HELP}")
-        raise ArchitectureError(f"{source} {describe_architecture(arch)} does not rebuild this model: "
-                                f"{problem}")
-    return arch
+        arch, source = normalize_architecture(infer_timm_architecture(model, ARCH_HELP)), None
+    candidate = build_for_check(arch, values=True)
+    problems = rebuild_problems(model, candidate, structured, lambda: build_architecture(arch))
+    if not problems:
+        return arch
+    more = f" (and {len(problems) - 1} more difference{'s' if len(problems) > 2 else ''})" if len(problems) > 1 else ""
+    if source is None:
+        raise ArchitectureError(
+            f"cannot infer the architecture unambiguously: timm's pretrained_cfg names "
+            f"{describe_architecture(arch)}, but {problems[0]}{more}"
+            f"{argument_hint(model, problems, arch['kwargs'])}; {ARCH_HELP}")
+    raise ArchitectureError(f"{source} {describe_architecture(arch)} does not rebuild this model: "
+                            f"{problems[0]}{more}. If the model was changed after it was built (reset_classifier, "
+                            "set_input_size, ...), pass architecture= with the arguments that build it as it is now")
