@@ -130,6 +130,10 @@ class SizeReport:
 
 
 _REGENERABLE = ("masked", "constant", "regenerated")
+# A persistent buffer that is not a norm's running statistics (e.g. a DCT basis, clamp bounds):
+# the architecture usually builds it the same every time, so a ticket stores it only if it differs
+# from a fresh build of the recorded architecture (the save-time rebuild check compares them).
+ARCHITECTURE_BUFFER = "architecture buffer"
 
 
 def _state_entries(model: nn.Module):
@@ -161,7 +165,7 @@ def _state_entries(model: nn.Module):
         elif local in ("running_mean", "running_var"):
             yield key, tensor, "norm running statistics (no seed rebuilds them)"
         elif not isinstance(tensor, nn.Parameter):
-            yield key, tensor, f"buffer of {type(module).__name__} (not rebuilt by timm_fslt)"
+            yield key, tensor, f"{ARCHITECTURE_BUFFER} of {type(module).__name__}"
         else:
             yield key, tensor, "parameter added after timm_fslt.freeze"
 
@@ -179,6 +183,11 @@ def non_regenerable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     both, because the size report counts the same bits.
     """
     return {key: tensor.detach() for key, tensor, reason in _state_entries(model) if reason is not None}
+
+
+def architecture_buffers(model: nn.Module) -> set[str]:
+    """Keys of ``non_regenerable_state`` that are architecture buffers (``ARCHITECTURE_BUFFER``)."""
+    return {key for key, reason in state_reasons(model).items() if reason.startswith(ARCHITECTURE_BUFFER)}
 
 
 def state_reasons(model: nn.Module) -> dict[str, str]:
