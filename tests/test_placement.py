@@ -274,3 +274,44 @@ def test_tickets_of_the_first_placement_rule_still_load_by_it():
     kept = state_reasons(model)
     assert "pos_embed" in kept and "gamma" in kept and "rnn.weight_ih_l0" in kept  # 0.2 stored them
     assert [layer.layer_name for layer in timm_fslt.get_group(model).layers] == ["conv"]
+
+
+class _Basis(nn.Module):
+    """A persistent buffer the constructor computes (as csatv2's DCT basis)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("basis", torch.linspace(-1, 1, 16).reshape(4, 4))
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x @ self.basis.T)
+
+
+def test_architecture_buffers_are_stored_only_when_a_fresh_build_differs(tmp_path):
+    timm_fslt.register_builder("test_placement_basis", _Basis, replace=True)
+    arch = {"builder": "test_placement_basis"}
+    x = torch.randn(5, 4)
+    model = timm_fslt.freeze(_Basis(), prune=0.3, lock=0.3)
+    assert state_reasons(model) == {"basis": "architecture buffer of _Basis"}
+    timm_fslt.save_ticket(model, tmp_path / "same", architecture=arch)
+    assert json.loads((tmp_path / "same" / "config.json").read_text())["state"]["tensors"] == {}
+    with torch.no_grad():
+        assert torch.equal(timm_fslt.load_ticket(tmp_path / "same")(x), model(x))
+    with torch.no_grad():
+        model.basis.mul_(2)  # changed after it was built: the ticket must carry it
+    timm_fslt.save_ticket(model, tmp_path / "changed", architecture=arch)
+    assert set(json.loads((tmp_path / "changed" / "config.json").read_text())["state"]["tensors"]) == {"basis"}
+    with torch.no_grad():
+        assert torch.equal(timm_fslt.load_ticket(tmp_path / "changed")(x), model(x))
+
+
+def test_the_size_report_lists_every_stored_tensor_with_its_reason():
+    model = timm_fslt.freeze(timm.create_model("resnet18", num_classes=10), prune=0.35, lock=0.35,
+                             bias="train", exclude=["layer1.0.conv1"])
+    report = timm_fslt.size_report(model)
+    assert set(report.state_reasons) == set(report.state_tensors) == set(non_regenerable_state(model))
+    assert report.state_reasons["fc.bias"] == "bias: bias='train'"
+    assert report.state_reasons["layer1.0.conv1.weight"] == "kept as built (exclude)"
+    summary = report.state_summary()
+    assert "norm running statistics (no seed rebuilds them): 40 tensors, 307,200 bits" in summary

@@ -1,6 +1,7 @@
 """``size_report``: what a frozen ticket costs to store, counted honestly in bits."""
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -49,6 +50,8 @@ class SizeReport:
     layers: list = field(default_factory=list)
     state_bits: int = 0
     state_tensors: dict = field(default_factory=dict)
+    # {key: why it is stored} (``state_reasons``); empty for a report read from a ticket's config
+    state_reasons: dict = field(default_factory=dict, compare=False)
 
     # totals ------------------------------------------------------------------
     params = _layer_total("numel")
@@ -104,6 +107,18 @@ class SizeReport:
         totals["ticket_bytes"] = (self.ticket_bits + 7) // 8
         rows = [dict(asdict(layer), sparsity=layer.sparsity) for layer in self.layers]
         return {"totals": totals, "layers": rows, "state_tensors": dict(self.state_tensors)}
+
+    def state_summary(self) -> str:
+        """The stored state grouped by why it is stored (from ``state_reasons``; a report read
+        from a ticket's config.json has none)."""
+        groups: dict = {}
+        for key, reason in self.state_reasons.items():
+            shape, dtype = self.state_tensors[key][:2]
+            n, bits = groups.get(reason, (0, 0))
+            groups[reason] = (n + 1, bits + math.prod(shape) * torch.empty(0, dtype=getattr(torch, dtype)).element_size() * 8)
+        lines = ["stored state, by reason:"] + [f"  {reason}: {n} tensors, {bits:,} bits"
+                                               for reason, (n, bits) in groups.items()]
+        return "\n".join(lines if groups else ["stored state: none"])
 
     def __str__(self) -> str:
         head = f"{'layer':<32} {'shape':<18} {'params':>10} {'pruned':>9} {'locked':>9} {'free':>9} {'kept':>9} {'sparsity':>8}"
@@ -204,8 +219,10 @@ def size_report(model: nn.Module, print_report: bool = False) -> SizeReport:
     state, reasons = non_regenerable_state(model), state_reasons(model)
     bits = sum(t.numel() * t.element_size() * 8 for t in state.values())
     report = SizeReport(layers=rows, state_bits=bits,
-                        state_tensors={k: [list(v.shape), dtype_name(v.dtype), reasons[k]]
-                                       for k, v in state.items()})
+                        state_tensors={k: [list(v.shape), dtype_name(v.dtype)] for k, v in state.items()},
+                        state_reasons=reasons)
     if print_report:
         print(report)
+        print()
+        print(report.state_summary())
     return report

@@ -25,7 +25,7 @@ from timm_fslt.frozen import (check_unchanged, freeze, get_config, get_group, is
 from timm_fslt.nn import modules as L
 from timm_fslt.nn.supermask import free_entries
 from timm_fslt.regen import pattern as freezing
-from timm_fslt.report import non_regenerable_state
+from timm_fslt.report import architecture_buffers, non_regenerable_state
 from timm_fslt.ticket.architecture import (build_architecture, build_for_check, count_elements, create_model,
                                            describe_architecture, json_clean, resolve_architecture, resolve_builder)
 from timm_fslt.ticket.format import (BIT_ORDER, CONFIG_NAME, DEFAULT_MAX_BUILD_SECONDS, DEFAULT_MAX_PARAMS, FORMAT,
@@ -92,7 +92,7 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
     mask_bytes = safetensors.torch.save({MASK_TENSOR: pack_bits(all_bits)},
                                         metadata={"format": "timm_fslt.supermask"})
 
-    state_record, state_bytes = encode_state(non_regenerable_state(model), state_dtype)
+    state_record, state_bytes = encode_state(_state_to_store(model, arch), state_dtype)
 
     document = seal_config({
         "format": FORMAT,
@@ -114,6 +114,25 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
     })
     config_bytes = (json.dumps(document, indent=2, allow_nan=False) + "\n").encode("utf-8")
     return {MASK_NAME: mask_bytes, STATE_NAME: state_bytes, CONFIG_NAME: config_bytes}
+
+
+@torch.no_grad()
+def _state_to_store(model: nn.Module, arch: Mapping) -> dict[str, torch.Tensor]:
+    """``non_regenerable_state`` without the architecture buffers a fresh build of ``arch``
+    reproduces exactly (a DCT basis, clamp bounds: the loader's own build gives them); those
+    that differ (a buffer the model changed) are stored."""
+    state = non_regenerable_state(model)
+    candidates = architecture_buffers(model)
+    if not candidates:
+        return state
+    fresh = build_architecture(arch).state_dict()
+    for key in sorted(candidates):
+        built = fresh.get(key)
+        value = state[key]
+        if built is not None and built.shape == value.shape and built.dtype == value.dtype \
+                and torch.equal(built.cpu(), value.cpu()):
+            del state[key]
+    return state
 
 
 def _is_complete_ticket(directory: Path) -> bool:
@@ -243,6 +262,8 @@ def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     buffers = model.state_dict()
     expected.update({k: buffers[k] for k in state if k not in expected and k.endswith(".num_batches_tracked")
                      and k in buffers})
+    for key in architecture_buffers(model) - set(state):
+        del expected[key]  # not stored: the ticket was saved with this build's very values
     missing = sorted(set(expected) - set(state))
     extra = sorted(set(state) - set(expected))
     if missing or extra:
