@@ -57,7 +57,9 @@ class _MaskedWeight(torch.autograd.Function):
     of ``|s|``: ``dL/d|s| = dL/dW_eff * W * scale``, so by the chain rule
     ``dL/ds = dL/dW_eff * W * scale * sign(s)`` (as Edge-Popup's reference does by
     selecting on ``scores.abs()`` inside autograd), evaluated at the free positions
-    ``index`` only (None: every weight is free), which is where ``scores`` lives.
+    ``index`` only (None: every weight is free), which is where ``scores`` lives
+    (one entry per free weight, in any shape: the gradient is computed 1-D and returned
+    in the scores' shape, e.g. the ``(1, n_free)`` row of ``FrozenSupermask``).
     ``scale`` is None when the group does not scale (multiplying by 1 would only
     cost a pass).
     """
@@ -78,12 +80,13 @@ class _MaskedWeight(torch.autograd.Function):
             grad_scores = _free_values(grad, index).mul_(_free_values(weight, index))
         if scale is not None:
             grad_scores.mul_(scale)
-        _mul_sign_(grad_scores, scores)
-        return None, grad_scores.to(scores.dtype), None, None, None
+        _mul_sign_(grad_scores, scores.reshape(-1))
+        return None, grad_scores.to(scores.dtype).view(scores.shape), None, None, None
 
 
 def masked_weight(weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
                   scale: Optional[torch.Tensor], index: Optional[torch.Tensor]) -> torch.Tensor:
     """``W * mask * scale`` whose gradient reaches the free ``scores`` (int32 positions ``index``;
-    None: every weight is free) by the straight-through estimator."""
+    None: every weight is free; ``scores``: one per free weight, e.g. 1-D or a ``(1, n)`` row) by
+    the straight-through estimator."""
     return _MaskedWeight.apply(weight, scores, mask, scale, index)

@@ -5,10 +5,21 @@ weight of a conv or linear layer, so the layer keeps its class and its own
 forward (timm's ``Conv2dSame``/``StdConv2d`` padding and standardisation still
 apply): reading ``layer.weight`` yields ``W * mask * scale``.  ``W`` is the random
 weight, a buffer that never trains; ``scores`` is the only parameter, and it holds
-one score per FREE weight only (1-D, in row-major order of the free positions: the
+one score per FREE weight only (in row-major order of the free positions: the
 order of a ticket's mask bits).  Pruned and locked weights never need a score, so
 a 70%-frozen layer's scores, their gradient and the optimizer's state are 30% of
 the weight's size.
+
+The scores Parameter is one row, shape ``(1, n_free)`` (``free_scores`` is its 1-D
+view; every computation reads that view, so the row changes no value).  A row
+because optimizer factories decide weight decay by a parameter's shape: timm's
+``create_optimizer_v2`` (``param_groups_weight_decay`` / ``_layer_decay``) puts every
+parameter with ``ndim <= 1`` in the no-decay group as if it were a bias or a norm
+gain, and offers no hook to opt one in; a score is a weight's stand-in and gets the
+weights' decay (as in Edge-Popup, whose scores have the weight's shape).  A row,
+not a column: it is what a 1-D tensor broadcasts to, so ``scores op free_values``
+with a 1-D tensor of the free weights keeps its values and its size.  State dicts and
+optimizer state from when scores were 1-D (timm_fslt 0.2) load into the row.
 
 The masks of all layers of one model belong to a ``SupermaskGroup``.  The group
 notices that scores changed (their autograd version counters move whenever an
@@ -33,7 +44,7 @@ from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from timm_fslt.nn import recompute
 from timm_fslt.nn.functional import masked_weight
@@ -64,6 +75,49 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 register_optimizer_step_post_hook(_count_optimizer_step)
 
 
+def upgrade_optimizer_state(optimizer) -> int:
+    """View optimizer state written when scores were 1-D (timm_fslt 0.2) in the scores' row shape.
+
+    A momentum buffer or moment estimate of shape ``(n,)`` for a parameter of shape ``(1, n)``
+    (elementwise the same values) becomes a ``(1, n)`` view of itself; nothing else changes.
+    Without it the optimizer's first step would fail broadcasting ``(n,)`` against ``(1, n)``.
+    Runs by itself before an optimizer's first step and after every later ``load_state_dict``
+    (process-wide hooks, below); returns how many state tensors it reshaped.
+    """
+    changed = 0
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            state = optimizer.state.get(param)
+            if not state or param.dim() != 2 or param.shape[0] != 1:
+                continue
+            for key, value in state.items():
+                if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == param.shape[1]:
+                    state[key] = value.view(param.shape)
+                    changed += 1
+    return changed
+
+
+def _first_step_of_optimizer(optimizer, args, kwargs) -> None:
+    # One dict lookup per step; on an optimizer's first step, its state (possibly just loaded from
+    # an old checkpoint) is upgraded, and so is every state it loads later.
+    if "_timm_fslt_state_hook" not in optimizer.__dict__:
+        try:
+            handle = optimizer.register_load_state_dict_post_hook(upgrade_optimizer_state)
+        except AttributeError:  # (a subclass that skipped Optimizer.__init__: upgraded at its first step only)
+            handle = None
+        optimizer._timm_fslt_state_hook = handle
+        upgrade_optimizer_state(optimizer)
+
+
+register_optimizer_step_pre_hook(_first_step_of_optimizer)
+
+
+def _free_shapes(n_free: int) -> tuple:
+    """The shapes a layer's scores may have: the row ``(1, n_free)`` (what FrozenSupermask makes)
+    or 1-D ``(n_free,)`` (timm_fslt 0.2's, or a tensor put in place by other code)."""
+    return ((1, n_free), (n_free,))
+
+
 def free_entries(weight_shaped: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
     """The entries of a weight-shaped tensor at the free positions of ``frozen``, row-major."""
     return weight_shaped.reshape(-1)[frozen.reshape(-1).to(weight_shaped.device) == freezing.FREE]
@@ -83,26 +137,27 @@ class FrozenSupermask(nn.Module):
     """Parametrization of one layer's weight: frozen code, scores and the current mask.
 
     Attributes:
-        scores: learnable real-valued scores of the free weights: 1-D, one per free
-            weight in row-major order of their positions (``scores_like_weight()``
-            puts them back in the weight's shape).
+        scores: learnable real-valued scores of the free weights: shape ``(1, n_free)``,
+            one per free weight in row-major order of their positions (``free_scores``:
+            the same tensor 1-D; ``scores_like_weight()`` puts them in the weight's shape).
         frozen: int8 ternary code, -1 pruned, +1 locked, 0 free (searched).
         mask: bool, the current supermask (locked | selected free weights).
         layer_name: qualified name of the layer inside the frozen model (the RNG key).
     """
 
     def __init__(self, layer_name: str, scores: torch.Tensor, frozen: torch.Tensor):
-        """``scores``: weight-shaped (only the free positions are kept) or already 1-D free-only."""
+        """``scores``: weight-shaped (only the free positions are kept) or already free-only,
+        ``(n_free,)`` or ``(1, n_free)``."""
         super().__init__()
         self.layer_name = layer_name
         frozen = frozen.to(torch.int8)
         n_free = int((frozen == freezing.FREE).sum())
-        if tuple(scores.shape) == tuple(frozen.shape):
+        if tuple(scores.shape) == tuple(frozen.shape) and tuple(scores.shape) not in _free_shapes(n_free):
             scores = free_entries(scores, frozen)
-        if tuple(scores.shape) != (n_free,):
+        if tuple(scores.shape) not in _free_shapes(n_free):
             raise ValueError(f"scores of layer {layer_name!r} must have the weight's shape {tuple(frozen.shape)} "
                              f"or one entry per free weight ({n_free},), got {tuple(scores.shape)}")
-        self.scores = nn.Parameter(scores.contiguous())
+        self.scores = nn.Parameter(scores.detach().reshape(1, n_free).contiguous())
         self.register_buffer("frozen", frozen)
         self.register_buffer("mask", frozen == freezing.LOCKED, persistent=False)
         self.register_buffer("scale", torch.ones((), dtype=torch.float32, device=scores.device),
@@ -118,6 +173,12 @@ class FrozenSupermask(nn.Module):
         self._free: Optional[_FreeIndex] = None
         self._mask_ready: Optional[tuple] = None  # (mask, its version, _FreeIndex) last written
         self._scale_value: Optional[float] = None
+
+    @property
+    def free_scores(self) -> torch.Tensor:
+        """The scores as a 1-D view (one per free weight, row-major): the same storage and version
+        counter as ``scores``, so writing it writes the scores (and the masks follow)."""
+        return self.scores.view(-1)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         group = self.group
@@ -136,13 +197,20 @@ class FrozenSupermask(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # A state dict from before scores were stored for the free weights only holds them in
-        # the weight's shape: keep its free entries (the same scores, nothing is lost).
+        # Older state dicts: (a) from before scores were stored for the free weights only, in the
+        # weight's shape: keep their free entries; (b) timm_fslt 0.2's 1-D free scores: the same
+        # values as this row.  Nothing is lost either way; any other shape is torch's size mismatch.
         key = prefix + "scores"
         scores, frozen = state_dict.get(key), state_dict.get(prefix + "frozen", self.frozen)
-        if (isinstance(scores, torch.Tensor) and isinstance(frozen, torch.Tensor) and scores.dim() > 1
-                and tuple(scores.shape) == tuple(frozen.shape)):
-            state_dict[key] = free_entries(scores, frozen)
+        if (isinstance(scores, torch.Tensor) and isinstance(frozen, torch.Tensor)
+                and scores.shape != self.scores.shape):
+            n_free = int((frozen == freezing.FREE).sum())
+            if tuple(scores.shape) == tuple(frozen.shape) and tuple(scores.shape) not in _free_shapes(n_free):
+                scores = free_entries(scores, frozen)
+            if tuple(scores.shape) in _free_shapes(n_free) or scores.dim() == 1:
+                # (a 1-D tensor of another size as a row too: torch then names both sizes)
+                state_dict[key] = scores.reshape(self.scores.shape if scores.numel() == self.scores.numel()
+                                                 else (1, -1))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
 
@@ -163,11 +231,12 @@ class FrozenSupermask(nn.Module):
     def _write_magnitudes(self, out: torch.Tensor, free: _FreeIndex) -> None:
         """Write the free scores' magnitudes into the 1-D float32 ``out``."""
         scores = self.scores.detach()
-        if scores.shape != (free.n_free,):
+        if tuple(scores.shape) not in _free_shapes(free.n_free):
             raise RuntimeError(
                 f"layer {self.layer_name!r}: scores has shape {tuple(scores.shape)} but the frozen code has "
-                f"{free.n_free} free weights; scores holds one entry per free weight (1-D, row-major order). "
-                "Replace scores and frozen together (or use timm_fslt's torch-pruning pruners)")
+                f"{free.n_free} free weights; scores holds one entry per free weight (shape (1, n_free), "
+                "row-major order). Replace scores and frozen together (or use timm_fslt's torch-pruning pruners)")
+        scores = scores.reshape(-1)
         if scores.dtype == out.dtype and scores.device == out.device and scores.is_contiguous():
             torch.abs(scores, out=out)
         else:
@@ -181,11 +250,11 @@ class FrozenSupermask(nn.Module):
         """The scores in the weight's shape (a new tensor): ``fill`` at pruned and locked positions."""
         free = self.free_index()
         out = torch.full(tuple(self.frozen.shape), fill, dtype=self.scores.dtype, device=self.scores.device)
-        flat = out.view(-1)
+        flat, scores = out.view(-1), self.scores.detach().reshape(-1)
         if free.index is None:
-            flat.copy_(self.scores.detach())
+            flat.copy_(scores)
         else:
-            flat.index_copy_(0, free.index.to(device=out.device, dtype=torch.int64), self.scores.detach())
+            flat.index_copy_(0, free.index.to(device=out.device, dtype=torch.int64), scores)
         return out
 
     def _write_mask(self, selected: torch.Tensor, free: _FreeIndex) -> None:

@@ -75,9 +75,10 @@ def _select_free_scores(supermask, dim: int, keep: torch.Tensor) -> None:
     kept = free_entries(channel.view(view).expand(frozen.shape), frozen)  # over the free weights
     old = supermask._parameters["scores"]
     kept = kept.to(old.device)
-    new = nn.Parameter(old.detach()[kept].contiguous(), requires_grad=old.requires_grad)
+    # (cut along the flat free order; the result is the (1, n_free) row FrozenSupermask keeps)
+    new = nn.Parameter(old.detach().reshape(-1)[kept].reshape(1, -1), requires_grad=old.requires_grad)
     if old.grad is not None:
-        new.grad = old.grad[kept].contiguous()
+        new.grad = old.grad.reshape(-1)[kept].reshape(1, -1)
     supermask._parameters["scores"] = new
 
 
