@@ -38,7 +38,7 @@ def small_net():
 def reference_group_masks(group):
     """Masks by boolean indexing and a full stable sort over the concatenated free |scores|."""
     frees = [layer.frozen == freezing.FREE for layer in group.layers]
-    values = [layer.scores.detach().abs().float() for layer in group.layers]  # free weights only
+    values = [layer.scores.detach().abs().float().reshape(-1) for layer in group.layers]  # free weights only
     if group.scope == "global":
         locked = sum(int((layer.frozen == freezing.LOCKED).sum()) for layer in group.layers)
         k = min(max(group.kept_target() - locked, 0), sum(v.numel() for v in values))
@@ -233,11 +233,11 @@ def test_the_finite_check_on_score_bits_catches_every_nonfinite_value(bad):
     model = timm_fslt.freeze(small_net(), prune=0.3, lock=0.3)
     layer = timm_fslt.get_group(model).layers[-1]
     with torch.no_grad():
-        layer.scores[-1] = bad
+        layer.free_scores[-1] = bad
     with pytest.raises(FloatingPointError, match=r"layer\(s\) 6"):
         model(torch.randn(2, 3, 8, 8))
     with torch.no_grad():
-        layer.scores[-1] = torch.finfo(torch.float32).max
+        layer.free_scores[-1] = torch.finfo(torch.float32).max
     model(torch.randn(2, 3, 8, 8))  # the largest finite score is fine
 
 
@@ -376,7 +376,7 @@ def test_channels_last_gives_the_same_outputs_and_masks():
     layer = cl[0].parametrizations.weight[0]
     weight = cl[0].parametrizations.weight.original
     assert not weight.is_contiguous() and not layer.mask.is_contiguous()  # really channels_last
-    assert layer.scores.dim() == 1  # (one score per free weight: no memory format)
+    assert layer.scores.dim() == 2 and layer.scores.shape[0] == 1  # (one row of free scores: no memory format)
     x = torch.randn(4, 3, 8, 8)
     torch.testing.assert_close(cl(x.contiguous(memory_format=torch.channels_last)), model(x))
     # the backward gathers the strided weight gradient at the free positions in row-major order

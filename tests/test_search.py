@@ -41,18 +41,21 @@ def test_scores_exist_for_free_weights_only_and_are_the_regenerated_initial_scor
     for name, layer in timm_fslt.iter_frozen(model):
         sm = layer.parametrizations.weight[0]
         drawn = timm_fslt.regen.init.random_weight("kaiming_normal", 0, name, sm.frozen.shape, stream="score")
-        assert sm.scores.dim() == 1 and torch.equal(sm.scores.detach(), drawn[sm.frozen == freezing.FREE])
+        # one row (1, n_free) so that optimizer factories decay it; free_scores: the same, 1-D
+        assert sm.scores.shape == (1, sm.free_index().n_free) and sm.free_scores.dim() == 1
+        assert torch.equal(sm.free_scores.detach(), drawn[sm.frozen == freezing.FREE])
         dense = sm.scores_like_weight(float("nan"))
-        assert torch.equal(dense[sm.frozen == freezing.FREE], sm.scores.detach())
+        assert torch.equal(dense[sm.frozen == freezing.FREE], sm.free_scores.detach())
         assert dense[sm.frozen != freezing.FREE].isnan().all()
 
 
 def test_scores_of_the_wrong_shape_are_refused_naming_the_layer():
     frozen = torch.tensor([[0, 1], [-1, 0]], dtype=torch.int8)
     sm = timm_fslt.FrozenSupermask("fc", torch.randn(2, 2), frozen)
-    assert sm.scores.shape == (2,)
-    assert torch.equal(timm_fslt.FrozenSupermask("fc", torch.tensor([1.0, 2.0]), frozen).scores.detach(),
-                       torch.tensor([1.0, 2.0]))
+    assert sm.scores.shape == (1, 2)
+    for given in (torch.tensor([1.0, 2.0]), torch.tensor([[1.0, 2.0]])):  # 1-D or the row itself
+        assert torch.equal(timm_fslt.FrozenSupermask("fc", given, frozen).free_scores.detach(),
+                           torch.tensor([1.0, 2.0]))
     with pytest.raises(ValueError, match=r"scores of layer 'fc' must have the weight's shape \(2, 2\) or one "
                                          r"entry per free weight \(2,\), got \(3,\)"):
         timm_fslt.FrozenSupermask("fc", torch.randn(3), frozen)
@@ -127,9 +130,9 @@ def test_score_gradient_is_the_straight_through_estimator():
     w_eff = (w * sm.mask * sm.scale).detach().requires_grad_(True)
     ((x @ w_eff.t() - target) ** 2).sum().backward()
     free = sm.frozen == 0
-    assert sm.scores.shape == (int(free.sum()),)  # one score per free weight, row-major
-    expected = (w_eff.grad * w * sm.scale)[free] * torch.sign(sm.scores.detach())
-    torch.testing.assert_close(sm.scores.grad, expected)
+    assert sm.scores.shape == (1, int(free.sum()))  # one score per free weight, row-major
+    expected = (w_eff.grad * w * sm.scale)[free] * torch.sign(sm.free_scores.detach())
+    torch.testing.assert_close(sm.scores.grad.view(-1), expected)
     # and the mask-side quantity is a true derivative: a numerical check along W_eff
     eps = 1e-3
     i, j = 1, 2
@@ -243,7 +246,7 @@ def test_nonfinite_scores_are_refused_naming_the_layer():
     model = conv6(prune=0.2, lock=0.2)
     layer = model.features[5].parametrizations.weight[0]
     with torch.no_grad():
-        layer.scores[3] = float("nan")
+        layer.free_scores[3] = float("nan")
     with pytest.raises(FloatingPointError, match=r"non-finite \(NaN or Inf\) scores in layer\(s\) features\.5"):
         model(torch.randn(2, 3, 32, 32))
     group = timm_fslt.get_group(model)

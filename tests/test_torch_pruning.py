@@ -103,7 +103,7 @@ def assert_group_consistent(model):
         sm = supermask(layer)
         shape = tuple(layer.weight.shape)
         assert tuple(sm.frozen.shape) == tuple(sm.mask.shape) == shape
-        assert tuple(sm.scores.shape) == (int((sm.frozen == 0).sum()),)  # one per free weight
+        assert tuple(sm.scores.shape) == (1, int((sm.frozen == 0).sum()))  # one per free weight, a row
         assert tuple(layer.parametrizations.weight.original.shape) == shape
         assert isinstance(sm.scores, nn.Parameter) and sm.scores.requires_grad
         assert f"{name}.parametrizations.weight.original" in dict(model.named_buffers())
@@ -151,7 +151,7 @@ def test_metapruner_cuts_frozen_layers_consistently_and_records_the_cut(family):
             expected = expected.index_select(int(dim), torch.tensor(kept))
         sm = supermask(frozen_layers(model)[name])
         assert not expected[sm.frozen == 0].isnan().any()  # free before the cut, free after
-        assert torch.equal(sm.scores.detach(), expected[sm.frozen == 0])
+        assert torch.equal(sm.free_scores.detach(), expected[sm.frozen == 0])
     out.float().pow(2).mean().backward()  # the search goes on in the smaller network
     assert all(supermask(l).scores.grad is not None for l in frozen_layers(model).values())
 
@@ -237,8 +237,8 @@ def test_supermask_importance_counts_kept_weights_of_producer_and_consumer():
     assert kept[5] == 0 and int(kept.argmin()) == 5
 
     dense1, dense2 = torch.zeros(m1.frozen.shape), torch.zeros(m2.frozen.shape)
-    dense1[m1.frozen == 0] = m1.scores.detach().abs()  # scores of the free weights, row-major
-    dense2[m2.frozen == 0] = m2.scores.detach().abs()
+    dense1[m1.frozen == 0] = m1.free_scores.detach().abs()  # scores of the free weights, row-major
+    dense2[m2.frozen == 0] = m2.free_scores.detach().abs()
     score = ftp.SupermaskImportance("score")(group)
     expected = dense1.flatten(1).sum(1) + dense2.transpose(0, 1).flatten(1).sum(1)
     assert torch.allclose(score, expected)
