@@ -14,8 +14,8 @@ The cycle (``run_cycle``), on one thread, for one model:
 A failed step does not stop the later ones that do not depend on it (a failed save skips the load),
 so a record lists every failing step; the test raises the exception class of the FIRST failing step
 (``FreezeFailed``, ..., ``StateFailed``), so that ``pytest.mark.xfail(raises=...)`` entries of the
-expected-failure tables (``TIMM_XFAIL`` in test_zoo_timm.py, ``PYG_XFAIL`` in test_zoo_pyg.py) say
-which step is expected to fail, and fail the test if another one does.
+expected-failure tables below (``TIMM_XFAIL``, ``PYG_XFAIL``: the first section, to flip entries as fixes land)
+say which step is expected to fail, and fail the test if another one does.
 
 Status: with ``FSLT_ZOO_RECORD=<file.jsonl>`` every test appends its record (steps, times, ticket
 bytes, stored tensors); ``python tests/zoo_cases.py report <file.jsonl>... > zoo_status.md`` renders them.
@@ -72,6 +72,99 @@ class Case:
     architecture: Optional[dict] = None
     note: str = ""
     config: dict = field(default_factory=dict)
+
+
+# -- expected failures and slow families: flip entries as fixes land --------------------------------
+# {case id: (the first failing step's exception class, why)}. Strict: a case that passes fails the run
+# until its entry is removed; one that fails at another step fails it too.
+FULL = os.environ.get("FSLT_ZOO_FULL") == "1"
+_CONST = ("a constant buffer the constructor computes (no RNG) is stored as fp32 state instead of being rebuilt "
+          "with the architecture (#14 core: non_regenerable_state)")
+TIMM_XFAIL: dict = {}  # none at the moment (csatv2, gemma4_vit, convit flipped as their fixes landed)
+# Families whose smallest model has no smaller configuration and takes over ~15 s a cycle on one thread:
+# skipped unless FSLT_ZOO_FULL=1 (their records in the status sweep are from full runs).
+TIMM_SLOW: dict = {
+    "inception_v3": "inception_v3: 21.8M parameters, no width or depth argument (about 20 s a cycle)",
+    "inception_v4": "inception_v4: 41.2M parameters, no width or depth argument (about 35 s a cycle)",
+    "inception_resnet_v2": "inception_resnet_v2: 54.3M parameters, no width or depth argument (about 30 s a cycle)",
+    "pnasnet": "pnasnet5large: 81.8M parameters, no width or depth argument (about 45 s a cycle)",
+    "selecsls": "selecsls42: 29.1M parameters, stages fixed by the variant name (about 20 s a cycle)",
+}
+_EMBEDDING_ONLY = ("permanent: the model is only an embedding table, which freeze regenerates and never masks, "
+                   "so there is nothing to search: freeze refuses ('no maskable layer or weight')")
+PYG_XFAIL: dict = {
+    "conv:GINConv": (StateFailed, f"GINConv's eps buffer (train_eps=False, 0.0): {_CONST}"),
+    "conv:GINEConv": (StateFailed, f"GINEConv's eps buffer (train_eps=False, 0.0): {_CONST}"),
+    "conv:GPSConv": (StateFailed, f"its inner GINConv's eps buffer: {_CONST}"),
+    "model:GIN": (StateFailed, f"GINConv's eps buffers: {_CONST}"),
+    "conv:PNAConv": (StateFailed, f"DegreeScalerAggregation's avg_deg_lin/avg_deg_log (from deg=): {_CONST}"),
+    "model:PNA": (StateFailed, f"DegreeScalerAggregation's avg_deg_lin/avg_deg_log (from deg=): {_CONST}"),
+    "conv:AntiSymmetricConv": (StateFailed, f"AntiSymmetricConv's eye buffer (identity): {_CONST}"),
+    "model:SchNet": (StateFailed, f"GaussianSmearing's offset buffer (a linspace): {_CONST}"),
+    "conv:FastRGCNConv": (SaveFailed, "FastRGCNConv.forward sets self.fuse = False; the save-time rebuild check "
+                                      "compares that plain attribute with a fresh build's True (#14 rebuild check)"),
+    "hetero:HGTConv": (SaveFailed, "the rebuild check compares ParameterDict modules (skip) by value, a meta-device "
+                                   "build against the model (#14 rebuild check)"),
+    "hetero:HANConv": (SaveFailed, "the rebuild check compares ParameterDict modules (lin_src/lin_dst, masked: now "
+                                   "Tensors) with a meta-device build's Parameters (#14 rebuild check)"),
+    "model:LightGCN": (FreezeFailed, _EMBEDDING_ONLY),
+    "model:MaskLabel": (FreezeFailed, _EMBEDDING_ONLY),
+}
+# {case id: (a package it needs, why)}: skipped while that package is not installed.
+PYG_SKIP: dict = {
+    "conv:CuGraphSAGEConv": ("pylibcugraphops", "cugraph-ops kernels (CUDA only)"),
+    "conv:CuGraphGATConv": ("pylibcugraphops", "cugraph-ops kernels (CUDA only)"),
+    "conv:CuGraphRGCNConv": ("pylibcugraphops", "cugraph-ops kernels (CUDA only)"),
+    "conv:FusedGATConv": ("dgNN", "dgNN's fused CUDA kernels"),
+    "conv:SplineConv": ("torch_spline_conv", "the spline basis is torch_spline_conv's"),
+    "conv:GravNetConv": ("torch_cluster", "knn from torch_cluster"),
+    "conv:DynamicEdgeConv": ("torch_cluster", "knn from torch_cluster"),
+    "conv:XConv": ("torch_cluster", "knn_graph from torch_cluster"),
+    "conv:PANConv": ("torch_sparse", "its forward builds a torch_sparse SparseTensor"),
+    "model:Node2Vec": ("pyg_lib", "pyg-lib>=0.6 (its random walks)"),
+    "model:DimeNet": ("torch_cluster", "radius_graph from torch_cluster"),
+    "model:DimeNetPlusPlus": ("torch_cluster", "radius_graph from torch_cluster"),
+    "model:ViSNet": ("torch_cluster", "radius_graph from torch_cluster"),
+    "model:GNNFF": ("torch_cluster", "radius_graph from torch_cluster"),
+}
+
+
+def params(ids, xfail: dict, slow: Optional[dict] = None) -> list:
+    """``pytest.param``s for ``ids`` with their expected-failure and skip marks."""
+    import pytest
+
+    out = []
+    for case_id in ids:
+        marks = []
+        if case_id in xfail:
+            cls, reason = xfail[case_id]
+            marks.append(pytest.mark.xfail(strict=True, raises=cls, reason=reason))
+        if slow and case_id in slow and not FULL:
+            marks.append(pytest.mark.skip(reason=f"{slow[case_id]} (FSLT_ZOO_FULL=1 runs it)"))
+        out.append(pytest.param(case_id, marks=marks, id=case_id))
+    return out
+
+
+def timm_params() -> list:
+    return params(sorted(TIMM), TIMM_XFAIL, TIMM_SLOW)
+
+
+def _installed(package: str) -> bool:
+    import importlib.util
+    return importlib.util.find_spec(package) is not None
+
+
+def pyg_params() -> list:
+    import pytest
+
+    out = []
+    for p in params(pyg_ids(), PYG_XFAIL):
+        case_id = p.values[0]
+        if case_id in PYG_SKIP and not _installed(PYG_SKIP[case_id][0]):
+            package, why = PYG_SKIP[case_id]
+            p = pytest.param(case_id, marks=[pytest.mark.skip(reason=f"needs {package}: {why}")], id=case_id)
+        out.append(p)
+    return out
 
 
 # -- the cycle -------------------------------------------------------------------------------------
@@ -294,7 +387,8 @@ TIMM_SPECS = [
     T('byobnet', 'test_byobnet', 32, img_size=32),
     T('cait', 'cait_xxs24_224', 32, img_size=32, depth=4,
       note='depth 4 of 24'),
-    T('coat', 'coat_tiny', 32, img_size=32),
+    T('coat', 'coat_tiny', 32, img_size=32, serial_depths=[1, 1, 1, 1], parallel_depth=2,
+      note='5.3M as built: one serial block a stage, two parallel blocks'),
     T('conv6', 'conv6', 32, img_size=32),
     T('convit', 'convit_tiny', 32, img_size=32, depth=4,
       note='depth 4 of 12'),
@@ -302,7 +396,8 @@ TIMM_SPECS = [
       note='20.3M as built; its entrypoint fixes dim and depth: the class at dim 256, depth 4'),
     T('convnext', 'test_convnext', 32),
     T('cpubone', 'cpubone_nano', 32),
-    T('crossvit', 'crossvit_tiny_240', 32),
+    T('crossvit', 'crossvit_tiny_240', 32, depth=[[1, 1, 0]],
+      note='6.7M as built: one multi-scale block of (1, 1, 0)'),
     T('csatv2', 'csatv2', 64, depths=[1, 1, 1, 1], transformer_depths=[0, 0, 1, 1],
       note='10.7M as built: one block a stage'),
     T('cspnet', 'cs3darknet_focus_s', 32),
@@ -312,9 +407,11 @@ TIMM_SPECS = [
     T('deepseek_vit', 'deepseek_vit_412m', 28, img_size=28, depth=2, embed_dim=192, num_heads=3,
       note='412M as built: depth 2, width 192'),
     T('deit', 'deit_tiny_patch16_224', 32, img_size=32),
-    T('densenet', 'densenet121', 32),
+    T('densenet', 'densenet121', 32, block_config=[2, 2, 2, 2],
+      note='7.0M as built: two layers a dense block'),
     T('dla', 'dla46x_c', 32),
-    T('dpn', 'dpn48b', 32),
+    T('dpn', 'dpn48b', 32, k_sec=[1, 1, 1, 1],
+      note='8.3M as built: one block a stage'),
     T('edgenext', 'edgenext_xx_small', 32),
     T('efficientformer', 'efficientformer_l1', 224, depths=[1, 1, 1, 1],
       note="its last stage's attention biases are fixed to 7x7 tokens: 224 px"),
@@ -913,102 +1010,6 @@ def pyg_ids() -> list:
     ids = [f"hetero:{c}" if c in hetero else f"conv:{c}" for c in convs]
     ids += [f"model:{m}" for m in M.__all__ if m not in PYG_NOT_MODELS]
     return ids
-
-
-# -- expected failures and slow families: flip entries as fixes land --------------------------------
-# {case id: (the first failing step's exception class, why)}. Strict: a case that passes fails the run
-# until its entry is removed; one that fails at another step fails it too.
-FULL = os.environ.get("FSLT_ZOO_FULL") == "1"
-_CONST = ("a constant buffer the constructor computes (no RNG) is stored as fp32 state instead of being rebuilt "
-          "with the architecture (#14 core: non_regenerable_state)")
-TIMM_XFAIL: dict = {
-    "csatv2": (StateFailed, f"stem_dct.transform.transform.weights (Dct1d's 8x8 DCT basis): {_CONST}"),
-    "gemma4_vit": (StateFailed, f"Gemma4ClippableLinear's input_min/max, output_min/max (+-inf): {_CONST}"),
-}
-# Families whose smallest model has no smaller configuration and takes over ~15 s a cycle on one thread:
-# skipped unless FSLT_ZOO_FULL=1 (their records in the status sweep are from full runs).
-TIMM_SLOW: dict = {
-    "inception_v3": "inception_v3: 21.8M parameters, no width or depth argument (about 20 s a cycle)",
-    "inception_v4": "inception_v4: 41.2M parameters, no width or depth argument (about 35 s a cycle)",
-    "inception_resnet_v2": "inception_resnet_v2: 54.3M parameters, no width or depth argument (about 30 s a cycle)",
-    "pnasnet": "pnasnet5large: 81.8M parameters, no width or depth argument (about 45 s a cycle)",
-    "selecsls": "selecsls42: 29.1M parameters, stages fixed by the variant name (about 20 s a cycle)",
-}
-_EMBEDDING_ONLY = ("permanent: the model is only an embedding table, which freeze regenerates and never masks, "
-                   "so there is nothing to search: freeze refuses ('no maskable layer or weight')")
-PYG_XFAIL: dict = {
-    "conv:GINConv": (StateFailed, f"GINConv's eps buffer (train_eps=False, 0.0): {_CONST}"),
-    "conv:GINEConv": (StateFailed, f"GINEConv's eps buffer (train_eps=False, 0.0): {_CONST}"),
-    "conv:GPSConv": (StateFailed, f"its inner GINConv's eps buffer: {_CONST}"),
-    "model:GIN": (StateFailed, f"GINConv's eps buffers: {_CONST}"),
-    "conv:PNAConv": (StateFailed, f"DegreeScalerAggregation's avg_deg_lin/avg_deg_log (from deg=): {_CONST}"),
-    "model:PNA": (StateFailed, f"DegreeScalerAggregation's avg_deg_lin/avg_deg_log (from deg=): {_CONST}"),
-    "conv:AntiSymmetricConv": (StateFailed, f"AntiSymmetricConv's eye buffer (identity): {_CONST}"),
-    "model:SchNet": (StateFailed, f"GaussianSmearing's offset buffer (a linspace): {_CONST}"),
-    "conv:FastRGCNConv": (SaveFailed, "FastRGCNConv.forward sets self.fuse = False; the save-time rebuild check "
-                                      "compares that plain attribute with a fresh build's True (#14 rebuild check)"),
-    "hetero:HGTConv": (SaveFailed, "the rebuild check compares ParameterDict modules (skip) by value, a meta-device "
-                                   "build against the model (#14 rebuild check)"),
-    "hetero:HANConv": (SaveFailed, "the rebuild check compares ParameterDict modules (lin_src/lin_dst, masked: now "
-                                   "Tensors) with a meta-device build's Parameters (#14 rebuild check)"),
-    "model:LightGCN": (FreezeFailed, _EMBEDDING_ONLY),
-    "model:MaskLabel": (FreezeFailed, _EMBEDDING_ONLY),
-}
-# {case id: (a package it needs, why)}: skipped while that package is not installed.
-PYG_SKIP: dict = {
-    "conv:CuGraphSAGEConv": ("pylibcugraphops", "cugraph-ops kernels (CUDA only)"),
-    "conv:CuGraphGATConv": ("pylibcugraphops", "cugraph-ops kernels (CUDA only)"),
-    "conv:CuGraphRGCNConv": ("pylibcugraphops", "cugraph-ops kernels (CUDA only)"),
-    "conv:FusedGATConv": ("dgNN", "dgNN's fused CUDA kernels"),
-    "conv:SplineConv": ("torch_spline_conv", "the spline basis is torch_spline_conv's"),
-    "conv:GravNetConv": ("torch_cluster", "knn from torch_cluster"),
-    "conv:DynamicEdgeConv": ("torch_cluster", "knn from torch_cluster"),
-    "conv:XConv": ("torch_cluster", "knn_graph from torch_cluster"),
-    "conv:PANConv": ("torch_sparse", "its forward builds a torch_sparse SparseTensor"),
-    "model:Node2Vec": ("pyg_lib", "pyg-lib>=0.6 (its random walks)"),
-    "model:DimeNet": ("torch_cluster", "radius_graph from torch_cluster"),
-    "model:DimeNetPlusPlus": ("torch_cluster", "radius_graph from torch_cluster"),
-    "model:ViSNet": ("torch_cluster", "radius_graph from torch_cluster"),
-    "model:GNNFF": ("torch_cluster", "radius_graph from torch_cluster"),
-}
-
-
-def params(ids, xfail: dict, slow: Optional[dict] = None) -> list:
-    """``pytest.param``s for ``ids`` with their expected-failure and skip marks."""
-    import pytest
-
-    out = []
-    for case_id in ids:
-        marks = []
-        if case_id in xfail:
-            cls, reason = xfail[case_id]
-            marks.append(pytest.mark.xfail(strict=True, raises=cls, reason=reason))
-        if slow and case_id in slow and not FULL:
-            marks.append(pytest.mark.skip(reason=f"{slow[case_id]} (FSLT_ZOO_FULL=1 runs it)"))
-        out.append(pytest.param(case_id, marks=marks, id=case_id))
-    return out
-
-
-def timm_params() -> list:
-    return params(sorted(TIMM), TIMM_XFAIL, TIMM_SLOW)
-
-
-def _installed(package: str) -> bool:
-    import importlib.util
-    return importlib.util.find_spec(package) is not None
-
-
-def pyg_params() -> list:
-    import pytest
-
-    out = []
-    for p in params(pyg_ids(), PYG_XFAIL):
-        case_id = p.values[0]
-        if case_id in PYG_SKIP and not _installed(PYG_SKIP[case_id][0]):
-            package, why = PYG_SKIP[case_id]
-            p = pytest.param(case_id, marks=[pytest.mark.skip(reason=f"needs {package}: {why}")], id=case_id)
-        out.append(p)
-    return out
 
 
 # -- the report ------------------------------------------------------------------------------------
