@@ -315,3 +315,10 @@ def test_the_size_report_lists_every_stored_tensor_with_its_reason():
     assert report.state_reasons["layer1.0.conv1.weight"] == "kept as built (exclude)"
     summary = report.state_summary()
     assert "norm running statistics (no seed rebuilds them): 40 tensors, 307,200 bits" in summary
+
+
+def test_structural_pruning_refuses_masked_tensors_it_cannot_cut():
+    from timm_fslt.pruning.pruners import pruners
+    model = timm_fslt.freeze(_Seq(), prune=0.3, lock=0.3)
+    with pytest.raises(ValueError, match=r"masked tensors \['rnn.weight_ih_l0', .*cannot be pruned structurally"):
+        pruners(model)

@@ -49,7 +49,7 @@ from torch import nn
 from torch_pruning import ops as tp_ops
 
 from timm_fslt.frozen import get_group
-from timm_fslt.nn.modules import is_frozen_layer, is_pyg_linear
+from timm_fslt.nn.modules import has_frozen_weight, is_pyg_linear
 from timm_fslt.pruning.counting import count_ops_and_params
 from timm_fslt.pruning.geometry import is_depthwise, is_grouped, weight_dims
 from timm_fslt.pruning.pruners import FrozenLayerPruner, RecordedPruner, pruners, root_module_types
@@ -125,7 +125,7 @@ def _bn_maps_zero_to_zero(bn: nn.Module) -> torch.Tensor:
 def _is_weighted(owner, module) -> bool:
     """A conv / linear (frozen or not) cut by one of timm_fslt's pruners."""
     return isinstance(owner, (FrozenLayerPruner, RecordedPruner)) and isinstance(module, nn.Module) \
-        and (is_frozen_layer(module) or isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
+        and (has_frozen_weight(module) or isinstance(module, (nn.modules.conv._ConvNd, nn.Linear))
              or is_pyg_linear(module))
 
 

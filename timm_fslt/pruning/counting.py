@@ -10,7 +10,7 @@ from __future__ import annotations
 from torch import nn
 from torch_pruning.utils import op_counter as tp_op_counter
 
-from timm_fslt.nn.modules import is_frozen_layer, is_pyg_linear
+from timm_fslt.nn.modules import has_frozen_weight, is_pyg_linear
 from timm_fslt.nn.supermask import FrozenSupermask
 from timm_fslt.pruning.geometry import is_conv
 
@@ -21,7 +21,7 @@ def op_counting_hooks(model: nn.Module) -> dict:
     """torch-pruning counting hooks for the frozen layers and PyG Linears of ``model``, by exact type."""
     hooks = {}
     for module in model.modules():
-        if is_frozen_layer(module) or is_pyg_linear(module):
+        if has_frozen_weight(module) or is_pyg_linear(module):
             hooks[type(module)] = (tp_op_counter.conv_flops_counter_hook if is_conv(module)
                                    else tp_op_counter.linear_flops_counter_hook)
     return hooks

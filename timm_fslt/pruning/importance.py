@@ -7,7 +7,7 @@ import torch
 import torch_pruning as tp
 from torch import nn
 
-from timm_fslt.nn.modules import is_frozen_layer
+from timm_fslt.nn.modules import has_frozen_weight
 from timm_fslt.pruning.geometry import is_depthwise, weight_dims
 from timm_fslt.pruning.pruners import FrozenLayerPruner
 
@@ -54,7 +54,7 @@ class SupermaskImportance(tp.importance.Importance):
             dep, idxs = item.dep, item.idxs
             layer, fn = dep.layer, dep.pruning_fn
             pruner = getattr(fn, "__self__", None)
-            if not isinstance(pruner, FrozenLayerPruner) or not is_frozen_layer(layer):
+            if not isinstance(pruner, FrozenLayerPruner) or not has_frozen_weight(layer):
                 continue
             if any(r is None for r in item.root_idxs):
                 continue

@@ -27,7 +27,7 @@ from torch_pruning import ops as tp_ops
 from torch_pruning.pruner import function as tp_function
 
 from timm_fslt.frozen import get_group
-from timm_fslt.nn.modules import is_frozen_layer, is_pyg_linear
+from timm_fslt.nn.modules import has_frozen_weight, is_frozen_layer, is_pyg_linear
 from timm_fslt.nn.supermask import free_entries
 from timm_fslt.pruning.geometry import channel_attrs, is_depthwise, is_grouped, weight_dims
 from timm_fslt.pruning.record import StructureRecorder
@@ -135,7 +135,7 @@ class FrozenLayerPruner(tp.pruner.BasePruningFunc):
 
     # slicing
     def supermask_of(self, layer: nn.Module, name: str):
-        if not is_frozen_layer(layer):
+        if not has_frozen_weight(layer):
             raise ValueError(f"layer {name!r} ({type(layer).__name__}) is not frozen (it has no "
                              "FrozenSupermask); timm_fslt's pruner only cuts frozen layers")
         supermask = layer.parametrizations.weight[0]
@@ -316,6 +316,13 @@ def _check_covered(model: nn.Module, result: dict) -> None:
         if type(module) in result:
             covered.update(id(p) for p in module.parameters())
     loose = [n for n, p in model.named_parameters() if id(p) not in covered]
+    masked = [n.split(".parametrizations.")[0] + "." + n.split(".parametrizations.")[1].split(".")[0]
+              for n in loose if ".parametrizations." in n]
+    if masked:
+        raise ValueError(
+            f"masked tensors {masked[:6]}{' ...' if len(masked) > 6 else ''} are not conv or linear weights "
+            "(recurrent, attention or raw weights); timm_fslt's pruners cut only conv and linear layers, so "
+            "this model cannot be pruned structurally")
     if loose:
         raise ValueError(
             f"parameters {loose[:6]}{' ...' if len(loose) > 6 else ''} live outside conv, linear and "
@@ -344,11 +351,11 @@ def pruners(model: nn.Module, *, keep_budget: bool = False) -> dict:
     result: dict = {}
     wrapped: dict = {}
     for name, module in model.named_modules():
-        if is_frozen_layer(module):
+        if has_frozen_weight(module):
             _check_frozen_layer(name, module, grouped)
             # parametrize gives every frozen layer its own class, so this key is per layer
             result[type(module)] = depthwise_pruner if is_depthwise(module) else frozen_pruner
-        else:
+        elif not is_frozen_layer(module):  # (masked tensors outside a conv/linear weight: see _check_covered)
             _add_torch_pruning_base(wrapped, name, module)
     for cls, base in wrapped.items():
         wrapper = RecordedCoupledPruner if _is_coupled(base) else RecordedPruner
