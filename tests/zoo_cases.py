@@ -78,8 +78,6 @@ class Case:
 # {case id: (the first failing step's exception class, why)}. Strict: a case that passes fails the run
 # until its entry is removed; one that fails at another step fails it too.
 FULL = os.environ.get("FSLT_ZOO_FULL") == "1"
-_CONST = ("a constant buffer the constructor computes (no RNG) is stored as fp32 state instead of being rebuilt "
-          "with the architecture (#14 core: non_regenerable_state)")
 TIMM_XFAIL: dict = {}  # none at the moment (csatv2, gemma4_vit, convit flipped as their fixes landed)
 # Families whose smallest model has no smaller configuration and takes over ~15 s a cycle on one thread:
 # skipped unless FSLT_ZOO_FULL=1 (their records in the status sweep are from full runs).
@@ -93,14 +91,6 @@ TIMM_SLOW: dict = {
 _EMBEDDING_ONLY = ("permanent: the model is only an embedding table, which freeze regenerates and never masks, "
                    "so there is nothing to search: freeze refuses ('no maskable layer or weight')")
 PYG_XFAIL: dict = {
-    "conv:GINConv": (StateFailed, f"GINConv's eps buffer (train_eps=False, 0.0): {_CONST}"),
-    "conv:GINEConv": (StateFailed, f"GINEConv's eps buffer (train_eps=False, 0.0): {_CONST}"),
-    "conv:GPSConv": (StateFailed, f"its inner GINConv's eps buffer: {_CONST}"),
-    "model:GIN": (StateFailed, f"GINConv's eps buffers: {_CONST}"),
-    "conv:PNAConv": (StateFailed, f"DegreeScalerAggregation's avg_deg_lin/avg_deg_log (from deg=): {_CONST}"),
-    "model:PNA": (StateFailed, f"DegreeScalerAggregation's avg_deg_lin/avg_deg_log (from deg=): {_CONST}"),
-    "conv:AntiSymmetricConv": (StateFailed, f"AntiSymmetricConv's eye buffer (identity): {_CONST}"),
-    "model:SchNet": (StateFailed, f"GaussianSmearing's offset buffer (a linspace): {_CONST}"),
     "conv:FastRGCNConv": (SaveFailed, "FastRGCNConv.forward sets self.fuse = False; the save-time rebuild check "
                                       "compares that plain attribute with a fresh build's True (#14 rebuild check)"),
     "hetero:HGTConv": (SaveFailed, "the rebuild check compares ParameterDict modules (skip) by value, a meta-device "
