@@ -1097,6 +1097,19 @@ def render(records: list, title: str = "", skipped: Optional[dict] = None) -> st
     return "\n".join(lines) + "\n"
 
 
+def state_ranking(records: list, n: int = 15) -> str:
+    """The cases whose tickets are most fp32 state, and the dead-gradient layers: what to look at first."""
+    rows = sorted(((state_summary(r)[0] or 0.0, r) for r in records), key=lambda fr: -fr[0])[:n]
+    lines = ["| case | fp32 state % of ticket | ticket B | stored floating tensors |", "|---|---|---|---|"]
+    lines += [f"| {r['case']} | {100 * f:.1f} | {sum((r.get('ticket_bytes') or {}).values()):,} | "
+              f"{state_summary(r)[1] or '-'} |" for f, r in rows if f > 0]
+    dead = [(r["case"], len(r["search"]["dead_layers"]), r["search"]["layers"]) for r in records
+            if (r.get("search") or {}).get("dead_layers")]
+    lines += ["", "Masked sites with no score gradient after the step: " +
+              (", ".join(f"{c} {d}/{t}" for c, d, t in dead) or "none")]
+    return "\n".join(lines) + "\n"
+
+
 def read_records(paths) -> list:
     records = []
     for path in paths:
@@ -1133,6 +1146,8 @@ if __name__ == "__main__":
                       if m not in {r["case"] for r in read_records([sys.argv[2]])}}))
         print(render(read_records([sys.argv[3]]), "PyG: models and two-layer conv stacks",
                      {c: f"needs {p}: {w}" for c, (p, w) in PYG_SKIP.items() if not _installed(p)}))
+        print("## Largest fp32-state shares and dead-gradient sites\n")
+        print(state_ranking(read_records(sys.argv[2:4])))
     elif sys.argv[1:] == ["smallest"]:
         for module, (name, n) in smallest_per_module().items():
             print(f"{module:28} {name:40} {n:>13,}")
