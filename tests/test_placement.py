@@ -162,14 +162,14 @@ def test_a_vit_ticket_is_mask_bits_only_and_the_reference_decoder_rebuilds_it(tm
     directory = _roundtrip(model, torch.randn(2, 3, 32, 32), tmp_path, VIT)
     config = json.loads((directory / "config.json").read_text())
     assert config["state"]["tensors"] == {}  # a ViT has no running statistics: the ticket is its mask bits
-    assert {"pos_embed", "cls_token"} <= set(config["regenerated"])
+    assert {"pos_embed", "cls_token"} <= set(config["regenerated"]["tensors"])
     out = tmp_path / "w.npz"
     r = subprocess.run([sys.executable, str(DECODER), str(directory), "--out", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     arrays = np.load(out)
     plain = timm_fslt.materialize(timm_fslt.load_ticket(directory)).state_dict()
-    for key in list(config["regenerated"]) + [f"{row['name']}.weight" for row in config["layers"]]:
+    for key in list(config["regenerated"]["tensors"]) + [f"{row['name']}.weight" for row in config["layers"]]:
         assert arrays[key].tobytes() == plain[key].numpy().tobytes(), key
 
 
@@ -322,3 +322,22 @@ def test_structural_pruning_refuses_masked_tensors_it_cannot_cut():
     model = timm_fslt.freeze(_Seq(), prune=0.3, lock=0.3)
     with pytest.raises(ValueError, match=r"masked tensors \['rnn.weight_ih_l0', .*cannot be pruned structurally"):
         pruners(model)
+
+
+def test_an_edited_regenerated_record_is_refused(tmp_path):
+    from timm_fslt.ticket.integrity import seal_config
+    model = timm_fslt.freeze(timm.create_model(VIT["timm"], **VIT["kwargs"]), prune=0.35, lock=0.35, seed=2)
+    timm_fslt.save_ticket(model, tmp_path / "t", architecture=VIT)
+    path = tmp_path / "t" / "config.json"
+    original = json.loads(path.read_text())
+    edits = [("tensors", "pos_embed", "std", 0.5), ("tensors", "norm.weight", "value", 2.0), ("digest", None, None, "0" * 32)]
+    for field, key, sub, value in edits:
+        config = json.loads(json.dumps(original))
+        config.pop("integrity")
+        if key is None:
+            config["regenerated"][field] = value
+        else:
+            config["regenerated"][field][key][sub] = value
+        path.write_text(json.dumps(seal_config(config), indent=2))  # resealed: only the digests can tell
+        with pytest.raises(timm_fslt.TicketError, match="regenerat|another network"):
+            timm_fslt.load_ticket(tmp_path / "t")

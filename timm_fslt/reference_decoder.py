@@ -522,36 +522,42 @@ def decode(directory):
             value = multiply(value, to_dtype(scale, dtype), dtype)  # scale: float32 first, as its buffer
         value_key = name if "param" in row else f"{name}.weight"
         out[value_key], out[f"{name}.frozen"], out[f"{name}.mask"] = value, code, mask
-    for key, row in (config.get("regenerated") or {}).items():
-        out[key] = regenerated(freeze["seed"], key, row, version, directory)
+    record = config.get("regenerated") or {"tensors": {}, "digest": None}
+    names = sorted(record["tensors"])
+    for key in names:
+        out[key] = regenerated(freeze["seed"], key, record["tensors"][key], version, directory)
+    if names and digest([(out[k], record["tensors"][k]["dtype"]) for k in names]) != record["digest"]:
+        raise DecodeError(f"{os.path.join(directory, 'config.json')}: the regenerated parameters do not match "
+                          "their recorded digest")
     return out
 
 
 def regenerated(seed, key, row, generator_version, directory):
     """A parameter the ticket regenerates: a constant, or N(0, std**2) drawn like kaiming_normal
-    weights on the stream "table" under its generator key; checked against its digest."""
+    weights on the stream "table" under its generator key (``row["key"]``, else its own name)."""
     shape, dtype = tuple(row["shape"]), row["dtype"]
     where = f"{os.path.join(directory, 'config.json')}: regenerated {key!r}"
     if dtype not in DTYPES:
         raise DecodeError(f"{where} has dtype {dtype!r}")
-    if row["fate"] == "constant":
-        value = round_to(np.full(shape, float(row["value"]), dtype=np.float64), dtype)
-    elif row["fate"] == "regenerated" and generator_version == 2:
-        h = hashes(seed, row["key"], "table", math.prod(shape))
-        value = round_to(normal_fixed(h).astype(np.float64) * (float(row["std"]) * 2.0 ** -FRAC), dtype)
-        value = value.reshape(shape)
-    else:
-        raise DecodeError(f"{where}: fate {row['fate']!r} with generator version {generator_version} "
-                          "is not decodable")
-    if dtype != "bfloat16" and digest(value, dtype) != row["digest"]:
-        raise DecodeError(f"{where}: the regenerated value does not match its digest")
-    return value
+    if "value" in row:
+        return round_to(np.full(shape, float(row["value"]), dtype=np.float64), dtype)
+    if generator_version != 2:
+        raise DecodeError(f"{where}: a table drawn by generator version {generator_version} is not decodable")
+    h = hashes(seed, row.get("key", key), "table", math.prod(shape))
+    return round_to(normal_fixed(h).astype(np.float64) * (float(row["std"]) * 2.0 ** -FRAC), dtype).reshape(shape)
 
 
-def digest(value, dtype):
-    """The package's tensor digest: sha256 of "<dtype>[shape];" and the little-endian bytes, 128 bits."""
-    h = hashlib.sha256(f"{dtype}{list(value.shape)};".encode())
-    h.update(np.ascontiguousarray(value, dtype=np.dtype(dtype).newbyteorder("<")).tobytes())
+def digest(pairs):
+    """The package's tensor digest over (array, dtype) pairs: sha256 of "<dtype>[shape];" and the
+    little-endian bytes of each, 128 bits (bfloat16 arrays, held as float32, hashed as bfloat16)."""
+    h = hashlib.sha256()
+    for value, dtype in pairs:
+        h.update(f"{dtype}{list(value.shape)};".encode())
+        if dtype == "bfloat16":
+            raw = (np.ascontiguousarray(value, dtype=np.float32).view(np.uint32) >> np.uint32(16)).astype("<u2")
+        else:
+            raw = np.ascontiguousarray(value, dtype=np.dtype(dtype).newbyteorder("<"))
+        h.update(raw.tobytes())
     return h.hexdigest()[:32]
 
 

@@ -46,11 +46,7 @@ def layer_digests(model: nn.Module, masked: bool) -> dict[str, str]:
     return out
 
 
-@torch.no_grad()
-def regenerated_record(model: nn.Module) -> dict[str, dict]:
-    """``{parameter name: {"kind", "fate", "rule", "shape", "dtype", "digest"}}`` of every parameter
-    ``freeze`` fixed to a constant or drew from the seed: a ticket stores none of their values,
-    and the loader checks that the rebuilt model's digests are these."""
+def _regenerated(model: nn.Module) -> dict[str, tuple[dict, torch.Tensor]]:
     out = {}
     modules = dict(model.named_modules(remove_duplicate=False))
     for key, tensor in model.state_dict(keep_vars=True).items():
@@ -58,29 +54,45 @@ def regenerated_record(model: nn.Module) -> dict[str, dict]:
         fate = fate_of(modules.get(path), local)
         if fate is None or fate.fate not in ("constant", "regenerated"):
             continue
-        rule = {"value": fate.value} if fate.fate == "constant" else {"std": fate.value, "key": fate.key,
-                                                                       "stream": "table"}
-        out[key] = {"kind": fate.kind, "fate": fate.fate, **rule, "reason": fate.reason,
-                    "shape": list(tensor.shape), "dtype": L.dtype_name(tensor.dtype),
-                    "digest": tensor_digest(tensor)}
+        if fate.fate == "constant":
+            rule = {"value": fate.value}
+        else:  # drawn under the name it was placed by (a shared module's other names reuse it)
+            rule = {"std": fate.value, **({} if fate.key == key else {"key": fate.key})}
+        out[key] = ({**rule, "shape": list(tensor.shape), "dtype": L.dtype_name(tensor.dtype)}, tensor.detach())
     return out
+
+
+@torch.no_grad()
+def regenerated_record(model: nn.Module) -> dict:
+    """``{"digest", "tensors": {name: row}}`` of every parameter ``freeze`` fixed to a constant
+    (row ``{"value", "shape", "dtype"}``) or drew from the seed (``{"std", "shape", "dtype"}``, plus
+    ``"key"`` when drawn under another name: N(0, std**2) on the stream "table").  A ticket stores
+    none of their values; ``digest`` covers all of them in sorted name order, and the loader
+    checks the rebuilt model's against it."""
+    rows = _regenerated(model)
+    names = sorted(rows)
+    return {"digest": tensor_digest(*(rows[n][1] for n in names)) if names else None,
+            "tensors": {n: rows[n][0] for n in names}}
 
 
 def check_regenerated(model: nn.Module, saved: Mapping) -> None:
     """Raise ``TicketChecksumError`` if the rebuilt model's constants and seed-drawn parameters are not
     the ones a ticket recorded (``regenerated_record`` at save time)."""
-    if not isinstance(saved, Mapping):
-        raise TicketChecksumError(f"config.json 'regenerated' must be an object, got {type(saved).__name__}")
-    now = regenerated_record(model)
-    if set(now) != set(saved):
-        missing, extra = sorted(set(saved) - set(now)), sorted(set(now) - set(saved))
+    if not isinstance(saved, Mapping) or not isinstance(saved.get("tensors"), Mapping):
+        raise TicketChecksumError("config.json 'regenerated' must be an object with 'digest' and 'tensors'")
+    now, recorded = regenerated_record(model), saved["tensors"]
+    if set(now["tensors"]) != set(recorded):
+        missing, extra = sorted(set(recorded) - set(now["tensors"])), sorted(set(now["tensors"]) - set(recorded))
         raise TicketChecksumError(f"the rebuilt model regenerates other parameters than the ticket recorded "
                                   f"(recorded, not rebuilt: {missing[:5]}; rebuilt, not recorded: {extra[:5]})")
-    for key, row in saved.items():
-        if not isinstance(row, Mapping) or row.get("digest") != now[key]["digest"]:
-            raise TicketChecksumError(f"parameter {key!r}: the rebuilt model's value ({now[key]['reason']}) differs "
-                                      "from the one the ticket was saved with: the ticket would load as another "
-                                      "network")
+    for key, row in now["tensors"].items():
+        if recorded[key] != row:
+            raise TicketChecksumError(f"parameter {key!r}: the rebuilt model regenerates it as {row}, the ticket "
+                                      f"recorded {recorded[key]}: the ticket would load as another network")
+    if saved.get("digest") != now["digest"]:
+        raise TicketChecksumError("the regenerated parameters' values differ from those the ticket was saved with "
+                                  f"(digest {now['digest']} != {saved.get('digest')}): the ticket would load as "
+                                  "another network")
 
 
 def canonical_json(value: Any) -> bytes:
