@@ -69,6 +69,7 @@ class _Kinds(nn.Module):
         self.raw = nn.Parameter(torch.ones(4, 4))
         self.rnn = nn.LSTM(4, 4)
         self.ln1 = nn.LayerNorm(1)
+        self.sigma = nn.Parameter(torch.ones(3, 2))  # a kernel width (GMMConv): 2-D, but a scale
 
 
 def test_the_placement_table_on_one_module_of_every_kind():
@@ -85,6 +86,7 @@ def test_the_placement_table_on_one_module_of_every_kind():
         "rnn.weight_ih_l0": ("weight", "masked"), "rnn.weight_hh_l0": ("weight", "masked"),
         "rnn.bias_ih_l0": ("bias", "constant"), "rnn.bias_hh_l0": ("bias", "constant"),
         "ln1.weight": ("norm", "constant"), "ln1.bias": ("norm", "constant"),
+        "sigma": ("gain", "constant"),
     }
 
 
@@ -99,7 +101,7 @@ def test_constants_follow_the_policies_and_nothing_is_left_dead():
     m = timm_fslt.freeze(_Kinds(), prune=0.3, lock=0.3, batchnorm="affine", bias="train")
     trained = {n for n, p in m.named_parameters() if p.requires_grad and not n.endswith("scores")}
     assert trained == {"conv.bias", "bn.weight", "bn.bias", "q_bias", "gamma", "rnn.bias_ih_l0",
-                       "rnn.bias_hh_l0", "ln1.weight", "ln1.bias"}
+                       "rnn.bias_hh_l0", "ln1.weight", "ln1.bias", "sigma"}
     assert set(state_reasons(m)) >= trained
 
 

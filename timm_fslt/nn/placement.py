@@ -13,6 +13,8 @@ table  ``nn.Embedding`` weights; names with ``pos``, ``token``,      regenerated
        more dimensions larger than one (attention-bias tables)
 weight a name starting with ``att`` (GAT-style attention vectors)   masked
 bias   ``bias``, ``*_bias``, ``bias_*`` (at most one dimension > 1)  ``bias=``
+gain   names with ``gamma``, ``gain``, ``scale``, ``sigma`` or         ``batchnorm=`` (as a norm
+       ``temperature``, whatever their shape (GMMConv's ``sigma``)  weight: 1 when non_affine)
 prelu  ``nn.PReLU.weight``                                          constant 0.25 (torch's init)
 weight any other ``weight`` or ``*_weight`` (e.g. PyG's               masked
        ``SelectTopK.weight``, a projection vector)
@@ -50,6 +52,7 @@ KINDS = ("weight", "norm", "table", "bias", "prelu", "gain")
 FATES = ("masked", "constant", "regenerated", "trained", "kept")
 
 _TABLE_WORDS = ("pos", "token", "embed", "rel", "table")
+_GAIN_WORDS = ("gamma", "gain", "scale", "sigma", "temperature")
 TABLE_STD = 0.02
 EMBEDDING_STD = 1.0
 PRELU_INIT = 0.25
@@ -119,6 +122,8 @@ def kind_of(module: nn.Module, param_name: str, param: torch.Tensor) -> str:
         return "weight"
     if low == "bias" or low.endswith("_bias") or low.startswith("bias_"):
         return "bias"
+    if any(word in low for word in _GAIN_WORDS):
+        return "gain"
     if isinstance(module, nn.PReLU) and param_name == "weight":
         return "prelu"
     if low == "weight" or low.endswith("_weight"):
