@@ -19,6 +19,7 @@ import timm_fslt
 from helpers import fit
 from timm_fslt.errors import ArchitectureError, TicketError
 from timm_fslt.ticket.architecture import build_architecture, build_for_check
+from timm_fslt.ticket.rebuild_check import rebuild_problems
 
 
 @pytest.fixture(autouse=True)
@@ -314,3 +315,82 @@ def test_only_an_error_on_the_cpu_is_the_records_and_the_retry_shares_the_second
     # Each attempt alone stays under the limit; the retry on the CPU counts from the first.
     with pytest.raises(ArchitectureError, match=r"took more than max_build_seconds=1 s"):
         build_for_check({"builder": "test_arch_slow", "kwargs": {"seconds": 0.6}}, max_seconds=1.0)
+
+
+# -- what a forward changes, and containers whose repr lists their entries ------------------------
+
+class _RGCNStack(nn.Module):
+    def __init__(self, aggr="mean"):
+        super().__init__()
+        from torch_geometric.nn import FastRGCNConv
+        self.convs = nn.ModuleList([FastRGCNConv(4, 8, num_relations=2, aggr=aggr),
+                                    FastRGCNConv(8, 3, num_relations=2, aggr=aggr)])
+
+    def forward(self, x, edge_index, edge_type):
+        return self.convs[1](self.convs[0](x, edge_index, edge_type).relu(), edge_index, edge_type)
+
+
+timm_fslt.register_builder("test_arch_fast_rgcn", _RGCNStack, replace=True)
+
+
+def test_a_kernel_switch_a_forward_flips_is_not_architecture(tmp_path):
+    # FastRGCNConv.forward sets self.fuse = False (MessagePassing's fused-kernel switch): after one forward
+    # the check refused "its convs.0.fuse is True, the model's False".
+    x, edge_index = _graph()
+    edge_type = torch.arange(edge_index.shape[1]) % 2
+    model = _frozen(build_architecture({"builder": "test_arch_fast_rgcn", "kwargs": {}}))
+    model(x, edge_index, edge_type)
+    assert model.convs[0].fuse is False and _RGCNStack().convs[0].fuse is True
+    _round_trip(model, (x, edge_index, edge_type), tmp_path / "t", target=torch.zeros(12, dtype=torch.long),
+                architecture={"builder": "test_arch_fast_rgcn", "kwargs": {}})
+    # Only that switch: another plain attribute of the same convs (same tensors, other aggr) is still refused.
+    with pytest.raises(ArchitectureError, match=r"builder test_arch_fast_rgcn\(aggr='add'\) does not rebuild this "
+                                                r"model: its convs\.0\.aggr is 'add', the model's 'mean'"):
+        timm_fslt.save_ticket(model, tmp_path / "t2", architecture={"builder": "test_arch_fast_rgcn",
+                                                                    "kwargs": {"aggr": "add"}})
+
+
+_METADATA = (["a", "b"], [("a", "to", "b"), ("b", "to", "a")])
+
+
+class _HeteroNet(nn.Module):
+    def __init__(self, conv="HGTConv"):
+        super().__init__()
+        import torch_geometric.nn as G
+        make = getattr(G, conv)
+        self.convs = nn.ModuleList([make(4, 8, _METADATA, heads=2), make(8, 4, _METADATA, heads=2)])
+
+    def forward(self, x_dict, edge_index_dict):
+        x_dict = {k: v.relu() for k, v in self.convs[0](x_dict, edge_index_dict).items() if v is not None}
+        out = self.convs[1](x_dict, edge_index_dict)
+        return torch.cat([out["a"], out["b"]])
+
+
+timm_fslt.register_builder("test_arch_hetero", _HeteroNet, replace=True)
+
+
+def _hetero_graph():
+    x, edge_index = _graph()
+    first = edge_index[:, (edge_index[0] < 6) & (edge_index[1] < 6)]
+    return {"a": x[:6], "b": x[6:]}, {("a", "to", "b"): first.clone(), ("b", "to", "a"): first.flip(0).clone()}
+
+
+@pytest.mark.parametrize("conv, dicts", [("HGTConv", ("skip",)), ("HANConv", ("lin_src", "lin_dst"))])
+def test_parameter_dicts_are_compared_by_their_entries_not_their_repr(conv, dicts, tmp_path):
+    # HGTConv.skip (1-element Parameters) and HANConv.lin_src/lin_dst ((1, heads, C), masked by freeze) were
+    # refused: the check took the ParameterDict's extra_repr (device, Parameter or Tensor) for configuration.
+    model = _frozen(_HeteroNet(conv))
+    arch = {"builder": "test_arch_hetero", "kwargs": {"conv": conv}}
+    masked = [d for d in dicts if torch.nn.utils.parametrize.is_parametrized(model.convs[0].get_submodule(d))]
+    assert masked == (["lin_src", "lin_dst"] if conv == "HANConv" else [])
+    _round_trip(model, _hetero_graph(), tmp_path / "t", architecture=arch, target=torch.zeros(12, dtype=torch.long))
+    # The entries still count, masked or not: a dict missing one, or with another entry shape, is refused.
+    fewer, other = _HeteroNet(conv), _HeteroNet(conv)
+    key = next(iter(fewer.convs[0].get_submodule(dicts[0]).keys()))
+    del fewer.convs[0].get_submodule(dicts[0])[key]
+    other.convs[1].get_submodule(dicts[-1])[key] = nn.Parameter(torch.zeros(1, 1, 1))
+    shape = tuple(getattr(model.convs[1].get_submodule(dicts[-1]), key).shape)
+    assert rebuild_problems(model, fewer, False, None) == [f"it has no tensor 'convs.0.{dicts[0]}.{key}' (the model has)"]
+    assert rebuild_problems(model, other, False, None) == [
+        f"its layer 'convs.1.{dicts[-1]}' has {key} shape (1, 1, 1), the model's has {shape}" if masked
+        else f"its 'convs.1.{dicts[-1]}.{key}' has shape (1, 1, 1), the model's {shape}"]

@@ -91,12 +91,6 @@ TIMM_SLOW: dict = {
 _EMBEDDING_ONLY = ("permanent: the model is only an embedding table, which freeze regenerates and never masks, "
                    "so there is nothing to search: freeze refuses ('no maskable layer or weight')")
 PYG_XFAIL: dict = {
-    "conv:FastRGCNConv": (SaveFailed, "FastRGCNConv.forward sets self.fuse = False; the save-time rebuild check "
-                                      "compares that plain attribute with a fresh build's True (#14 rebuild check)"),
-    "hetero:HGTConv": (SaveFailed, "the rebuild check compares ParameterDict modules (skip) by value, a meta-device "
-                                   "build against the model (#14 rebuild check)"),
-    "hetero:HANConv": (SaveFailed, "the rebuild check compares ParameterDict modules (lin_src/lin_dst, masked: now "
-                                   "Tensors) with a meta-device build's Parameters (#14 rebuild check)"),
     "model:LightGCN": (FreezeFailed, _EMBEDDING_ONLY),
     "model:MaskLabel": (FreezeFailed, _EMBEDDING_ONLY),
 }

@@ -17,6 +17,14 @@ A frozen model's masked tensor lives at ``<module>.parametrizations.<param>.orig
 compared as ``<module>.<param>``; the parametrization's own tensors (scores, codes) are
 ``freeze``'s, not the builder's. ``num_batches_tracked`` counts training steps, not architecture;
 ``FORWARD_CACHES`` are buffers a forward recomputes for its input (convit's ``rel_indices``).
+
+What a forward may change is not compared, since no input exists at save time to replay one:
+``FORWARD_CACHES``, and ``RUNTIME_ATTRIBUTES``, plain attributes that choose how a module computes,
+not what (PyG's ``MessagePassing.fuse``, which ``FastRGCNConv.forward`` switches off). Both list
+(class, name) and cover the class's subclasses; a listed class must say its entry changes no output.
+A ``ParameterDict``/``ParameterList``'s ``extra_repr()`` prints its entries (device, Parameter or,
+once masked, Tensor) and is not compared; the entries are, as tensors, masked ones
+(``<dict>.parametrizations.<key>.original``) as ``<dict>.<key>``.
 """
 from __future__ import annotations
 
@@ -41,6 +49,14 @@ RUNTIME_BUFFERS = ("num_batches_tracked",)
 # Buffers a module's forward replaces for the input's size (the loaded model recomputes them at its
 # first forward): (class, buffer name). Add yours here if a module of yours caches so.
 FORWARD_CACHES = {("timm.models.convit.GPSA", "rel_indices")}
+# Plain attributes a forward may set that choose how a module computes, not what: (class, attribute).
+# PyG's MessagePassing.fuse picks the fused message_and_aggregate kernel over message + aggregate (both
+# compute the same function); the constructor derives it from the class and ``aggr`` (both compared)
+# and FastRGCNConv.forward switches it off. Add yours here if a forward of yours flips such a switch.
+RUNTIME_ATTRIBUTES = {("torch_geometric.nn.conv.message_passing.MessagePassing", "fuse")}
+# Containers whose extra_repr() lists their entries (values, device, Parameter or plain Tensor once
+# masked) rather than configuration: their entries are compared as tensors, their repr is not.
+_ENTRY_LISTS = (nn.ParameterDict, nn.ParameterList)
 _SKIP = object()
 
 
@@ -74,7 +90,7 @@ def tensor_table(model: nn.Module) -> dict[str, _Tensor]:
                 name = builder_name(full)
                 if name is None:
                     continue
-                if kind == "buffer" and (_class(module), key) in FORWARD_CACHES:
+                if kind == "buffer" and _declared(module, key, FORWARD_CACHES):
                     continue
                 persistent = kind == "parameter" or key not in module._non_persistent_buffers_set
                 table[name] = _Tensor(tensor, kind, persistent, name != full, first.setdefault(id(tensor), name))
@@ -102,7 +118,14 @@ def _class(module: nn.Module) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _declared(module: nn.Module, key: str, table: set) -> bool:
+    """Does ``table`` list (class, key) for the module's class or one of its bases?"""
+    return any((f"{cls.__module__}.{cls.__qualname__}", key) in table for cls in type(module).__mro__)
+
+
 def _extra_repr(module: nn.Module) -> Optional[str]:
+    if isinstance(module, _ENTRY_LISTS):
+        return None
     try:
         return module.extra_repr()
     except Exception:  # a repr reading tensor values on the meta device
@@ -116,7 +139,8 @@ def module_table(model: nn.Module) -> dict[str, tuple]:
         if _IN_PARAMETRIZATION.search(name):
             continue
         attributes = {key: _plain(value) for key, value in vars(module).items()
-                      if not (key.startswith("_") or key in IGNORED_ATTRIBUTES or "fslt" in key)}
+                      if not (key.startswith("_") or key in IGNORED_ATTRIBUTES or "fslt" in key
+                              or _declared(module, key, RUNTIME_ATTRIBUTES))}
         attributes = {key: value for key, value in attributes.items() if value is not _SKIP}
         table[name] = (_class(module), first.setdefault(id(module), name), _extra_repr(module), attributes)
     return table
