@@ -27,3 +27,12 @@ def resnet_ticket(tmp_path_factory):
     directory = timm_fslt.save_ticket(model, tmp_path_factory.mktemp("resnet") / "ticket",
                                       metrics={"accuracy": 0.625})
     return SimpleNamespace(model=model, dir=directory, x=x, out=out)
+
+
+@pytest.fixture
+def one_thread():
+    """Run the test on one thread (tiny models are faster so, and leave the other core to the runner)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -23,12 +23,7 @@ from timm_fslt.report import non_regenerable_state, state_reasons
 DECODER = Path(timm_fslt.__file__).parent / "reference_decoder.py"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fates(model):

@@ -22,12 +22,7 @@ from timm_fslt.ticket.architecture import build_architecture, build_for_check
 from timm_fslt.ticket.rebuild_check import rebuild_problems
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _frozen(model, seed=0):

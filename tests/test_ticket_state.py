@@ -24,12 +24,7 @@ FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ARCH = {"timm": "resnet18_cifar", "kwargs": {"num_classes": 10, "width": 0.0625}}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _searched_model(seed=0):
