@@ -46,6 +46,8 @@ from typing import NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
+from timm_fslt.nn.modules import is_frozen_layer, is_maskable, is_norm
+
 KINDS = ("weight", "norm", "table", "bias", "prelu", "gain")
 # what becomes of a parameter: masked (a FrozenSupermask), constant or regenerated (rebuilt from the
 # seed, stored nowhere), trained (stored), kept (as built, frozen, stored)
@@ -93,13 +95,10 @@ class Placement:
         return self.module_name if self.param_name == "weight" and self.kind == "weight" else self.name
 
 
-def _is_conv_or_linear(module: nn.Module) -> bool:
-    from timm_fslt.nn.modules import is_maskable
-    return is_maskable(module)
+_is_conv_or_linear = is_maskable
 
 
 def _is_norm_module(module: nn.Module) -> bool:
-    from timm_fslt.nn.modules import is_norm
     return is_norm(module) or "Norm" in type(module).__name__
 
 
@@ -144,7 +143,6 @@ def _names_parameter(name: str, module_name: str, patterns: Optional[Sequence[st
 
 def _named_own_parameters(model: nn.Module):
     """(module name, module, parameter name, parameter) of every parameter once (shared ones too)."""
-    from timm_fslt.nn.modules import is_frozen_layer
     seen = set()
     for module_name, module in model.named_modules():
         own = list(module.named_parameters(recurse=False))
@@ -247,7 +245,6 @@ def place_parameters(model: nn.Module, include: Optional[Sequence[str]] = None,
 
 
 def _place_v1(model, include, exclude, batchnorm, bias) -> list[Placement]:
-    from timm_fslt.nn.modules import is_norm
     out = []
     for module_name, module, param_name, param in _named_own_parameters(model):
         name = f"{module_name}.{param_name}" if module_name else param_name

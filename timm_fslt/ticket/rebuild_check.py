@@ -166,13 +166,17 @@ def _names(names: Iterable[str], limit: int = 3) -> str:
                                                         else "")
 
 
+def _lazy_problem(name: str) -> str:
+    return (f"its {name!r} is an uninitialised lazy parameter: the builder must run one forward "
+            "(on a dummy input) before it returns the model")
+
+
 def _tensor_problems(mine: dict, theirs: dict, structured: bool) -> Iterable[str]:
     for name in [n for n, t in mine.items() if n in theirs and t.masked]:  # masked layers first, in order
         module, _, param = name.rpartition(".")
         shape, built = _shape(mine[name].tensor), theirs[name].tensor
         if is_lazy(built):
-            yield (f"its {name!r} is an uninitialised lazy parameter: the builder must run one forward "
-                   "(on a dummy input) before it returns the model")
+            yield _lazy_problem(name)
         elif not structured and _shape(built) != shape:
             yield f"its layer {module!r} has {param} shape {_shape(built)}, the model's has {shape}"
     extra = [n for n in theirs if n not in mine]
@@ -186,8 +190,7 @@ def _tensor_problems(mine: dict, theirs: dict, structured: bool) -> Iterable[str
         if built is None or entry.masked:
             continue
         if is_lazy(built.tensor):
-            yield (f"its {name!r} is an uninitialised lazy parameter: the builder must run one forward "
-                   "(on a dummy input) before it returns the model")
+            yield _lazy_problem(name)
         elif not structured and _shape(built.tensor) != _shape(entry.tensor):
             yield f"its {name!r} has shape {_shape(built.tensor)}, the model's {_shape(entry.tensor)}"
         elif not (entry.tensor.dtype.is_floating_point and built.tensor.dtype.is_floating_point) \
