@@ -18,7 +18,8 @@ from torch import nn
 
 from timm_fslt.errors import TicketError
 from timm_fslt.ticket.architecture import describe_architecture
-from timm_fslt.ticket.format import (CARD_NAME, TICKET_FILES, check_datasets, check_metrics, read_ticket,
+from timm_fslt.ticket.format import (CARD_NAME, TICKET_FILES, check_bool, check_data_config, check_datasets,
+                                     check_metrics, read_ticket,
                                      size_report_from_config)
 from timm_fslt.ticket.io import save_ticket
 from timm_fslt.ticket.sources import is_repo_id
@@ -147,7 +148,8 @@ def model_card(config: Mapping, repo_id: str, *, metrics: Optional[Mapping] = No
 def push_to_hub(model_or_ticket_dir: Union[nn.Module, PathLike], repo_id: str, *, private: bool = False,
                 token: Union[str, bool, None] = None, commit_message: Optional[str] = None,
                 metrics: Optional[Mapping] = None, datasets: Union[None, str, Sequence[str]] = None,
-                architecture: Optional[Mapping] = None, state_dtype: Optional[str] = None):
+                architecture: Optional[Mapping] = None, state_dtype: Optional[str] = None,
+                data_config: Optional[Mapping] = None, timm_weights: bool = False):
     """Upload a ticket (a frozen model, or a saved ticket directory) to a Hub model repo.
 
     Creates the repo if needed (``private``), uploads config.json,
@@ -160,16 +162,23 @@ def push_to_hub(model_or_ticket_dir: Union[nn.Module, PathLike], repo_id: str, *
 
     if not isinstance(repo_id, str) or "/" not in repo_id or not is_repo_id(repo_id):
         raise TicketError(f"repo_id must be a Hub repo id 'user/name', got {repo_id!r}")
+    data_config = check_data_config(data_config)
+    check_bool(timm_weights, "timm_weights")
     with tempfile.TemporaryDirectory(prefix="fslt-push-") as tmp:
         staging = Path(tmp) / "ticket"
         if isinstance(model_or_ticket_dir, nn.Module):
             save_ticket(model_or_ticket_dir, staging, architecture=architecture, metrics=metrics,
-                        datasets=datasets, state_dtype=state_dtype)
+                        datasets=datasets, state_dtype=state_dtype, data_config=data_config,
+                        timm_weights=timm_weights)
         else:
             if state_dtype is not None:
                 raise TicketError(f"state_dtype={state_dtype!r} applies when a frozen model is pushed; a saved "
                                   "ticket directory is pushed as saved: save it with save_ticket(model, "
                                   "directory, state_dtype=...) first")
+            if data_config is not None:
+                raise TicketError("data_config applies when a frozen model is pushed; a saved ticket directory "
+                                  "is pushed as saved: save it with save_ticket(model, directory, data_config=...) "
+                                  "first")
             source = Path(model_or_ticket_dir).expanduser()
             if not source.is_dir():
                 raise TicketError(f"model_or_ticket_dir must be a frozen model or a ticket directory, "

@@ -30,7 +30,8 @@ from timm_fslt.ticket.architecture import (build_architecture, build_for_check, 
                                            describe_architecture, json_clean, resolve_architecture, resolve_builder)
 from timm_fslt.ticket.format import (BIT_ORDER, CONFIG_NAME, DEFAULT_MAX_BUILD_SECONDS, DEFAULT_MAX_PARAMS, FORMAT,
                                      FORMAT_VERSION, MASK_NAME, MASK_TENSOR, STATE_NAME, PathLike, check_datasets,
-                                     check_metrics, is_ticket_dir, pack_bits, read_ticket, sha256_hex, unpack_bits)
+                                     check_bool, check_data_config, check_metrics, is_ticket_dir, pack_bits,
+                                     read_ticket, sha256_hex, unpack_bits)
 from timm_fslt.ticket.integrity import check_regenerated, layer_digests, regenerated_record, seal_config
 from timm_fslt.ticket.state_codec import check_state_dtype, encode_state
 from timm_fslt.ticket.sources import HUB_PREFIX, redownload, resolve_ticket_source
@@ -53,9 +54,16 @@ def frozen_group(model: nn.Module):
 def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
                  metrics: Optional[Mapping] = None,
                  datasets: Union[None, str, Sequence[str]] = None,
-                 state_dtype: Optional[str] = None) -> dict[str, bytes]:
-    """The bytes of the three ticket files of a frozen model (``save_ticket`` writes them)."""
+                 state_dtype: Optional[str] = None, data_config: Optional[Mapping] = None,
+                 timm_weights: bool = False) -> dict[str, bytes]:
+    """The bytes of the ticket files of a frozen model (``save_ticket`` writes them)."""
+    data_config = check_data_config(data_config)
+    check_bool(timm_weights, "timm_weights")
     group = frozen_group(model)
+    if timm_weights:
+        raise NotImplementedError("timm_weights=True: writing model.safetensors is not implemented yet")
+    if data_config is None:
+        data_config = model_data_config(model)
     try:
         check_unchanged(model)  # a layer added after freeze could not be rebuilt
     except RuntimeError as err:
@@ -111,9 +119,19 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
                   STATE_NAME: {"bytes": len(state_bytes), "sha256": sha256_hex(state_bytes)}},
         "metrics": metrics,
         "datasets": datasets,
+        **({} if data_config is None else {"pretrained_cfg": data_config}),
     })
     config_bytes = (json.dumps(document, indent=2, allow_nan=False) + "\n").encode("utf-8")
     return {MASK_NAME: mask_bytes, STATE_NAME: state_bytes, CONFIG_NAME: config_bytes}
+
+
+def model_data_config(model: nn.Module) -> Optional[dict]:
+    """``timm.data.resolve_data_config(model=model)`` when the model carries a timm ``pretrained_cfg``."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if not isinstance(cfg, Mapping) or not cfg:
+        return None
+    from timm.data import resolve_data_config
+    return check_data_config(resolve_data_config(model=model), "the model's timm data config")
 
 
 @torch.no_grad()
@@ -145,7 +163,8 @@ def _is_complete_ticket(directory: Path) -> bool:
 
 def save_ticket(model: nn.Module, directory: PathLike, *, architecture: Optional[Mapping] = None,
                 overwrite: bool = False, metrics: Optional[Mapping] = None,
-                datasets: Union[None, str, Sequence[str]] = None, state_dtype: Optional[str] = None) -> Path:
+                datasets: Union[None, str, Sequence[str]] = None, state_dtype: Optional[str] = None,
+                data_config: Optional[Mapping] = None, timm_weights: bool = False) -> Path:
     """Save a frozen model's ticket (config.json, supermask.safetensors, state.safetensors).
 
     architecture: ``{"timm": name, "kwargs": {...}}`` or ``{"builder": "<registered name>",
@@ -175,7 +194,7 @@ def save_ticket(model: nn.Module, directory: PathLike, *, architecture: Optional
     if not directory.name:
         raise TicketError(f"cannot save a ticket to {str(directory)!r}: give a directory with a name")
     files = ticket_files(model, architecture=architecture, metrics=metrics, datasets=datasets,
-                         state_dtype=state_dtype)
+                         state_dtype=state_dtype, data_config=data_config, timm_weights=timm_weights)
     if directory.exists():
         if not directory.is_dir():
             raise TicketError(f"cannot save a ticket to {str(directory)!r}: it exists and is not a directory")
