@@ -29,7 +29,7 @@ from timm_fslt.regen.pattern import DISTRIBUTIONS
 from timm_fslt.training import (MIXED_PRECISION, OPTIMIZERS, SCHEDULERS, ClassificationTask, RunConfigError,
                                 TrainConfig, train)
 from timm_fslt.training.config import resolve_mixed_precision
-from timm_fslt.training.data import DataError
+from timm_fslt.training.data import DataError, resolve_image_data_config
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 METHODS = ("ticket", "weights")
@@ -59,7 +59,7 @@ def _library_defaults() -> dict:
 BASE = {
     **_library_defaults(),
     "model": None, "model_kwargs": {}, "method": "ticket", "val_fraction": 0.2,
-    "data": None, "hf_token": None, "img_size": None, "data_root": None, "download": False,
+    "data": None, "hf_token": None, "img_size": None, "data_num_proc": None, "data_root": None, "download": False,
     "sweep": [],
     # Recipes read image files: worker processes keep the GPU fed (the library's 0 suits in-memory data).
     "num_workers": 4,
@@ -169,7 +169,11 @@ def _data_options(g, image: bool) -> None:
         g.add_argument("--data", help="Hub dataset id, a save_to_disk DatasetDict folder, or an image "
                                       "folder with train/ and test/ (or val/)")
         g.add_argument("--hf-token", dest="hf_token", help="Hub token for gated datasets (default: HF_TOKEN)")
-        g.add_argument("--img-size", dest="img_size", type=int)
+        g.add_argument("--img-size", dest="img_size", type=int,
+                       help="input size; the rest of the data config (interpolation, crop_pct, mean, std) is "
+                            "timm's resolve_data_config of the model")
+        g.add_argument("--data-num-proc", dest="data_num_proc", type=int,
+                       help="processes datasets.load_dataset prepares a Hub dataset with (num_proc)")
         g.add_argument("--val-fraction", dest="val_fraction", type=float,
                        help="share of the train split held out for validation (paper: 0.2, i.e. 4:1)")
     else:
@@ -280,10 +284,11 @@ def check_settings(s: dict) -> None:
 
 
 def train_config(s: dict, output_dir: str, *, architecture: Optional[dict] = None,
-                 dataset_ids: Sequence[str] = ()) -> TrainConfig:
+                 dataset_ids: Sequence[str] = (), data_config: Optional[dict] = None) -> TrainConfig:
     try:
         return TrainConfig(output_dir=output_dir, architecture=architecture if s["method"] == "ticket" else None,
-                           dataset_ids=dataset_ids, **{field: s[k] for k, field in TRAIN_KEYS.items()})
+                           dataset_ids=dataset_ids, data_config=data_config,
+                           **{field: s[k] for k, field in TRAIN_KEYS.items()})
     except ValueError as err:
         raise RecipeError(_as_option(str(err))) from None
 
@@ -358,21 +363,27 @@ def image_recipe(recipe: str, doc: str, *, default_model: str, load: Callable, d
         check_timm_model(s["model"])
         init_processes(s)
         token = s["hf_token"] or (os.environ.get("HF_TOKEN") if env_token else None)
-        data = load(s["data"] or default_data, img_size=s["img_size"] or img_size, seed=s["seed"],
-                    val_fraction=s["val_fraction"], token=token)
+        size = s["img_size"] or img_size
+        data = load(s["data"] or default_data, img_size=size, seed=s["seed"], val_fraction=s["val_fraction"],
+                    token=token, num_proc=s["data_num_proc"])
         model, architecture = build_timm_model(s, data.num_classes)
+        # The transforms follow the model's timm data config (interpolation, crop_pct, mean, std), at --img-size.
+        data.use_data_config(resolve_image_data_config(data.kind, model, img_size=size))
         hub_ids = [data.source] if not os.path.exists(os.path.expanduser(data.source)) else []
         return run(recipe, s, model, data, task=ClassificationTask(s["label_smoothing"]), architecture=architecture,
-                   dataset_ids=hub_ids, extra_info={"img_size": s["img_size"] or img_size})
+                   dataset_ids=hub_ids, extra_info={"img_size": size}, data_config=data.data_config)
 
     return parser, main
 
 
 def run(recipe: str, s: dict, model, data, *, task=None, architecture: Optional[dict] = None,
-        dataset_ids: Sequence[str] = (), extra_info: Optional[dict] = None) -> dict:
-    """Train (timm_fslt.training.train) and print a one-screen summary."""
+        dataset_ids: Sequence[str] = (), extra_info: Optional[dict] = None,
+        data_config: Optional[dict] = None) -> dict:
+    """Train (timm_fslt.training.train) and print a one-screen summary; ``data_config`` (timm's,
+    of the eval transform) is recorded in the ticket."""
     output_dir = default_output_dir(recipe, s)
-    config = train_config(s, output_dir, architecture=architecture, dataset_ids=dataset_ids)
+    config = train_config(s, output_dir, architecture=architecture, dataset_ids=dataset_ids,
+                          data_config=data_config)
     info = {"recipe": recipe, "preset": s["preset"], "model": s["model"], "model_kwargs": s["model_kwargs"],
             "method": s["method"], "data": data.fingerprint(), **(extra_info or {})}
     if s["method"] == "ticket":

@@ -6,7 +6,7 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from timm_fslt.training.records import jsonable
 
@@ -59,6 +59,8 @@ class TrainConfig:
     (the backward rebuilds each layer's ``W * mask`` instead of keeping it: 4 bytes
     less per weight at the peak, one elementwise product more per layer, the same
     gradients); no effect on a model that is not frozen.
+    ``data_config``: timm's data config of the eval transform (``timm.data.resolve_data_config``);
+    the ticket records it (config.json ``pretrained_cfg``).  None: the ticket writer's default.
     ``mixed_precision``: None takes what ``accelerate launch`` says (its ``--mixed_precision``
     or config file, passed on as ACCELERATE_MIXED_PRECISION; "no" without a launcher); a value
     overrides the launcher.  Checkpoints and results.json record the precision in effect.
@@ -93,6 +95,7 @@ class TrainConfig:
     save_ticket: bool = True
     architecture: Optional[Any] = None
     dataset_ids: Sequence[str] = ()
+    data_config: Optional[Mapping[str, Any]] = None
     push_to_hub: Optional[str] = None
     hub_private: bool = False
     cpu: bool = False
@@ -103,6 +106,8 @@ class TrainConfig:
     def __post_init__(self):
         self.log_with = tuple(self.log_with or ())
         self.dataset_ids = tuple(self.dataset_ids or ())
+        if isinstance(self.data_config, Mapping):
+            self.data_config = dict(self.data_config)
         self.validate()
 
     def validate(self) -> None:
@@ -142,6 +147,9 @@ class TrainConfig:
                      "recompute_weights"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.data_config is not None and not isinstance(self.data_config, dict):
+            raise ValueError("data_config must be timm's data config (a mapping: input_size, interpolation, mean, "
+                             f"std, crop_pct, crop_mode) or None, got {self.data_config!r}")
         self._validate_resume()
 
     def _validate_resume(self) -> None:

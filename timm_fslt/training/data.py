@@ -18,6 +18,8 @@ import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
+import timm
+import timm.data
 import torch
 from accelerate import PartialState
 from torch.utils.data import Dataset, Sampler
@@ -35,6 +37,8 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Split names tried, in order, for the held-out test set of each dataset.
 CIFAR_TEST_SPLITS = ("test", "validation", "val")
 IMAGENET_TEST_SPLITS = ("validation", "val", "test")  # imagenet-1k's "test" split has no labels
+# The keys of timm's data config (timm.data.resolve_data_config), as tickets record it.
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 
 class DataError(ValueError):
@@ -112,7 +116,10 @@ class ImageClassificationSet(Dataset):
 
 @dataclass
 class ImageData:
-    """The three sets of an image recipe (train/val from the train split, test held out)."""
+    """The three sets of an image recipe (train/val from the train split, test held out).
+
+    ``data_config`` is timm's data config the transforms were built from (the eval one is
+    what a ticket records); ``use_data_config`` rebuilds the transforms from another."""
 
     train: Dataset
     val: Dataset
@@ -120,28 +127,81 @@ class ImageData:
     num_classes: int
     class_names: list = field(default_factory=list)
     source: str = ""
+    kind: str = "imagenet"
+    data_config: dict = field(default_factory=dict)
 
     def fingerprint(self) -> dict:
         """What identifies the data of a run (stored with checkpoints, compared on resume)."""
         return {"train": len(self.train), "val": len(self.val), "test": len(self.test),
                 "num_classes": self.num_classes}
 
+    def use_data_config(self, data_config: dict) -> "ImageData":
+        """Build the train and eval transforms from timm's ``data_config`` (see ``image_transforms``)."""
+        train_tf, eval_tf = image_transforms(self.kind, data_config)
+        self.train.transform, self.val.transform, self.test.transform = train_tf, eval_tf, eval_tf
+        self.data_config = {k: data_config[k] for k in DATA_CONFIG_KEYS if k in data_config}
+        return self
 
-def image_transforms(kind: str, img_size: int, mean=None, std=None):
-    """(train, eval) transforms: random crop + flip for CIFAR, random resized crop for ImageNet."""
+
+# The recipes' default models: their timm pretrained_cfg gives a loader's data config when no
+# model is at hand (load_cifar10 / load_imagenet called on their own).
+DEFAULT_MODELS = {"cifar": "conv6", "imagenet": "resnet18"}
+KINDS = tuple(DEFAULT_MODELS)
+
+
+def resolve_image_data_config(kind: str, model=None, *, img_size: Optional[int] = None) -> dict:
+    """timm's data config (``timm.data.resolve_data_config``) of ``model`` for an image recipe.
+
+    ``model`` is a timm model (its ``pretrained_cfg``), a timm model name, or None (the
+    recipe's default model).  ``img_size`` overrides the input size (``--img-size``).
+    CIFAR images are small and their statistics are the data's, not a model's: the CIFAR
+    recipe evaluates uncropped (``crop_pct`` 1.0) with CIFAR-10's mean and std whatever the
+    model's pretrained_cfg says (for conv6 and resnet18_cifar those are the same values).
+    Returns the keys timm's ``create_transform`` takes: input_size, interpolation, mean, std,
+    crop_pct, crop_mode.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
+        raise DataError(f"--img-size must be a positive int, got {img_size!r}")
+    args = {"img_size": img_size}
     if kind == "cifar":
-        mean, std = mean or CIFAR10_MEAN, std or CIFAR10_STD
-        resize = [] if img_size == 32 else [T.Resize(img_size)]
-        train = resize + [T.RandomCrop(img_size, padding=max(1, img_size // 8)), T.RandomHorizontalFlip()]
-        evaluation = resize + [T.CenterCrop(img_size)]
-    elif kind == "imagenet":
-        mean, std = mean or IMAGENET_MEAN, std or IMAGENET_STD
-        train = [T.RandomResizedCrop(img_size), T.RandomHorizontalFlip()]
-        evaluation = [T.Resize(int(round(img_size / 0.875))), T.CenterCrop(img_size)]
-    else:
-        raise ValueError(f"kind must be 'cifar' or 'imagenet', got {kind!r}")
-    tail = [T.ToTensor(), T.Normalize(mean, std)]
-    return T.Compose(train + tail), T.Compose(evaluation + tail)
+        args.update(mean=CIFAR10_MEAN, std=CIFAR10_STD, crop_pct=1.0)
+    model = DEFAULT_MODELS[kind] if model is None else model
+    if isinstance(model, str):
+        return dict(timm.data.resolve_data_config(args, pretrained_cfg=_pretrained_cfg(model)))
+    return dict(timm.data.resolve_data_config(args, model=model))
+
+
+def _pretrained_cfg(name: str) -> dict:
+    cfg = timm.models.get_pretrained_cfg(name)
+    if cfg is None:
+        raise DataError(f"--model: timm has no pretrained_cfg for {name!r}, so no data config")
+    return cfg.to_dict()
+
+
+def image_transforms(kind: str, data_config: dict):
+    """(train, eval) transforms of an image recipe from timm's ``data_config``.
+
+    Eval: ``timm.data.create_transform(**data_config)`` (resize by crop_pct with the config's
+    interpolation, centre crop, normalize).  ImageNet train: ``create_transform(...,
+    is_training=True, color_jitter=None)``, timm's random resized crop + flip (the reference
+    code's simple augmentation: no colour jitter).  CIFAR train stays ours: the paper's random
+    crop with 4-pixel zero padding + flip (timm's training transforms only crop by resizing),
+    normalized with the config's mean and std.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
+    config = {k: data_config[k] for k in DATA_CONFIG_KEYS if k in data_config}
+    evaluation = timm.data.create_transform(**config, is_training=False)
+    if kind == "imagenet":
+        return timm.data.create_transform(**config, is_training=True, color_jitter=None), evaluation
+    _, height, width = config["input_size"]
+    resize = [] if (height, width) == (32, 32) else [T.Resize((height, width))]
+    train = T.Compose(resize + [T.RandomCrop((height, width), padding=max(1, min(height, width) // 8)),
+                                T.RandomHorizontalFlip(), T.ToTensor(),
+                                T.Normalize(config["mean"], config["std"])])
+    return train, evaluation
 
 
 def _looks_like_path(data: str) -> bool:
@@ -180,38 +240,76 @@ def _is_image_folder_split(path: str) -> bool:
 
 
 def load_image_splits(data: str, test_splits: Sequence[str], *, token: Optional[str] = None,
-                      arg: str = "--data"):
-    """Resolve ``data`` (Hub id, ``save_to_disk`` folder or image folder) to train and test sources.
+                      arg: str = "--data", num_proc: Optional[int] = None):
+    """Resolve ``data`` (Hub id, ``save_to_disk`` folder, a local copy of a Hub dataset repo or an
+    image folder) to train and test sources.
 
     Returns ``(train_source, test_source, image_column, num_classes, class_names)``;
     ``image_column`` is None for image folders.  Raises before anything is trained
     when the path is missing, has another layout or lacks the img/label columns.
+    Through ``datasets`` only the two splits used are prepared (``load_hub_splits``).
     """
+    if num_proc is not None and (isinstance(num_proc, bool) or not isinstance(num_proc, int) or num_proc < 1):
+        raise DataError(f"--data-num-proc must be a positive int or None, got {num_proc!r}")
     expanded = os.path.expanduser(data)
     if os.path.exists(expanded):
-        return _load_local(expanded, test_splits, arg)
+        return _load_local(expanded, test_splits, arg, token=token, num_proc=num_proc)
     if _looks_like_path(data):
         raise FileNotFoundError(f"{arg}: path {data!r} does not exist (give a local dataset folder or a "
                                 f"Hub dataset id such as {CIFAR10_HUB_ID!r})")
-    import datasets  # heavy: imported only when the Hub is asked
+    return load_hub_splits(data, test_splits, token=token, num_proc=num_proc, arg=arg,
+                           where=f"Hub dataset {data!r}")
 
+
+def load_hub_splits(data: str, test_splits: Sequence[str], *, token: Optional[str] = None,
+                    num_proc: Optional[int] = None, arg: str = "--data", where: str = ""):
+    """The train split and the first of ``test_splits`` of a Hub dataset (or a local copy of
+    its repo), and nothing else.
+
+    ``datasets.load_dataset(data, split=...)`` alone still downloads and prepares every
+    split (imagenet-1k's 100,000 unlabelled test images too), so the builder is asked first
+    which data files make up which split (metadata only), and ``load_dataset`` gets the data
+    files of the two splits used, the builder's features (class names) and ``num_proc``.
+    """
+    import datasets  # heavy: imported only when a Hub dataset is asked for
+
+    where = where or f"dataset {data!r}"
     try:
         with PartialState().main_process_first():  # one process downloads, the others read the cache
-            dsd = datasets.load_dataset(data, token=token)
+            builder = datasets.load_dataset_builder(data, token=token)
+            files = builder.config.data_files
+            available = list(files) if files else list(builder.info.splits or {})
+            test_name = _pick_split(available, test_splits, where, arg)
+            if "train" not in available:
+                raise DataError(f"{arg}: {where} has splits {sorted(available)}; expected a 'train' split")
+            used = ["train", test_name]
+            kwargs = {"data_files": {name: files[name] for name in used}} if files else {}
+            train, test = datasets.load_dataset(data, split=used, token=token, num_proc=num_proc,
+                                                features=builder.info.features, **kwargs)
+    except DataError:
+        raise
     except Exception as err:  # the Hub client's errors vary (offline, gated, unknown id)
-        raise DataError(f"{arg}: could not load Hub dataset {data!r} ({type(err).__name__}: {err}). "
+        raise DataError(f"{arg}: could not load {where} ({type(err).__name__}: {err}). "
                          "Gated datasets such as ILSVRC/imagenet-1k need a token (--hf-token or HF_TOKEN) "
                          "and accepted terms; offline, give a local path instead") from err
-    test_name = _pick_split(list(dsd.keys()), test_splits, f"Hub dataset {data!r}", arg)
-    if "train" not in dsd:
-        _pick_split([], ["train"], f"Hub dataset {data!r}", arg)
-    image_column = _check_columns(dsd["train"], f"{data!r} (train)")
-    _check_columns(dsd[test_name], f"{data!r} ({test_name})")
-    num_classes, names = _class_info(dsd["train"])
-    return dsd["train"], dsd[test_name], image_column, num_classes, names
+    image_column = _check_columns(train, f"{data!r} (train)")
+    _check_columns(test, f"{data!r} ({test_name})")
+    num_classes, names = _class_info(train)
+    return train, test, image_column, num_classes, names
 
 
-def _load_local(path: str, test_splits: Sequence[str], arg: str):
+def _holds_data_files(path: str) -> bool:
+    """A local copy of a Hub dataset repo: parquet or arrow files at most two folders down."""
+    for root, dirs, names in os.walk(path):
+        if any(n.endswith((".parquet", ".arrow")) for n in names):
+            return True
+        if os.path.relpath(root, path).count(os.sep) >= 1:
+            dirs[:] = []
+    return False
+
+
+def _load_local(path: str, test_splits: Sequence[str], arg: str, *, token: Optional[str] = None,
+                num_proc: Optional[int] = None):
     if not os.path.isdir(path):
         raise DataError(f"{arg}: {path!r} is a file; expected a folder ({_LAYOUTS})")
     entries = sorted(os.listdir(path))
@@ -238,37 +336,50 @@ def _load_local(path: str, test_splits: Sequence[str], arg: str):
             raise DataError(f"{arg}: image folder {path!r}: class folders of train/ ({len(train.classes)}) "
                              f"and {test_dir}/ ({len(test.classes)}) differ; both need the same class names")
         return train, test, None, len(train.classes), list(train.classes)
+    if _holds_data_files(path):
+        return load_hub_splits(path, test_splits, token=token, num_proc=num_proc, arg=arg,
+                               where=f"the dataset repo copy {path!r}")
     raise DataError(f"{arg}: {path!r} has an unknown layout (found {entries[:10]}); expected {_LAYOUTS}")
 
 
 _LAYOUTS = ("a DatasetDict written by save_to_disk (dataset_dict.json, a 'train' split and a test split, "
-            "columns img or image, and label) or an image folder with train/<class>/<images> and "
+            "columns img or image, and label), a local copy of a Hub dataset repo (its parquet files), "
+            "or an image folder with train/<class>/<images> and "
             "test/ or val/ laid out the same way")
 
 
-def load_image_data(data: str, kind: str, *, img_size: int, seed: int = 0, val_fraction: float = 0.2,
-                    token: Optional[str] = None, arg: str = "--data") -> ImageData:
-    """Train/val (split of the train split) and test sets with the recipe's transforms."""
+def load_image_data(data: str, kind: str, *, img_size: Optional[int] = None, seed: int = 0,
+                    val_fraction: float = 0.2, token: Optional[str] = None, arg: str = "--data",
+                    model=None, data_config: Optional[dict] = None, num_proc: Optional[int] = None) -> ImageData:
+    """Train/val (split of the train split) and test sets with transforms from timm's data config.
+
+    The data config is ``data_config`` if given, else ``resolve_image_data_config(kind, model,
+    img_size=img_size)`` (``model``: a timm model or name; None: the recipe's default model).
+    ``num_proc`` goes to ``datasets.load_dataset`` (processes preparing a Hub dataset).
+    """
     test_splits = CIFAR_TEST_SPLITS if kind == "cifar" else IMAGENET_TEST_SPLITS
+    if data_config is None:
+        data_config = resolve_image_data_config(kind, model, img_size=img_size)
     train_src, test_src, column, num_classes, names = load_image_splits(
-        data, test_splits, token=token, arg=arg)
+        data, test_splits, token=token, arg=arg, num_proc=num_proc)
     train_idx, val_idx = split_train_val(len(train_src), val_fraction, seed)
-    train_tf, eval_tf = image_transforms(kind, img_size)
     return ImageData(
-        train=ImageClassificationSet(train_src, train_idx, train_tf, column),
-        val=ImageClassificationSet(train_src, val_idx, eval_tf, column),
-        test=ImageClassificationSet(test_src, None, eval_tf, column),
-        num_classes=num_classes, class_names=names, source=data)
+        train=ImageClassificationSet(train_src, train_idx, None, column),
+        val=ImageClassificationSet(train_src, val_idx, None, column),
+        test=ImageClassificationSet(test_src, None, None, column),
+        num_classes=num_classes, class_names=names, source=data, kind=kind).use_data_config(data_config)
 
 
-def load_cifar10(data: str = CIFAR10_HUB_ID, *, img_size: int = 32, seed: int = 0,
-                 val_fraction: float = 0.2, token: Optional[str] = None) -> ImageData:
-    return load_image_data(data, "cifar", img_size=img_size, seed=seed, val_fraction=val_fraction, token=token)
+def load_cifar10(data: str = CIFAR10_HUB_ID, *, img_size: Optional[int] = 32, seed: int = 0,
+                 val_fraction: float = 0.2, token: Optional[str] = None, **kwargs) -> ImageData:
+    return load_image_data(data, "cifar", img_size=img_size, seed=seed, val_fraction=val_fraction, token=token,
+                           **kwargs)
 
 
-def load_imagenet(data: str = IMAGENET_HUB_ID, *, img_size: int = 224, seed: int = 0,
-                  val_fraction: float = 0.2, token: Optional[str] = None) -> ImageData:
-    return load_image_data(data, "imagenet", img_size=img_size, seed=seed, val_fraction=val_fraction, token=token)
+def load_imagenet(data: str = IMAGENET_HUB_ID, *, img_size: Optional[int] = 224, seed: int = 0,
+                  val_fraction: float = 0.2, token: Optional[str] = None, **kwargs) -> ImageData:
+    return load_image_data(data, "imagenet", img_size=img_size, seed=seed, val_fraction=val_fraction, token=token,
+                           **kwargs)
 
 
 # -- OGBN-Arxiv ------------------------------------------------------------------------

@@ -49,12 +49,13 @@ def save_outputs(model: nn.Module, results: dict, config: TrainConfig, output_di
     datasets = list(config.dataset_ids) or None
     if frozen and config.save_ticket:
         ticket_dir = os.path.join(output_dir, TICKET_DIR)
+        # The eval transform's timm data config (None: save_ticket records the model's pretrained_cfg one).
         save_ticket(model, ticket_dir, architecture=config.architecture, overwrite=True,
-                    metrics=metrics, datasets=datasets)
+                    metrics=metrics, datasets=datasets, data_config=config.data_config)
         results["ticket_dir"] = ticket_dir
         if config.push_to_hub:
             info = push_to_hub(ticket_dir, config.push_to_hub, private=config.hub_private,
-                               metrics=metrics, datasets=datasets)
+                               metrics=metrics, datasets=datasets)  # config.json already holds the data config
             results["hub_url"] = str(getattr(info, "commit_url", None) or info)
     elif not frozen:
         path = os.path.join(output_dir, "model.safetensors")
