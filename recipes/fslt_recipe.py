@@ -41,7 +41,8 @@ FREEZE_KEYS = ("prune", "lock", "sparsity", "distribution", "scope", "weight_ini
 TRAIN_KEYS = {name: name for name in (
     "epochs", "batch_size", "eval_batch_size", "optimizer", "lr", "momentum", "weight_decay", "nesterov",
     "scheduler", "warmup_epochs", "label_smoothing", "mixed_precision", "seed", "num_workers",
-    "limit_train_batches", "limit_eval_batches", "resume", "overwrite", "keep_checkpoints", "stop_after",
+    "limit_train_batches", "limit_eval_batches", "resume", "overwrite", "keep_checkpoints",
+    "checkpoint_every_steps", "stop_after",
     "log_with", "log_every", "progress", "save_ticket", "push_to_hub", "hub_private", "cpu", "check_finite",
     "check_sync_every", "recompute_weights")}
 TRAIN_KEYS["grad_accum"] = "grad_accum_steps"
@@ -196,6 +197,9 @@ def _run_options(g) -> None:
     g.add_argument("--stop-after", dest="stop_after", type=int,
                    help="stop after this many epochs (time-limited jobs); continue with --resume")
     g.add_argument("--keep-checkpoints", dest="keep_checkpoints", type=int)
+    g.add_argument("--checkpoint-every-steps", dest="checkpoint_every_steps", type=int, metavar="N",
+                   help="also checkpoint every N optimizer steps inside an epoch; --resume continues "
+                        "mid-epoch exactly (default: at epoch ends only)")
     g.add_argument("--log-with", dest="log_with", nargs="+",
                    help="extra Accelerate trackers (tensorboard, wandb, ...); metrics.jsonl is always written")
     g.add_argument("--log-every", dest="log_every", type=int)
@@ -275,8 +279,8 @@ def check_settings(s: dict) -> None:
             raise RecipeError(f"--{str(err)}") from None
     if not isinstance(s["model_kwargs"], dict):
         raise RecipeError(f"--model-kwargs must be a mapping, got {s['model_kwargs']!r}")
-    try:  # --resume '' or 'Fallback' fails here, before any data is read
-        TrainConfig(resume=s["resume"])
+    try:  # --resume '' or 'Fallback', --checkpoint-every-steps 0 fail here, before any data is read
+        TrainConfig(resume=s["resume"], checkpoint_every_steps=s["checkpoint_every_steps"])
     except ValueError as err:
         raise RecipeError(_as_option(str(err))) from None
     # A bad ACCELERATE_MIXED_PRECISION (the launcher's flag or config file) too: a RunConfigError naming it.
@@ -299,6 +303,7 @@ _OPTIONS = {"grad_accum_steps": "--grad-accum", "batch_size": "--batch-size", "e
             "label_smoothing": "--label-smoothing", "mixed_precision": "--mixed-precision",
             "num_workers": "--num-workers", "limit_train_batches": "--limit-train-batches",
             "limit_eval_batches": "--limit-eval-batches", "keep_checkpoints": "--keep-checkpoints",
+            "checkpoint_every_steps": "--checkpoint-every-steps",
             "stop_after": "--stop-after", "log_every": "--log-every", "log_with": "--log-with",
             "check_sync_every": "--check-sync-every"}
 _OPTION_WORDS = re.compile(r"\b(" + "|".join(sorted(_OPTIONS, key=len, reverse=True)) + r")\b")

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from typing import Optional
@@ -52,13 +53,20 @@ class CheckpointInfo:
                 self.global_step if self.global_step is not None else -1, os.path.basename(self.path))
 
     def describe(self) -> str:
-        where = f"epoch {self.epoch}" + (f", step {self.global_step}" if self.global_step is not None else "")
+        where = f"epoch {self.epoch}" + (" and part of the next" if "_step_" in os.path.basename(self.path) else "") + (f", step {self.global_step}" if self.global_step is not None else "")
         return f"{self.path!r} ({where})"
 
 
+def checkpoint_name(epoch: int, global_step: int, batches_in_epoch: int) -> str:
+    """``epoch_EEEE`` at an epoch's end, ``epoch_EEEE_step_SSSSSSSS`` inside the epoch after E
+    (``checkpoint_every_steps``: E epochs finished, global step S)."""
+    name = f"{CHECKPOINT_PREFIX}{epoch:04d}"
+    return f"{name}_step_{global_step:08d}" if batches_in_epoch else name
+
+
 def _name_epoch(name: str) -> Optional[int]:
-    digits = name[len(CHECKPOINT_PREFIX):]
-    return int(digits) if name.startswith(CHECKPOINT_PREFIX) and digits.isdigit() else None
+    match = re.fullmatch(re.escape(CHECKPOINT_PREFIX) + r"(\d+)(_step_\d+)?", name)
+    return int(match.group(1)) if match else None
 
 
 def _hash_file(path: str, fsync: bool = False) -> tuple[int, str]:
@@ -142,8 +150,11 @@ def _read_run_config(path: str) -> tuple[Optional[dict], Optional[str]]:
         return None, f"{RUN_CONFIG_FILE} is empty"
     if not isinstance(record, dict):
         return None, f"{RUN_CONFIG_FILE} holds a {type(record).__name__}, not a JSON object"
-    if not _positive_int(record.get("epoch"), 1):
-        return None, f"{RUN_CONFIG_FILE}: 'epoch' must be an int >= 1, got {record.get('epoch', '<absent>')!r}"
+    # epoch counts finished epochs: 0 only for a mid-epoch checkpoint of the first epoch.
+    minimum = 0 if _positive_int(record.get("batches_in_epoch"), 1) else 1
+    if not _positive_int(record.get("epoch"), minimum):
+        return None, (f"{RUN_CONFIG_FILE}: 'epoch' must be an int >= {minimum}, "
+                      f"got {record.get('epoch', '<absent>')!r}")
     return record, None
 
 
@@ -236,9 +247,9 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
 
 def save_checkpoint(accelerator, ckpt_root: str, state: TrainState, identity: dict, keep: int,
                      resumed_from: Optional[str]) -> None:
-    """accelerator.save_state into a temporary folder, record every file's size and sha256,
+    """accelerator.save_state into a temporary folder (named by ``checkpoint_name``), record every file's size and sha256,
     rename it into place, move the pointer, then delete what ``keep`` no longer covers."""
-    name = f"{CHECKPOINT_PREFIX}{state.epoch:04d}"
+    name = checkpoint_name(state.epoch, state.global_step, state.batches_in_epoch)
     tmp, final = os.path.join(ckpt_root, f".tmp-{name}"), os.path.join(ckpt_root, name)
     if accelerator.is_main_process:
         if os.path.isdir(tmp):
@@ -250,7 +261,8 @@ def save_checkpoint(accelerator, ckpt_root: str, state: TrainState, identity: di
     if accelerator.is_main_process:
         write_json_atomic(os.path.join(tmp, RUN_CONFIG_FILE), {
             "format": CHECKPOINT_FORMAT, "identity": identity, "epoch": state.epoch,
-            "global_step": state.global_step, "files": _checkpoint_files(tmp)})
+            "global_step": state.global_step, "batches_in_epoch": state.batches_in_epoch,
+            "files": _checkpoint_files(tmp)})
         if os.path.isdir(final):
             # A folder of this epoch from an abandoned branch (a resume from an older checkpoint) or a
             # corrupted one: move it aside first, so a kill in between never leaves neither.

@@ -31,7 +31,7 @@ _MODE_LOOKALIKES = {"auto", "fallback", "true", "false", "yes", "no", "latest", 
 
 # TrainConfig fields that do not change what a run computes; a resumed run may change them.
 VOLATILE_FIELDS = ("check_finite", "check_sync_every", "recompute_weights", "output_dir", "resume", "overwrite",
-                   "keep_checkpoints", "stop_after", "log_with", "project_name", "progress", "log_every",
+                   "keep_checkpoints", "checkpoint_every_steps", "stop_after", "log_with", "project_name", "progress", "log_every",
                    "save_ticket", "push_to_hub", "hub_private", "num_workers", "cpu", "architecture", "dataset_ids")
 
 
@@ -87,6 +87,7 @@ class TrainConfig:
     resume: Union[bool, str] = False
     overwrite: bool = False
     keep_checkpoints: int = 1
+    checkpoint_every_steps: Optional[int] = None
     stop_after: Optional[int] = None
     log_with: Sequence[str] = ()
     log_every: int = 50
@@ -120,7 +121,8 @@ class TrainConfig:
 
         for name in ("epochs", "batch_size", "grad_accum_steps", "keep_checkpoints", "log_every"):
             positive_int(name)
-        for name in ("eval_batch_size", "limit_train_batches", "limit_eval_batches", "stop_after"):
+        for name in ("eval_batch_size", "limit_train_batches", "limit_eval_batches", "stop_after",
+                     "checkpoint_every_steps"):
             positive_int(name, allow_none=True)
         for name, allowed in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
                               ("mixed_precision", MIXED_PRECISION)):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
@@ -64,6 +65,24 @@ def split_train_val(n: int, val_fraction: float = 0.2, seed: int = 0) -> tuple[l
     return sorted(perm[:n_train].tolist()), sorted(perm[n_train:].tolist())
 
 
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A seed for the train loader's generator in ``epoch`` (the workers' base seed), from the run's seed."""
+    return int(rng.bits(seed, "timm_fslt.data", f"loader/epoch/{int(epoch)}", 1)[0])
+
+
+@contextlib.contextmanager
+def _seeded(seed: int):
+    """torch's CPU generator and Python's ``random`` seeded with ``seed`` inside, restored after."""
+    torch_state, python_state = torch.get_rng_state(), random.getstate()
+    torch.default_generator.manual_seed(seed)
+    random.seed(seed)
+    try:
+        yield
+    finally:
+        torch.set_rng_state(torch_state)
+        random.setstate(python_state)
+
+
 class EpochShuffleSampler(Sampler[int]):
     """Training order: a fresh permutation every epoch, a pure function of ``(seed, epoch)``.
 
@@ -89,14 +108,28 @@ class EpochShuffleSampler(Sampler[int]):
 
 # -- image datasets ------------------------------------------------------------------
 class ImageClassificationSet(Dataset):
-    """``(transformed image, label)`` pairs from a ``datasets.Dataset`` or a torchvision ``ImageFolder``."""
+    """``(transformed image, label)`` pairs from a ``datasets.Dataset`` or a torchvision ``ImageFolder``.
+
+    With ``seed`` (the train set), ``set_epoch(e)`` makes the random augmentation of example
+    ``i`` in epoch ``e`` a pure function of ``(seed, e, i)`` (torch's and Python's generators
+    are seeded around the transform and restored): the same in any worker, with any number
+    of workers, and after a mid-epoch resume.  Without (val, test), the transform runs as is.
+    """
 
     def __init__(self, source, indices: Optional[Sequence[int]] = None,
-                 transform: Optional[Callable] = None, image_column: Optional[str] = None):
+                 transform: Optional[Callable] = None, image_column: Optional[str] = None,
+                 seed: Optional[int] = None):
         self.source = source
         self.indices = list(range(len(source))) if indices is None else list(indices)
         self.transform = transform
         self.image_column = image_column  # None: an ImageFolder, which yields (image, label)
+        self.seed = seed
+        self._sample_seeds: Optional[torch.Tensor] = None
+
+    def set_epoch(self, epoch: int) -> None:
+        if self.seed is not None:
+            self._sample_seeds = rng.bits(self.seed, "timm_fslt.data", f"augment/epoch/{int(epoch)}",
+                                          len(self.indices))
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -110,7 +143,11 @@ class ImageClassificationSet(Dataset):
             image, label = row[self.image_column], row[LABEL_COLUMN]
         image = image.convert("RGB")
         if self.transform is not None:
-            image = self.transform(image)
+            if self._sample_seeds is None:
+                image = self.transform(image)
+            else:
+                with _seeded(int(self._sample_seeds[i])):
+                    image = self.transform(image)
         return image, int(label)
 
 
@@ -364,7 +401,7 @@ def load_image_data(data: str, kind: str, *, img_size: Optional[int] = None, see
         data, test_splits, token=token, arg=arg, num_proc=num_proc)
     train_idx, val_idx = split_train_val(len(train_src), val_fraction, seed)
     return ImageData(
-        train=ImageClassificationSet(train_src, train_idx, None, column),
+        train=ImageClassificationSet(train_src, train_idx, None, column, seed=seed),
         val=ImageClassificationSet(train_src, val_idx, None, column),
         test=ImageClassificationSet(test_src, None, None, column),
         num_classes=num_classes, class_names=names, source=data, kind=kind).use_data_config(data_config)

@@ -53,13 +53,14 @@ from timm_fslt.ticket.architecture import resolve_architecture
 from timm_fslt.training.checkpoint import save_checkpoint
 from timm_fslt.training.config import (CHECKPOINTS_DIR, METRICS_FILE, RESULTS_FILE, VOLATILE_FIELDS, RunConfigError,
                                        TrainConfig, resolve_mixed_precision)
-from timm_fslt.training.data import EpochShuffleSampler
+from timm_fslt.training.data import EpochShuffleSampler, epoch_seed
 from timm_fslt.training.outputs import current_sparsity, save_outputs, size_results
 from timm_fslt.training.records import flat_hparams, jsonable, write_json_atomic
 from timm_fslt.training.resume import decide_resume, load_checkpoint
 from timm_fslt.training.state import (EpochSchedule, TrainState, build_optimizer, model_fingerprint, restore,
                                       snapshot, static_keys)
-from timm_fslt.training.sync import average_batchnorm_stats, batchnorm_digests, check_masks_in_sync
+from timm_fslt.training.sync import (average_batchnorm_stats, batchnorm_digests, batchnorm_vector,
+                                     check_masks_in_sync, load_batchnorm_vector)
 from timm_fslt.training.tasks import ClassificationTask
 from timm_fslt.training.tracking import JSONLTracker, check_trackers, rewind_metrics_for_resume
 
@@ -102,10 +103,11 @@ def train(model: nn.Module, train_set, val_set, test_set=None, config: Optional[
     set_seed(config.seed, device_specific=True)
     loaders = _build_loaders(accelerator, config, task, batch_sizes, (train_set, val_set, test_set))
     run = _prepare(accelerator, model, config, task, loaders, output_dir)
+    run.identity, run.resume_from = identity, resume_from
     state = _start_state(run, resume_from)
     accelerator.init_trackers(config.project_name, config=flat_hparams("", {"identity": identity}, {}))
     check_masks_in_sync(accelerator, run.model)
-    ckpt_root = os.path.join(output_dir, CHECKPOINTS_DIR)
+    ckpt_root = run.ckpt_root
     epochs_this_call = 0
     while state.epoch < config.epochs:
         if config.stop_after is not None and epochs_this_call >= config.stop_after:
@@ -137,6 +139,14 @@ class _Run:
     static: set  # state-dict keys left out of the best-model snapshot
     show: bool  # progress bars (main process only)
     sync_checks: int = 0  # per-step checks of this invocation (the per-epoch ones always run)
+    identity: Optional[dict] = None  # what every checkpoint records
+    resume_from: Optional[str] = None
+    loader_generator: Optional[torch.Generator] = None  # the train loader's, reseeded every epoch
+    epoch_clock: tuple = (0.0, 0.0)  # (perf_counter at the epoch's start here, seconds carried from a checkpoint)
+
+    @property
+    def ckpt_root(self) -> str:
+        return os.path.join(self.output_dir, CHECKPOINTS_DIR)
 
     def forward_context(self):
         if self.config.recompute_weights and self.frozen:
@@ -230,7 +240,9 @@ def _make_loader(dataset, task, batch_size: int, *, shuffle_seed: Optional[int],
                   collate_fn=task.collate_fn, persistent_workers=False)
     if shuffle_seed is not None:
         sampler = EpochShuffleSampler(len(dataset), shuffle_seed, num_samples=limit)
-        return DataLoader(dataset, sampler=sampler, **common)
+        # Its own generator (reseeded each epoch from the seed and the epoch): the workers' base
+        # seed is then no draw from the global RNG, which a mid-epoch resume would shift.
+        return DataLoader(dataset, sampler=sampler, generator=torch.Generator(), **common)
     if limit is not None and limit < len(dataset):
         dataset = Subset(dataset, range(limit))
     return DataLoader(dataset, shuffle=False, **common)
@@ -241,10 +253,11 @@ def _prepare(accelerator, model: nn.Module, config: TrainConfig, task, loaders: 
     optimizer = build_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, EpochSchedule(config.scheduler, config.epochs, config.warmup_epochs))
+    generator = getattr(loaders[0], "generator", None)
     prepared = accelerator.prepare(model, optimizer, *loaders, scheduler)
     model, optimizer, train_loader, val_loader = prepared[:4]
     unwrapped = accelerator.unwrap_model(model)
-    return _Run(config=config, task=task, accelerator=accelerator, model=model, unwrapped=unwrapped,
+    return _Run(loader_generator=generator, config=config, task=task, accelerator=accelerator, model=model, unwrapped=unwrapped,
                 optimizer=optimizer, scheduler=prepared[-1], train_loader=train_loader, val_loader=val_loader,
                 test_loader=prepared[4] if len(loaders) == 3 else None, output_dir=output_dir,
                 frozen=is_frozen(unwrapped), static=static_keys(unwrapped),
@@ -275,23 +288,50 @@ def _start_state(run: _Run, resume_from: Optional[str]) -> TrainState:
 
 # -- one epoch ----------------------------------------------------------------------------
 def _run_epoch(run: _Run, state: TrainState) -> None:
-    epoch, started = state.epoch, time.perf_counter()
+    epoch = state.epoch
+    run.epoch_clock = (time.perf_counter(), state.epoch_elapsed)  # a mid-epoch checkpoint carries its time
     lr, train_loss = _train_pass(run, state, epoch)
     if run.frozen:  # DDP did not broadcast buffers: average BatchNorm statistics before val and checkpoint
         average_batchnorm_stats(run.accelerator, run.model)
     _validate_and_record(run, state, epoch, lr, train_loss)
-    state.elapsed += time.perf_counter() - started
+    state.elapsed += _epoch_seconds(run)
+    state.end_epoch()
+
+
+def _epoch_seconds(run: _Run) -> float:
+    started, carried = run.epoch_clock
+    return carried + time.perf_counter() - started
+
+
+def _start_epoch_data(run: _Run, epoch: int) -> None:
+    """The epoch's data order, worker seeds and per-sample augmentation seeds: pure functions of
+    the seed and the epoch, however the run got here (fresh, or resumed mid-epoch)."""
+    if hasattr(run.train_loader, "set_epoch"):
+        run.train_loader.set_epoch(epoch)
+    if run.loader_generator is not None:
+        run.loader_generator.manual_seed(epoch_seed(run.config.seed, epoch))
+    dataset = getattr(run.train_loader, "dataset", None)
+    if hasattr(dataset, "set_epoch"):
+        dataset.set_epoch(epoch)
 
 
 def _train_pass(run: _Run, state: TrainState, epoch: int) -> tuple[float, float]:
-    """The epoch's optimizer steps; returns its learning rate and mean train loss (all processes)."""
+    """The epoch's optimizer steps; returns its learning rate and mean train loss (all processes).
+
+    Resumed from a mid-epoch checkpoint, it skips the batches already trained
+    (``accelerator.skip_first_batches``) and continues each process's loss sum and
+    BatchNorm statistics where the checkpoint left them."""
     accelerator = run.accelerator
-    if hasattr(run.train_loader, "set_epoch"):
-        run.train_loader.set_epoch(epoch)
+    _start_epoch_data(run, epoch)
     run.model.train()
-    loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
-    n_batches = 0
-    bar = tqdm(run.train_loader, desc=f"epoch {epoch + 1}/{run.config.epochs}", leave=False,
+    skip, rank = state.batches_in_epoch, accelerator.process_index
+    loader = accelerator.skip_first_batches(run.train_loader, skip) if skip else run.train_loader
+    carried = state.epoch_loss_sums[rank] if skip and state.epoch_loss_sums else 0.0
+    if skip and state.process_batchnorm:
+        load_batchnorm_vector(run.unwrapped, state.process_batchnorm[rank])
+    loss_sum = torch.tensor(carried, dtype=torch.float64, device=accelerator.device)
+    n_batches, total = skip, len(run.train_loader)
+    bar = tqdm(loader, desc=f"epoch {epoch + 1}/{run.config.epochs}", leave=False, initial=skip, total=total,
                dynamic_ncols=True, disable=not run.show)
     for batch in bar:
         loss = _train_step(run, state, batch, epoch)
@@ -299,11 +339,29 @@ def _train_pass(run: _Run, state: TrainState, epoch: int) -> tuple[float, float]
         n_batches += 1
         if accelerator.sync_gradients:  # an optimizer step happened (the last of grad_accum_steps)
             _after_optimizer_step(run, state, loss, bar)
+            every = run.config.checkpoint_every_steps
+            if every and state.global_step % every == 0 and n_batches < total:
+                _save_mid_epoch(run, state, n_batches, loss_sum)
     lr = run.scheduler.get_last_lr()[0]
     run.scheduler.step()
     totals = accelerator.reduce(torch.stack([loss_sum, torch.tensor(
         float(n_batches), dtype=torch.float64, device=accelerator.device)]), "sum")
     return lr, float(totals[0] / totals[1].clamp(min=1))
+
+
+def _save_mid_epoch(run: _Run, state: TrainState, n_batches: int, loss_sum: torch.Tensor) -> None:
+    """A checkpoint inside the epoch (``checkpoint_every_steps``): where the epoch stands, and each
+    process's partial loss sum and (frozen, several processes) BatchNorm statistics, gathered."""
+    accelerator = run.accelerator
+    state.batches_in_epoch = n_batches
+    state.epoch_loss_sums = [float(v) for v in accelerator.gather(loss_sum.detach().reshape(1)).cpu()]
+    state.process_batchnorm = []
+    if run.frozen and accelerator.num_processes > 1:
+        local = batchnorm_vector(run.unwrapped).to(accelerator.device)
+        state.process_batchnorm = list(accelerator.gather(local).view(accelerator.num_processes, -1).cpu())
+    state.epoch_elapsed = _epoch_seconds(run)
+    save_checkpoint(accelerator, run.ckpt_root, state, run.identity, run.config.keep_checkpoints, run.resume_from)
+    run.model.train()
 
 
 def _train_step(run: _Run, state: TrainState, batch, epoch: int) -> torch.Tensor:

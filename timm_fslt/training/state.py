@@ -13,7 +13,17 @@ from timm_fslt.training.config import TrainConfig
 
 
 class TrainState:
-    """Progress of a run that Accelerate stores with each checkpoint."""
+    """Progress of a run that Accelerate stores with each checkpoint.
+
+    ``epoch`` counts finished epochs.  A mid-epoch checkpoint (``checkpoint_every_steps``)
+    also holds where the epoch in progress stands: ``batches_in_epoch`` (per process; the
+    resumed run skips them with ``accelerator.skip_first_batches``), each process's partial
+    loss sum (``epoch_loss_sums``, so the epoch's mean loss is summed in the same order as
+    in an uninterrupted run) and, for a frozen model on several processes, each process's
+    own BatchNorm running statistics (``process_batchnorm``; the model file holds only
+    rank 0's, and they are averaged only at epoch ends).  Accelerate saves this object
+    from the main process, so per-process values are gathered into lists indexed by rank.
+    """
 
     def __init__(self):
         self.epoch = 0
@@ -23,11 +33,21 @@ class TrainState:
         self.best_state: dict = {}
         self.history: list = []
         self.elapsed = 0.0
+        self.batches_in_epoch = 0
+        self.epoch_loss_sums: list = []
+        self.epoch_elapsed = 0.0
+        self.process_batchnorm: list = []
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "global_step": self.global_step, "best_val": self.best_val,
                 "best_epoch": self.best_epoch, "best_state": self.best_state, "history": self.history,
-                "elapsed": self.elapsed}
+                "elapsed": self.elapsed, "batches_in_epoch": self.batches_in_epoch,
+                "epoch_loss_sums": self.epoch_loss_sums, "epoch_elapsed": self.epoch_elapsed,
+                "process_batchnorm": self.process_batchnorm}
+
+    def end_epoch(self) -> None:
+        """The epoch in progress is over: nothing of it is left to resume."""
+        self.batches_in_epoch, self.epoch_loss_sums, self.epoch_elapsed, self.process_batchnorm = 0, [], 0.0, []
 
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():

@@ -58,6 +58,24 @@ def average_batchnorm_stats(accelerator, model: nn.Module) -> None:
             offset += t.numel()
 
 
+def batchnorm_vector(model: nn.Module) -> torch.Tensor:
+    """Every BatchNorm running statistic of ``model`` as one float64 vector (exact for float32 and
+    for counters below 2**53); ``load_batchnorm_vector`` puts one back."""
+    stats = _batchnorm_stats(model)
+    if not stats:
+        return torch.zeros(0, dtype=torch.float64)
+    return torch.cat([t.detach().reshape(-1).double() for t in stats])
+
+
+def load_batchnorm_vector(model: nn.Module, flat: torch.Tensor) -> None:
+    offset = 0
+    with torch.no_grad():
+        for t in _batchnorm_stats(model):
+            part = flat[offset:offset + t.numel()].view_as(t).to(t.device)
+            t.copy_(part.round() if not t.is_floating_point() else part)
+            offset += t.numel()
+
+
 def batchnorm_digests(accelerator, model: nn.Module) -> list[str]:
     """sha256 of the BatchNorm running statistics, one per process; fails unless they agree."""
     h = hashlib.sha256()
