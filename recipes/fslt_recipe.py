@@ -28,7 +28,7 @@ from timm_fslt.regen.init import SCORE_INITS, WEIGHT_INITS
 from timm_fslt.regen.pattern import DISTRIBUTIONS
 from timm_fslt.training import (MIXED_PRECISION, OPTIMIZERS, SCHEDULERS, ClassificationTask, RunConfigError,
                                 TrainConfig, train)
-from timm_fslt.training.config import resolve_mixed_precision
+from timm_fslt.training.config import resolve_grad_accum, resolve_mixed_precision
 from timm_fslt.training.data import DataError, resolve_image_data_config
 
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
@@ -283,8 +283,10 @@ def check_settings(s: dict) -> None:
         TrainConfig(resume=s["resume"], checkpoint_every_steps=s["checkpoint_every_steps"])
     except ValueError as err:
         raise RecipeError(_as_option(str(err))) from None
-    # A bad ACCELERATE_MIXED_PRECISION (the launcher's flag or config file) too: a RunConfigError naming it.
+    # A bad ACCELERATE_MIXED_PRECISION / ACCELERATE_GRADIENT_ACCUMULATION_STEPS (the launcher's flag or config
+    # file), or a flag the launcher's DeepSpeed config overrules, too: a RunConfigError naming both sides.
     resolve_mixed_precision(s["mixed_precision"])
+    resolve_grad_accum(s["grad_accum"])
 
 
 def train_config(s: dict, output_dir: str, *, architecture: Optional[dict] = None,

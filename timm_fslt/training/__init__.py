@@ -2,8 +2,9 @@
 timm_fslt (Accelerate), and what it is made of.
 
 ``config`` (TrainConfig, RunConfigError, CheckpointError, the output_dir names), ``tasks``
-(what a batch is), ``data`` (the recipes' datasets and the seeded order), ``state``
-(progress, optimizer, best model), ``checkpoint`` (folders: record, verify, write, prune),
+(what a batch is), ``data`` (the recipes' datasets and the seeded order, with ``transforms``:
+timm's data config, and ``graphs``: OGBN-Arxiv), ``loaders`` (batch sizes and DataLoaders),
+``state`` (progress, optimizer, timm's scheduler, best model), ``checkpoint`` (folders: record, verify, write, prune),
 ``resume`` (which checkpoint a run continues), ``sync`` (agreement across processes),
 ``tracking`` (metrics.jsonl), ``records`` (JSON of a run), ``outputs`` (ticket or model
 file) and ``loop`` (``train``).

@@ -15,6 +15,10 @@ SCHEDULERS = ("cosine", "constant")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 # Where `accelerate launch` leaves its --mixed_precision (or the config file's mixed_precision).
 LAUNCHER_PRECISION_ENV = "ACCELERATE_MIXED_PRECISION"
+# Where `accelerate launch` leaves its --gradient_accumulation_steps (DeepSpeed launches), and its DeepSpeed switch.
+LAUNCHER_GRAD_ACCUM_ENV = "ACCELERATE_GRADIENT_ACCUMULATION_STEPS"
+LAUNCHER_DEEPSPEED_ENV = "ACCELERATE_USE_DEEPSPEED"
+LAUNCHER_CPU_ENV = "ACCELERATE_USE_CPU"
 # What a run writes into its output_dir.
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"
@@ -61,6 +65,9 @@ class TrainConfig:
     gradients); no effect on a model that is not frozen.
     ``data_config``: timm's data config of the eval transform (``timm.data.resolve_data_config``);
     the ticket records it (config.json ``pretrained_cfg``).  None: the ticket writer's default.
+    ``grad_accum_steps``: None takes the launcher's (``accelerate launch --gradient_accumulation_steps``,
+    ACCELERATE_GRADIENT_ACCUMULATION_STEPS; 1 without); a value overrides it (with a note), except
+    under DeepSpeed, whose config decides: there a different value is an error.
     ``mixed_precision``: None takes what ``accelerate launch`` says (its ``--mixed_precision``
     or config file, passed on as ACCELERATE_MIXED_PRECISION; "no" without a launcher); a value
     overrides the launcher.  Checkpoints and results.json record the precision in effect.
@@ -78,7 +85,7 @@ class TrainConfig:
     scheduler: str = "cosine"
     warmup_epochs: int = 0
     label_smoothing: float = 0.0
-    grad_accum_steps: int = 1
+    grad_accum_steps: Optional[int] = None
     mixed_precision: Optional[str] = None
     seed: int = 0
     num_workers: int = 0
@@ -119,9 +126,9 @@ class TrainConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
 
-        for name in ("epochs", "batch_size", "grad_accum_steps", "keep_checkpoints", "log_every"):
+        for name in ("epochs", "batch_size", "keep_checkpoints", "log_every"):
             positive_int(name)
-        for name in ("eval_batch_size", "limit_train_batches", "limit_eval_batches", "stop_after",
+        for name in ("grad_accum_steps", "eval_batch_size", "limit_train_batches", "limit_eval_batches", "stop_after",
                      "checkpoint_every_steps"):
             positive_int(name, allow_none=True)
         for name, allowed in (("optimizer", OPTIMIZERS), ("scheduler", SCHEDULERS),
@@ -142,7 +149,7 @@ class TrainConfig:
         if isinstance(self.check_sync_every, bool) or not isinstance(self.check_sync_every, int) \
                 or self.check_sync_every < 0:
             raise ValueError(f"check_sync_every must be an int >= 0 (0: once per epoch), got {self.check_sync_every!r}")
-        if self.limit_train_batches is not None and self.limit_train_batches % self.grad_accum_steps:
+        if self.limit_train_batches is not None and self.limit_train_batches % (self.grad_accum_steps or 1):
             raise ValueError(f"limit_train_batches ({self.limit_train_batches}) must be a multiple of "
                              f"grad_accum_steps ({self.grad_accum_steps}) so each epoch ends on an optimizer step")
         for name in ("nesterov", "overwrite", "progress", "save_ticket", "hub_private", "cpu", "check_finite",
@@ -173,22 +180,79 @@ class TrainConfig:
         return jsonable(dataclasses.asdict(self))
 
 
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
 def resolve_mixed_precision(setting: Optional[str]) -> tuple[str, Optional[str]]:
     """The precision a run uses, and a note to print when the setting overrides the launcher's.
 
     An explicit setting wins; None takes the launcher's (ACCELERATE_MIXED_PRECISION), else "no".
     Resolved here, not by Accelerate, so that a bad launcher value fails naming its source.
+    Under DeepSpeed the engine's precision comes from the launcher's DeepSpeed config, so a
+    setting that differs cannot be honoured: an error naming both.
     """
     launcher = os.environ.get(LAUNCHER_PRECISION_ENV, "").strip().lower() or None
     if setting is not None:
         if launcher is None or launcher == setting:
             return setting, None
+        if _env_flag(LAUNCHER_DEEPSPEED_ENV):
+            raise RunConfigError(f"mixed_precision / --mixed-precision {setting} conflicts with the launcher's {launcher} "
+                                 f"({LAUNCHER_PRECISION_ENV}) under DeepSpeed ({LAUNCHER_DEEPSPEED_ENV}), whose config "
+                                 "sets the engine's precision; give accelerate launch the same --mixed_precision, "
+                                 "or leave out --mixed-precision")
         return setting, (f"mixed precision: {setting} (mixed_precision / --mixed-precision) overrides the "
                          f"launcher's {launcher} ({LAUNCHER_PRECISION_ENV})")
     if launcher is not None and launcher not in MIXED_PRECISION:
         raise RunConfigError(f"{LAUNCHER_PRECISION_ENV}={launcher!r} (accelerate launch --mixed_precision or its "
                              f"config file's mixed_precision) must be one of {list(MIXED_PRECISION)}")
     return launcher or "no", None
+
+
+def resolve_grad_accum(setting: Optional[int]) -> tuple[int, Optional[str]]:
+    """The gradient accumulation steps a run uses, and a note when the setting overrides the launcher's.
+
+    Accelerate itself lets ACCELERATE_GRADIENT_ACCUMULATION_STEPS replace the value it is given
+    (the loop would then split the global batch by one number while Accelerate steps by
+    another); here an explicit setting wins, None takes the launcher's, else 1.  Under
+    DeepSpeed the engine steps by its config's value, so a different setting is an error.
+    """
+    raw = os.environ.get(LAUNCHER_GRAD_ACCUM_ENV, "").strip() or None
+    launcher = None
+    if raw is not None:
+        if not raw.isdigit() or int(raw) < 1:
+            raise RunConfigError(f"{LAUNCHER_GRAD_ACCUM_ENV}={raw!r} (accelerate launch --gradient_accumulation_steps) "
+                                 "must be a positive int")
+        launcher = int(raw)
+    if setting is None:
+        return launcher or 1, None
+    if launcher is None or launcher == setting:
+        return setting, None
+    if _env_flag(LAUNCHER_DEEPSPEED_ENV):
+        raise RunConfigError(f"grad_accum_steps / --grad-accum {setting} conflicts with the launcher's "
+                             f"gradient_accumulation_steps {launcher} ({LAUNCHER_GRAD_ACCUM_ENV}) under DeepSpeed "
+                             f"({LAUNCHER_DEEPSPEED_ENV}), whose config sets the engine's steps; give both the same "
+                             "value, or leave out --grad-accum")
+    return setting, (f"gradient accumulation: {setting} (grad_accum_steps / --grad-accum) overrides the launcher's "
+                     f"{launcher} ({LAUNCHER_GRAD_ACCUM_ENV})")
+
+
+def check_precision_on_device(precision: str, device_type: str, cpu_setting: bool,
+                              precision_setting: Optional[str]) -> None:
+    """fp16 on the CPU cannot be honoured: Accelerate has no fp16 autocast there and would train in
+    fp32 while the run records fp16.  An error naming where each side came from."""
+    if precision != "fp16" or device_type != "cpu":
+        return
+    wanted = ("mixed_precision / --mixed-precision fp16" if precision_setting == "fp16"
+              else f"the launcher's mixed_precision fp16 ({LAUNCHER_PRECISION_ENV})")
+    where = ("cpu / --cpu" if cpu_setting else f"the launcher's --cpu ({LAUNCHER_CPU_ENV})"
+             if _env_flag(LAUNCHER_CPU_ENV) else "no GPU on this machine")
+    raise RunConfigError(f"{wanted} cannot run on the CPU ({where}): Accelerate has no fp16 autocast there and "
+                         "would train in fp32 while recording fp16; use bf16 or no (--mixed-precision bf16|no)")
+
+
+class DataError(ValueError):
+    """The data cannot be used as given (wrong layout, columns, splits); raised before training."""
 
 
 class RunConfigError(ValueError):

@@ -1,10 +1,11 @@
 """Datasets of the paper's recipes: CIFAR-10, ImageNet and OGBN-Arxiv, and the 4:1 train/val split.
 
 Image data comes from the Hugging Face Hub through ``datasets`` (``uoft-cs/cifar10``,
-``ILSVRC/imagenet-1k``) or from a local path: a ``save_to_disk`` ``DatasetDict``
-or an image folder (``train/<class>/*`` next to ``test/`` or ``val/``).  The graph
-comes from ``ogb``'s ``PygNodePropPredDataset``, guarded so it never waits on stdin
-and never calls PyPI.
+``ILSVRC/imagenet-1k``) or from a local path: a ``save_to_disk`` ``DatasetDict``,
+a local copy of a Hub dataset repo (its parquet files) or an image folder (``train/<class>/*``
+next to ``test/`` or ``val/``); only the train and held-out splits are prepared.  Transforms
+come from timm's data config (``transforms``); the graph of OGBN-Arxiv from ``graphs``
+(both re-exported here).
 
 Every random choice here (the train/val split, each epoch's order) is a pure
 function of the seed computed with ``timm_fslt.regen.rng``, so a run splits and shuffles
@@ -15,35 +16,29 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import sys
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Sequence
 
-import timm
-import timm.data
 import torch
 from accelerate import PartialState
 from torch.utils.data import Dataset, Sampler
-from torchvision import transforms as T
 from torchvision.datasets import ImageFolder
 
 from timm_fslt.regen import rng
+from timm_fslt.training.config import DataError
+from timm_fslt.training.graphs import (OGBN_ARXIV, OGBN_ARXIV_RAW, OGBN_SPLITS, GraphData, GraphSplit,  # noqa: F401
+                                       import_ogb, load_ogbn_arxiv)
+from timm_fslt.training.transforms import (CIFAR10_MEAN, CIFAR10_STD, DATA_CONFIG_KEYS, DEFAULT_MODELS,  # noqa: F401
+                                           IMAGENET_MEAN, IMAGENET_STD, KINDS, image_transforms,
+                                           resolve_image_data_config)
 
 IMAGE_COLUMNS = ("img", "image")
 LABEL_COLUMN = "label"
 CIFAR10_HUB_ID = "uoft-cs/cifar10"
 IMAGENET_HUB_ID = "ILSVRC/imagenet-1k"
-CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 # Split names tried, in order, for the held-out test set of each dataset.
 CIFAR_TEST_SPLITS = ("test", "validation", "val")
 IMAGENET_TEST_SPLITS = ("validation", "val", "test")  # imagenet-1k's "test" split has no labels
-# The keys of timm's data config (timm.data.resolve_data_config), as tickets record it.
-DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-
-
-class DataError(ValueError):
-    """The data cannot be used as given (wrong layout, columns, splits); raised before training."""
 
 
 # -- deterministic order ---------------------------------------------------------------
@@ -178,67 +173,6 @@ class ImageData:
         self.train.transform, self.val.transform, self.test.transform = train_tf, eval_tf, eval_tf
         self.data_config = {k: data_config[k] for k in DATA_CONFIG_KEYS if k in data_config}
         return self
-
-
-# The recipes' default models: their timm pretrained_cfg gives a loader's data config when no
-# model is at hand (load_cifar10 / load_imagenet called on their own).
-DEFAULT_MODELS = {"cifar": "conv6", "imagenet": "resnet18"}
-KINDS = tuple(DEFAULT_MODELS)
-
-
-def resolve_image_data_config(kind: str, model=None, *, img_size: Optional[int] = None) -> dict:
-    """timm's data config (``timm.data.resolve_data_config``) of ``model`` for an image recipe.
-
-    ``model`` is a timm model (its ``pretrained_cfg``), a timm model name, or None (the
-    recipe's default model).  ``img_size`` overrides the input size (``--img-size``).
-    CIFAR images are small and their statistics are the data's, not a model's: the CIFAR
-    recipe evaluates uncropped (``crop_pct`` 1.0) with CIFAR-10's mean and std whatever the
-    model's pretrained_cfg says (for conv6 and resnet18_cifar those are the same values).
-    Returns the keys timm's ``create_transform`` takes: input_size, interpolation, mean, std,
-    crop_pct, crop_mode.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
-    if img_size is not None and (isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 1):
-        raise DataError(f"--img-size must be a positive int, got {img_size!r}")
-    args = {"img_size": img_size}
-    if kind == "cifar":
-        args.update(mean=CIFAR10_MEAN, std=CIFAR10_STD, crop_pct=1.0)
-    model = DEFAULT_MODELS[kind] if model is None else model
-    if isinstance(model, str):
-        return dict(timm.data.resolve_data_config(args, pretrained_cfg=_pretrained_cfg(model)))
-    return dict(timm.data.resolve_data_config(args, model=model))
-
-
-def _pretrained_cfg(name: str) -> dict:
-    cfg = timm.models.get_pretrained_cfg(name)
-    if cfg is None:
-        raise DataError(f"--model: timm has no pretrained_cfg for {name!r}, so no data config")
-    return cfg.to_dict()
-
-
-def image_transforms(kind: str, data_config: dict):
-    """(train, eval) transforms of an image recipe from timm's ``data_config``.
-
-    Eval: ``timm.data.create_transform(**data_config)`` (resize by crop_pct with the config's
-    interpolation, centre crop, normalize).  ImageNet train: ``create_transform(...,
-    is_training=True, color_jitter=None)``, timm's random resized crop + flip (the reference
-    code's simple augmentation: no colour jitter).  CIFAR train stays ours: the paper's random
-    crop with 4-pixel zero padding + flip (timm's training transforms only crop by resizing),
-    normalized with the config's mean and std.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {list(KINDS)}, got {kind!r}")
-    config = {k: data_config[k] for k in DATA_CONFIG_KEYS if k in data_config}
-    evaluation = timm.data.create_transform(**config, is_training=False)
-    if kind == "imagenet":
-        return timm.data.create_transform(**config, is_training=True, color_jitter=None), evaluation
-    _, height, width = config["input_size"]
-    resize = [] if (height, width) == (32, 32) else [T.Resize((height, width))]
-    train = T.Compose(resize + [T.RandomCrop((height, width), padding=max(1, min(height, width) // 8)),
-                                T.RandomHorizontalFlip(), T.ToTensor(),
-                                T.Normalize(config["mean"], config["std"])])
-    return train, evaluation
 
 
 def _looks_like_path(data: str) -> bool:
@@ -417,132 +351,3 @@ def load_imagenet(data: str = IMAGENET_HUB_ID, *, img_size: Optional[int] = 224,
                   val_fraction: float = 0.2, token: Optional[str] = None, **kwargs) -> ImageData:
     return load_image_data(data, "imagenet", img_size=img_size, seed=seed, val_fraction=val_fraction, token=token,
                            **kwargs)
-
-
-# -- OGBN-Arxiv ------------------------------------------------------------------------
-OGBN_ARXIV = "ogbn-arxiv"
-OGBN_ARXIV_RAW = ("edge.csv.gz", "node-feat.csv.gz", "node-label.csv.gz", "num-node-list.csv.gz",
-                  "num-edge-list.csv.gz", "node_year.csv.gz")
-OGBN_SPLITS = ("train", "valid", "test")
-
-
-class GraphSplit(Dataset):
-    """The whole graph as one example, with the node indices of one split (full-graph training)."""
-
-    def __init__(self, x: torch.Tensor, edge_index: torch.Tensor, y: torch.Tensor, index: torch.Tensor):
-        self.graph = {"x": x, "edge_index": edge_index, "y": y, "index": index}
-
-    def __len__(self) -> int:
-        return 1
-
-    def __getitem__(self, i: int) -> dict:
-        if i != 0:
-            raise IndexError(i)
-        return self.graph
-
-
-@dataclass
-class GraphData:
-    train: GraphSplit
-    val: GraphSplit
-    test: GraphSplit
-    num_features: int
-    num_classes: int
-    num_nodes: int
-    num_edges: int
-    source: str = ""
-
-    def fingerprint(self) -> dict:
-        return {"nodes": self.num_nodes, "edges": self.num_edges, "features": self.num_features,
-                "num_classes": self.num_classes,
-                **{f"{name}_nodes": int(s.graph["index"].numel())
-                   for name, s in (("train", self.train), ("val", self.val), ("test", self.test))}}
-
-
-def import_ogb():
-    """Import ogb without its PyPI version check (a thread that calls the network)."""
-    os.environ.setdefault("OUTDATED_IGNORE", "1")
-    import ogb  # noqa: F401
-    from torch_geometric.data.data import DataEdgeAttr, DataTensorAttr
-    from torch_geometric.data.storage import GlobalStorage
-
-    # ogb 1.3.6 torch.load()s its processed file; torch >= 2.6 loads weights only by default.
-    torch.serialization.add_safe_globals([DataEdgeAttr, DataTensorAttr, GlobalStorage])
-    return ogb
-
-
-def _check_ogbn_folder(root: str, download: bool, arg: str) -> None:
-    if not os.path.isdir(root):
-        if download:
-            return
-        raise FileNotFoundError(f"{arg}: {root!r} does not exist; point it at a folder holding ogbn_arxiv/ "
-                                "or pass --download to let ogb fetch OGBN-Arxiv (about 80 MB) there")
-    folder = next((os.path.join(root, d) for d in ("ogbn_arxiv_pyg", "ogbn_arxiv")
-                   if os.path.isdir(os.path.join(root, d))), None)
-    if folder is None:
-        if download:
-            return
-        raise FileNotFoundError(f"{arg}: {root!r} has no ogbn_arxiv/ folder (found {sorted(os.listdir(root))[:10]}); "
-                                "pass --download to let ogb fetch it")
-    if not os.path.exists(os.path.join(folder, "RELEASE_v1.txt")):
-        # ogb would stop and ask on stdin whether to delete the folder; say it instead.
-        raise DataError(f"{arg}: {folder!r} lacks RELEASE_v1.txt, so ogb takes it for an outdated copy "
-                         "and would prompt to delete it; delete the folder and pass --download, or add "
-                         "the file if the data is current")
-    processed = os.path.exists(os.path.join(folder, "processed", "geometric_data_processed.pt"))
-    missing = [f"raw/{f}" for f in OGBN_ARXIV_RAW if not os.path.exists(os.path.join(folder, "raw", f))]
-    missing += [f"split/time/{s}.csv.gz" for s in OGBN_SPLITS
-                if not os.path.exists(os.path.join(folder, "split", "time", f"{s}.csv.gz"))]
-    split_missing = [m for m in missing if m.startswith("split/")]
-    if (not processed and missing) or (processed and split_missing):
-        if download and not processed:
-            return
-        raise FileNotFoundError(f"{arg}: {folder!r} is not an ogbn-arxiv folder: missing {missing}")
-
-
-def load_ogbn_arxiv(root: str, *, download: bool = False, undirected: bool = True,
-                    arg: str = "--data-root") -> GraphData:
-    """OGBN-Arxiv with its default (time) split, as one graph for full-graph training."""
-    root = os.path.expanduser(root)
-    _check_ogbn_folder(root, download, arg)
-    import_ogb()  # ogb (heavy, optional to the image recipes) only behind its guard
-    from ogb.nodeproppred import PygNodePropPredDataset
-
-    if download:
-        os.makedirs(root, exist_ok=True)
-    # The first process converts the csv files; the others then read the cached result.
-    with PartialState().main_process_first(), _no_stdin():
-        dataset = PygNodePropPredDataset(name=OGBN_ARXIV, root=root)
-        split = dataset.get_idx_split()
-    data = dataset[0]
-    if getattr(data, "x", None) is None or getattr(data, "y", None) is None:
-        raise DataError(f"{arg}: the graph under {root!r} lacks node features or labels")
-    y = data.y.view(-1).long()
-    edge_index = data.edge_index
-    if undirected:
-        from torch_geometric.utils import to_undirected  # PyG is heavy: imported for graphs only
-        edge_index = to_undirected(edge_index, num_nodes=data.num_nodes)
-    sets = {}
-    for name in OGBN_SPLITS:
-        index = torch.as_tensor(split[name]).long()
-        if index.numel() and (index.min() < 0 or index.max() >= data.num_nodes):
-            raise DataError(f"{arg}: split {name} has node indices outside [0, {data.num_nodes})")
-        sets[name] = GraphSplit(data.x.float(), edge_index, y, index)
-    return GraphData(train=sets["train"], val=sets["valid"], test=sets["test"],
-                     num_features=int(data.x.shape[1]), num_classes=int(dataset.num_classes),
-                     num_nodes=int(data.num_nodes), num_edges=int(edge_index.shape[1]), source=root)
-
-
-@contextlib.contextmanager
-def _no_stdin():
-    """ogb asks questions with input(); with no terminal it must fail, not wait forever."""
-    saved = sys.stdin
-    if not (sys.stdin and sys.stdin.isatty()):
-        sys.stdin = open(os.devnull)
-    try:
-        yield
-    finally:
-        if sys.stdin is not saved:
-            sys.stdin.close()
-            sys.stdin = saved
-

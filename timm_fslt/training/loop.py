@@ -43,26 +43,30 @@ from typing import Any, Optional
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, ProjectConfiguration, set_seed
+from accelerate.utils import (DistributedDataParallelKwargs, GradientAccumulationPlugin, ProjectConfiguration,
+                               set_seed)
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from timm_fslt.frozen import is_frozen, recompute_masked_weights
 from timm_fslt.ticket.architecture import resolve_architecture
 from timm_fslt.training.checkpoint import save_checkpoint
 from timm_fslt.training.config import (CHECKPOINTS_DIR, METRICS_FILE, RESULTS_FILE, VOLATILE_FIELDS, RunConfigError,
-                                       TrainConfig, resolve_mixed_precision)
-from timm_fslt.training.data import EpochShuffleSampler, epoch_seed
+                                       TrainConfig, check_precision_on_device, resolve_grad_accum,
+                                       resolve_mixed_precision)
+from timm_fslt.training.data import epoch_seed
 from timm_fslt.training.outputs import current_sparsity, save_outputs, size_results
 from timm_fslt.training.records import flat_hparams, jsonable, write_json_atomic
 from timm_fslt.training.resume import decide_resume, load_checkpoint
-from timm_fslt.training.state import (EpochSchedule, TrainState, build_optimizer, model_fingerprint, restore,
-                                      snapshot, static_keys)
+from timm_fslt.training.loaders import batch_sizes, build_loaders
+from timm_fslt.training.state import (TrainState, build_optimizer, build_scheduler, model_fingerprint,
+                                      nonfinite_message, restore, snapshot, static_keys)
 from timm_fslt.training.sync import (average_batchnorm_stats, batchnorm_digests, batchnorm_vector,
                                      check_masks_in_sync, load_batchnorm_vector)
 from timm_fslt.training.tasks import ClassificationTask
-from timm_fslt.training.tracking import JSONLTracker, check_trackers, rewind_metrics_for_resume
+from timm_fslt.training.tracking import (JSONLTracker, check_trackers, check_trackers_installed,
+                                         rewind_metrics_for_resume)
 
 
 def train(model: nn.Module, train_set, val_set, test_set=None, config: Optional[TrainConfig] = None, *,
@@ -91,17 +95,20 @@ def train(model: nn.Module, train_set, val_set, test_set=None, config: Optional[
     ValueError), ``FileExistsError`` or ``FileNotFoundError`` before anything trains.
     """
     config = dataclasses.replace(config or TrainConfig())  # revalidate a caller-modified config
+    accum, accum_note = resolve_grad_accum(config.grad_accum_steps)  # None: the launcher's
+    config = dataclasses.replace(config, grad_accum_steps=accum)
     task = task or ClassificationTask(config.label_smoothing)
     run_info = jsonable(dict(run_info or {}))
     _check_before_start(model, config)
     output_dir = os.path.abspath(os.path.expanduser(str(config.output_dir)))
-    accelerator = _make_accelerator(config, output_dir, is_frozen(model))
-    batch_sizes = _batch_sizes(config, task, accelerator.num_processes)
+    accelerator = _make_accelerator(config, output_dir, is_frozen(model), accum_note)
+    check_trackers_installed(config.log_with, os.path.join(output_dir, "logs"))
+    sizes = batch_sizes(config, task, accelerator.num_processes)
     identity = _identity(model, config, run_info, accelerator, (train_set, val_set, test_set))
     # Decided before anything trains; every process gets the same answer (or the same error).
     resume_from = decide_resume(accelerator, config, output_dir, identity)
     set_seed(config.seed, device_specific=True)
-    loaders = _build_loaders(accelerator, config, task, batch_sizes, (train_set, val_set, test_set))
+    loaders = build_loaders(accelerator, config, task, sizes, (train_set, val_set, test_set))
     run = _prepare(accelerator, model, config, task, loaders, output_dir)
     run.identity, run.resume_from = identity, resume_from
     state = _start_state(run, resume_from)
@@ -164,14 +171,17 @@ def _check_before_start(model: nn.Module, config: TrainConfig) -> None:
         resolve_architecture(model, config.architecture)  # a ticket that cannot be saved fails now
 
 
-def _make_accelerator(config: TrainConfig, output_dir: str, frozen: bool) -> Accelerator:
+def _make_accelerator(config: TrainConfig, output_dir: str, frozen: bool,
+                      accum_note: Optional[str] = None) -> Accelerator:
     precision, note = resolve_mixed_precision(config.mixed_precision)
     # A frozen model's buffers (random weights, codes, masks: 4.26 MB a step for resnet18_cifar at
     # width 0.25) are regenerated identically on every process, so DDP need not broadcast them
     # from rank 0 before each forward; BatchNorm statistics are averaged instead (_run_epoch).
     handlers = [DistributedDataParallelKwargs(broadcast_buffers=False)] if frozen else []
     accelerator = Accelerator(
-        mixed_precision=precision, gradient_accumulation_steps=config.grad_accum_steps,
+        # A plugin, not gradient_accumulation_steps=: Accelerate would let the launcher's env var replace that.
+        mixed_precision=precision, gradient_accumulation_plugin=GradientAccumulationPlugin(
+            num_steps=config.grad_accum_steps),
         cpu=config.cpu, step_scheduler_with_optimizer=False, kwargs_handlers=handlers,
         log_with=[JSONLTracker(os.path.join(output_dir, METRICS_FILE)), *config.log_with],
         project_config=ProjectConfiguration(project_dir=output_dir, logging_dir=os.path.join(output_dir, "logs")))
@@ -180,19 +190,12 @@ def _make_accelerator(config: TrainConfig, output_dir: str, frozen: bool) -> Acc
         warnings.warn("accelerate launch --cpu --num_processes N starts ONE process unless MPI is set up "
                       "(--mpirun_hostfile); for N CPU processes use torchrun: accelerate launch --multi_gpu "
                       "--num_processes N <recipe> --cpu")
-    if note:
-        accelerator.print(note)
+    check_precision_on_device(accelerator.mixed_precision, accelerator.device.type, config.cpu,
+                              config.mixed_precision)
+    for line in (note, accum_note):
+        if line:
+            accelerator.print(line)
     return accelerator
-
-
-def _batch_sizes(config: TrainConfig, task, n_proc: int) -> tuple[int, int]:
-    """Per-process train and eval batch sizes (``batch_size`` is the global batch)."""
-    per_step = n_proc * config.grad_accum_steps
-    if task.batched and config.batch_size % per_step:
-        raise RunConfigError(f"batch_size ({config.batch_size}) is the global batch and must be divisible by "
-                             f"num_processes * grad_accum_steps = {n_proc} * {config.grad_accum_steps}")
-    per_process_batch = config.batch_size // per_step if task.batched else 1
-    return per_process_batch, config.eval_batch_size or per_process_batch
 
 
 def _identity(model: nn.Module, config: TrainConfig, run_info: dict, accelerator, sets: tuple) -> dict:
@@ -210,55 +213,18 @@ def _identity(model: nn.Module, config: TrainConfig, run_info: dict, accelerator
     })
 
 
-def _build_loaders(accelerator, config: TrainConfig, task, batch_sizes: tuple[int, int], sets: tuple) -> list:
-    """Train (seeded per-epoch order), val and (if given) test loaders, not yet prepared."""
-    n_proc = accelerator.num_processes
-    (per_process_batch, eval_batch), (train_set, val_set, test_set) = batch_sizes, sets
-    pin = accelerator.device.type == "cuda"
-
-    def loader(dataset, batch_size, shuffle_seed, limit_batches):
-        return _make_loader(dataset, task, batch_size, shuffle_seed=shuffle_seed, limit_batches=limit_batches,
-                            num_processes=n_proc, num_workers=config.num_workers, pin_memory=pin)
-
-    loaders = [loader(train_set, per_process_batch, config.seed, config.limit_train_batches),
-               loader(val_set, eval_batch, None, config.limit_eval_batches)]
-    if test_set is not None:
-        loaders.append(loader(test_set, eval_batch, None, config.limit_eval_batches))
-    return loaders
-
-
-def _make_loader(dataset, task, batch_size: int, *, shuffle_seed: Optional[int], limit_batches: Optional[int],
-                 num_processes: int, num_workers: int, pin_memory: bool):
-    if isinstance(dataset, DataLoader):
-        return dataset
-    if not isinstance(dataset, Dataset) and not hasattr(dataset, "__getitem__"):
-        raise TypeError(f"expected a torch Dataset or DataLoader, got {type(dataset).__name__}")
-    if not task.batched:
-        batch_size, limit_batches = 1, None
-    limit = None if limit_batches is None else limit_batches * batch_size * num_processes
-    common = dict(batch_size=batch_size, num_workers=num_workers, pin_memory=pin_memory,
-                  collate_fn=task.collate_fn, persistent_workers=False)
-    if shuffle_seed is not None:
-        sampler = EpochShuffleSampler(len(dataset), shuffle_seed, num_samples=limit)
-        # Its own generator (reseeded each epoch from the seed and the epoch): the workers' base
-        # seed is then no draw from the global RNG, which a mid-epoch resume would shift.
-        return DataLoader(dataset, sampler=sampler, generator=torch.Generator(), **common)
-    if limit is not None and limit < len(dataset):
-        dataset = Subset(dataset, range(limit))
-    return DataLoader(dataset, shuffle=False, **common)
-
-
 def _prepare(accelerator, model: nn.Module, config: TrainConfig, task, loaders: list, output_dir: str) -> _Run:
     """Optimizer and schedule, then everything through ``accelerator.prepare``."""
     optimizer = build_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, EpochSchedule(config.scheduler, config.epochs, config.warmup_epochs))
+    scheduler = build_scheduler(optimizer, config)
     generator = getattr(loaders[0], "generator", None)
-    prepared = accelerator.prepare(model, optimizer, *loaders, scheduler)
+    # timm's scheduler is no torch LRScheduler: prepare leaves it as is (stepped by the loop, once an
+    # epoch, whatever the number of processes) and _start_state registers it for checkpointing.
+    prepared = accelerator.prepare(model, optimizer, *loaders)
     model, optimizer, train_loader, val_loader = prepared[:4]
     unwrapped = accelerator.unwrap_model(model)
     return _Run(loader_generator=generator, config=config, task=task, accelerator=accelerator, model=model, unwrapped=unwrapped,
-                optimizer=optimizer, scheduler=prepared[-1], train_loader=train_loader, val_loader=val_loader,
+                optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, val_loader=val_loader,
                 test_loader=prepared[4] if len(loaders) == 3 else None, output_dir=output_dir,
                 frozen=is_frozen(unwrapped), static=static_keys(unwrapped),
                 show=config.progress and accelerator.is_main_process)
@@ -268,7 +234,8 @@ def _start_state(run: _Run, resume_from: Optional[str]) -> TrainState:
     """A fresh ``TrainState``, or the checkpoint's (with metrics.jsonl rewound to it)."""
     accelerator, output_dir = run.accelerator, run.output_dir
     state = TrainState()
-    accelerator.register_for_checkpointing(state)
+    accelerator.register_for_checkpointing(state)  # custom_checkpoint_0.pkl
+    accelerator.register_for_checkpointing(run.scheduler)  # custom_checkpoint_1.pkl
     if resume_from is not None:
         load_checkpoint(accelerator, run.unwrapped, resume_from)
         if accelerator.is_main_process:
@@ -342,8 +309,8 @@ def _train_pass(run: _Run, state: TrainState, epoch: int) -> tuple[float, float]
             every = run.config.checkpoint_every_steps
             if every and state.global_step % every == 0 and n_batches < total:
                 _save_mid_epoch(run, state, n_batches, loss_sum)
-    lr = run.scheduler.get_last_lr()[0]
-    run.scheduler.step()
+    lr = run.optimizer.param_groups[0]["lr"]
+    run.scheduler.step(epoch + 1)  # timm's scheduler: the learning rate of the next epoch
     totals = accelerator.reduce(torch.stack([loss_sum, torch.tensor(
         float(n_batches), dtype=torch.float64, device=accelerator.device)]), "sum")
     return lr, float(totals[0] / totals[1].clamp(min=1))
@@ -369,7 +336,7 @@ def _train_step(run: _Run, state: TrainState, batch, epoch: int) -> torch.Tensor
         with run.forward_context():
             loss = run.task.loss(run.model, batch)
         if run.config.check_finite and not bool(torch.isfinite(loss.detach())):
-            raise FloatingPointError(_nonfinite_message(run.unwrapped, loss, state, epoch))
+            raise FloatingPointError(nonfinite_message(run.unwrapped, loss, state, epoch))
         run.accelerator.backward(loss)
         run.optimizer.step()
         run.optimizer.zero_grad(set_to_none=True)
@@ -382,7 +349,7 @@ def _after_optimizer_step(run: _Run, state: TrainState, loss: torch.Tensor, bar)
     if state.global_step % config.log_every == 0:
         value = float(loss.detach())
         bar.set_postfix(loss=f"{value:.4f}")
-        run.accelerator.log({"train/step_loss": value, "lr": run.scheduler.get_last_lr()[0]},
+        run.accelerator.log({"train/step_loss": value, "lr": run.optimizer.param_groups[0]["lr"]},
                             step=state.global_step)
     if config.check_sync_every and state.global_step % config.check_sync_every == 0:
         check_masks_in_sync(run.accelerator, run.model)
@@ -410,16 +377,6 @@ def _validate_and_record(run: _Run, state: TrainState, epoch: int, lr: float, tr
                       f"val acc {val['acc']:.4f}  (best {state.best_val['acc']:.4f} @ {state.best_epoch})")
 
 
-def _nonfinite_message(model: nn.Module, loss: torch.Tensor, state, epoch: int) -> str:
-    bad = [name for name, p in model.named_parameters()
-           if p.requires_grad and not bool(torch.isfinite(p.detach()).all())]
-    where = (f"non-finite values in {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}" if bad else
-             "every trainable tensor is finite, so the inputs or the learning rate are the likely cause")
-    return (f"loss is {float(loss.detach())} at step {state.global_step + 1} (epoch {epoch + 1}): {where}. "
-            "Lower the learning rate or check the data; resume from the last checkpoint with --resume. "
-            "(TrainConfig(check_finite=False) turns this check off.)")
-
-
 # -- the best-val model, tested -------------------------------------------------------------
 def _finish(run: _Run, state: TrainState, run_info: dict) -> dict:
     """Restore the best-val model, test it, save the ticket (or model) and results.json."""
@@ -444,8 +401,7 @@ def _finish(run: _Run, state: TrainState, run_info: dict) -> dict:
         "config": config.to_dict(), "output_dir": run.output_dir,
         **size_results(run.unwrapped, run.frozen),
     }
-    if accelerator.is_main_process:
-        save_outputs(run.unwrapped, results, config, run.output_dir, run.frozen)
+    save_outputs(accelerator, run.model, results, config, run.output_dir, run.frozen)
     results["wall_time_s"] = state.elapsed + time.perf_counter() - started
     if accelerator.is_main_process:
         write_json_atomic(os.path.join(run.output_dir, RESULTS_FILE), results)

@@ -1,11 +1,11 @@
 """What a run carries from step to step and from checkpoint to checkpoint: the progress
-(``TrainState``), the optimizer and its per-epoch schedule, and the best model's state."""
+(``TrainState``), the optimizer and its per-epoch schedule (timm's), and the best model's state."""
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
+from timm.scheduler import CosineLRScheduler, StepLRScheduler
 from torch import nn
 
 from timm_fslt.nn.modules import iter_frozen
@@ -54,19 +54,21 @@ class TrainState:
             setattr(self, key, value)
 
 
-class EpochSchedule:
-    """Per-epoch learning-rate factor: linear warm-up, then cosine decay to 0 (or constant)."""
+def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    """timm's per-epoch learning-rate scheduler: ``CosineLRScheduler`` (cosine decay to 0 over
+    the epochs after the warm-up) or, for "constant", ``StepLRScheduler`` with decay rate 1.
 
-    def __init__(self, kind: str, epochs: int, warmup: int):
-        self.kind, self.epochs, self.warmup = kind, epochs, warmup
-
-    def __call__(self, epoch: int) -> float:
-        if epoch < self.warmup:
-            return (epoch + 1) / self.warmup
-        if self.kind == "constant":
-            return 1.0
-        progress = (epoch - self.warmup) / max(self.epochs - self.warmup, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    Warm-up (``warmup_epochs`` = w > 0): timm's linear warm-up from ``lr / (w + 1)``, so epoch
+    e < w runs at ``lr * (e + 1) / (w + 1)`` and the schedule proper starts at lr in epoch w
+    (``warmup_prefix``).  timm's schedulers are pure functions of the epoch; the loop calls
+    ``step(epoch + 1)`` after each epoch, and Accelerate saves their state with a checkpoint.
+    """
+    warmup = config.warmup_epochs
+    common = dict(warmup_t=warmup, warmup_lr_init=config.lr / (warmup + 1) if warmup else 0.0,
+                  warmup_prefix=True, t_in_epochs=True)
+    if config.scheduler == "cosine":
+        return CosineLRScheduler(optimizer, t_initial=config.epochs - warmup, lr_min=0.0, **common)
+    return StepLRScheduler(optimizer, decay_t=config.epochs, decay_rate=1.0, **common)
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
@@ -111,3 +113,13 @@ def restore(model: nn.Module, state: dict, static: set) -> None:
     if missing or result.unexpected_keys:
         raise RuntimeError(f"best-model state does not fit the model: missing {sorted(missing)}, "
                            f"unexpected {sorted(result.unexpected_keys)}")
+
+
+def nonfinite_message(model: nn.Module, loss: torch.Tensor, state, epoch: int) -> str:
+    bad = [name for name, p in model.named_parameters()
+           if p.requires_grad and not bool(torch.isfinite(p.detach()).all())]
+    where = (f"non-finite values in {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}" if bad else
+             "every trainable tensor is finite, so the inputs or the learning rate are the likely cause")
+    return (f"loss is {float(loss.detach())} at step {state.global_step + 1} (epoch {epoch + 1}): {where}. "
+            "Lower the learning rate or check the data; resume from the last checkpoint with --resume. "
+            "(TrainConfig(check_finite=False) turns this check off.)")

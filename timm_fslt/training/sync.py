@@ -7,7 +7,7 @@ import hashlib
 from typing import Any, Callable
 
 import torch
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 from torch import nn
 
 from timm_fslt.frozen import get_group, is_frozen
@@ -88,9 +88,8 @@ def batchnorm_digests(accelerator, model: nn.Module) -> list[str]:
 
 
 def _gathered(accelerator, digest: str) -> list[str]:
-    local = torch.tensor(list(bytes.fromhex(digest)), dtype=torch.int64, device=accelerator.device)
-    rows = accelerator.gather(local).view(accelerator.num_processes, -1).cpu()
-    return [bytes(row.tolist()).hex() for row in rows]
+    """Every process's digest, in process order (``accelerate.utils.gather_object``)."""
+    return list(gather_object([digest]))
 
 
 def check_masks_in_sync(accelerator, model: nn.Module) -> list[str]:

@@ -8,7 +8,7 @@ import time
 import warnings
 from typing import Optional, Sequence
 
-from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker, _available_trackers
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, GeneralTracker, filter_trackers
 
 from timm_fslt.atomic import write_text_atomic
 from timm_fslt.training.config import METRICS_FILE, RunConfigError
@@ -81,11 +81,24 @@ def rewind_metrics_for_resume(path: str, step: int, stacklevel: int = 2) -> None
 
 
 def check_trackers(names: Sequence[str]) -> None:
-    available = {str(getattr(t, "value", t)) for t in _available_trackers}
+    """Refuse an unknown tracker by name, before anything is built."""
     for name in names:
         if name not in LOGGER_TYPE_TO_CLASS:
             raise RunConfigError(f"log_with: unknown tracker {name!r}; choose from {sorted(LOGGER_TYPE_TO_CLASS)} "
-                             "(metrics always go to metrics.jsonl as well)")
-        if name not in available:
-            # Accelerate would drop it silently; say so instead.
+                                 "(metrics always go to metrics.jsonl as well)")
+
+
+def check_trackers_installed(names: Sequence[str], logging_dir: str) -> None:
+    """Refuse a requested tracker that is not installed, before anything trains.
+
+    ``accelerate.tracking.filter_trackers`` (what ``Accelerator(log_with=...)`` runs) decides
+    which trackers are available; it drops an uninstalled one with a debug-level message
+    only, so a requested tracker it leaves out is reported here.  Needs Accelerate's state
+    (filter_trackers logs through it): call it once the Accelerator exists."""
+    try:
+        kept = {str(getattr(t, "value", t)) for t in filter_trackers(list(names), logging_dir)}
+    except ValueError as err:  # accelerate's own refusal: name the option
+        raise RunConfigError(f"log_with: {err}") from None
+    for name in names:
+        if name not in kept:
             raise RunConfigError(f"log_with: tracker {name!r} is not installed (pip install {name})")
