@@ -150,3 +150,23 @@ def test_augmented_images_resume_mid_epoch_exactly_even_with_another_number_of_w
     a, b = data.train[0][0], data.train[0][0]
     data.train.set_epoch(1)
     assert torch.equal(a, b) and not torch.equal(a, data.train[0][0])
+
+
+def test_dropout_draws_the_same_numbers_after_a_mid_epoch_resume(tmp_path):
+    """Dropout uses the global torch generator: a resumed run must not shift it (the train loader's
+    own generator, reseeded per epoch, gives its workers' base seed instead of a global draw)."""
+    def model():
+        net = timm_fslt.create_model("conv6", width=0.0625, num_classes=4, drop_rate=0.5)
+        return timm_fslt.freeze(net, 0.3, 0.2, seed=3)
+
+    full_model = model()
+    full = train(full_model, TRAIN, VAL, TEST, _config(tmp_path / "full"))
+    helpers.reset_accelerate()
+    with pytest.raises(KeyboardInterrupt):
+        train(model(), TRAIN, VAL, TEST, _config(tmp_path / "cut"), task=_KilledAt(5))
+    helpers.reset_accelerate()
+    resumed_model = model()
+    resumed = train(resumed_model, TRAIN, VAL, TEST, _config(tmp_path / "cut", resume=True))
+    assert resumed["history"] == full["history"]
+    for name, scores in _scores(full_model).items():
+        assert torch.equal(_scores(resumed_model)[name], scores), name

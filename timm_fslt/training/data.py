@@ -119,12 +119,12 @@ class ImageClassificationSet(Dataset):
         self.transform = transform
         self.image_column = image_column  # None: an ImageFolder, which yields (image, label)
         self.seed = seed
-        self._sample_seeds: Optional[torch.Tensor] = None
+        self._sample_seeds: Optional[list] = None
 
     def set_epoch(self, epoch: int) -> None:
         if self.seed is not None:
             self._sample_seeds = rng.bits(self.seed, "timm_fslt.data", f"augment/epoch/{int(epoch)}",
-                                          len(self.indices))
+                                          len(self.indices)).tolist()
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -141,7 +141,7 @@ class ImageClassificationSet(Dataset):
             if self._sample_seeds is None:
                 image = self.transform(image)
             else:
-                with _seeded(int(self._sample_seeds[i])):
+                with _seeded(self._sample_seeds[i]):
                     image = self.transform(image)
         return image, int(label)
 

@@ -54,7 +54,9 @@ def make_loader(dataset, task, batch_size: int, *, shuffle_seed: Optional[int], 
         sampler = EpochShuffleSampler(len(dataset), shuffle_seed, num_samples=limit)
         # Its own generator (reseeded each epoch from the seed and the epoch): the workers' base
         # seed is then no draw from the global RNG, which a mid-epoch resume would shift.
-        return DataLoader(dataset, sampler=sampler, generator=torch.Generator(), **common)
+        loader = DataLoader(dataset, sampler=sampler, generator=torch.Generator(), **common)
+        loader.fslt_epoch_generator = loader.generator  # the loop reseeds it (a caller's own loader: never)
+        return loader
     if limit is not None and limit < len(dataset):
         dataset = Subset(dataset, range(limit))
     return DataLoader(dataset, shuffle=False, **common)

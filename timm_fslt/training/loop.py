@@ -217,7 +217,7 @@ def _prepare(accelerator, model: nn.Module, config: TrainConfig, task, loaders: 
     """Optimizer and schedule, then everything through ``accelerator.prepare``."""
     optimizer = build_optimizer(model, config)
     scheduler = build_scheduler(optimizer, config)
-    generator = getattr(loaders[0], "generator", None)
+    generator = getattr(loaders[0], "fslt_epoch_generator", None)
     # timm's scheduler is no torch LRScheduler: prepare leaves it as is (stepped by the loop, once an
     # epoch, whatever the number of processes) and _start_state registers it for checkpointing.
     prepared = accelerator.prepare(model, optimizer, *loaders)
