@@ -170,3 +170,21 @@ def test_dropout_draws_the_same_numbers_after_a_mid_epoch_resume(tmp_path):
     assert resumed["history"] == full["history"]
     for name, scores in _scores(full_model).items():
         assert torch.equal(_scores(resumed_model)[name], scores), name
+
+
+def test_a_mid_epoch_resume_with_gradient_accumulation(tmp_path):
+    """With 2 accumulation steps a mid-epoch checkpoint follows an optimizer step; the resumed run
+    continues Accelerate's accumulation counter from it and ends the same."""
+    config = dict(grad_accum_steps=2)  # 6 batches an epoch, 3 optimizer steps; checkpoints at steps 2, 4
+    full_model = _model()
+    full = train(full_model, TRAIN, VAL, TEST, _config(tmp_path / "full", **config))
+    helpers.reset_accelerate()
+    with pytest.raises(KeyboardInterrupt):  # batch 3 of epoch 2, after the step-4 checkpoint
+        train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "cut", **config), task=_KilledAt(9))
+    assert os.path.basename(latest_checkpoint(str(tmp_path / "cut"))) == "epoch_0001_step_00000004"
+    helpers.reset_accelerate()
+    model = _model()
+    resumed = train(model, TRAIN, VAL, TEST, _config(tmp_path / "cut", **config, resume=True))
+    assert resumed["history"] == full["history"] and resumed["global_steps"] == full["global_steps"] == 6
+    for name, scores in _scores(full_model).items():
+        assert torch.equal(_scores(model)[name], scores), name
