@@ -157,7 +157,7 @@ def test_push_to_hub_of_a_model_uploads_its_ticket_and_card(resnet_ticket, monke
     assert sorted(calls["files"]) == ["README.md"] + TICKET_FILES
     for name in ("supermask.safetensors", "state.safetensors"):
         assert calls["files"][name] == (resnet_ticket.dir / name).read_bytes()
-    config = json.loads(calls["files"]["config.json"])
+    config = json.loads(calls["files"]["config.json"])["timm_fslt"]
     assert config["datasets"] == ["uoft-cs/cifar10"] and config["metrics"] == {"accuracy": 0.625}
     assert 'timm_fslt.load_ticket("me/r18")' in calls["files"]["README.md"].decode()
 
@@ -254,7 +254,10 @@ def test_a_hostile_ticket_pushed_to_the_hub_runs_nothing_when_loaded_by_repo_id(
     sentinel = tmp_path / "SENTINEL"
     hostile = Path(shutil.copytree(resnet_ticket.dir, tmp_path / "hostile"))
     config = json.loads((hostile / "config.json").read_text())
-    config["architecture"] = {"builder": "os:system", "kwargs": {"command": f"touch {sentinel}"}}
+    # format 4: our record and timm's keys rewritten alike (a contradiction alone is refused)
+    config["timm_fslt"]["architecture"] = {"builder": "os:system", "kwargs": {"command": f"touch {sentinel}"}}
+    config["architecture"] = "timm_fslt-builder/os:system"
+    config["model_args"] = {"command": f"touch {sentinel}"}
     (hostile / "config.json").write_text(json.dumps(timm_fslt.ticket.seal_config(config)))  # resealed
     env = dict(_env(hub, tmp_path / "hf"), HF_TOKEN=TOKEN)
     _run(["-m", "timm_fslt", "push", str(hostile), "tester/hostile"], env)

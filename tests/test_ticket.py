@@ -89,9 +89,22 @@ def _edit_config(directory, edit):
     """Edit config.json and reseal it, as a deliberate rewrite would: the checks behind the
     integrity record must still refuse it (unsealed edits: tests/test_ticket_security.py)."""
     path = directory / "config.json"
-    config = json.loads(path.read_text())
-    edit(config)
-    path.write_text(json.dumps(ticket_mod.seal_config(config)))
+    document = json.loads(path.read_text())
+    edit(document["timm_fslt"])  # format 4: our record
+    _sync_timm_keys(document)
+    path.write_text(json.dumps(ticket_mod.seal_config(document)))
+
+
+def _sync_timm_keys(document):
+    """timm's keys made to agree with an edited architecture record, as a rewrite that knows format 4
+    would (a contradiction alone is refused: tests/test_timm_native.py)."""
+    arch = document["timm_fslt"].get("architecture")
+    if not isinstance(arch, dict) or not isinstance(arch.get("kwargs", {}), dict):
+        return
+    name = arch.get("timm") or ("timm_fslt-builder/" + str(arch.get("builder")))
+    document["architecture"], document["model_args"] = name, dict(arch.get("kwargs", {}))
+    if "num_classes" in document["model_args"]:
+        document["num_classes"] = document["pretrained_cfg"]["num_classes"] = document["model_args"]["num_classes"]
 
 
 def _header(path):
@@ -168,7 +181,10 @@ def test_architecture_is_inferred_from_timm_pretrained_cfg_when_unambiguous(tmp_
     out = _eval_outputs(model, x)
     timm_fslt.save_ticket(model, tmp_path / "t")
     config = json.loads((tmp_path / "t" / "config.json").read_text())
-    assert config["architecture"] == {"timm": "test_efficientnet", "kwargs": {"num_classes": 5, "in_chans": 3}}
+    assert config["timm_fslt"]["architecture"] == {"timm": "test_efficientnet",
+                                                   "kwargs": {"num_classes": 5, "in_chans": 3}}
+    assert config["architecture"] == "test_efficientnet"  # timm's keys say the same
+    assert config["model_args"] == {"num_classes": 5, "in_chans": 3}
     assert torch.equal(_eval_outputs(timm_fslt.load_ticket(tmp_path / "t"), x), out)
 
 
@@ -210,15 +226,16 @@ def test_state_file_holds_exactly_the_non_regenerable_state_at_its_own_precision
         assert torch.equal(flat, torch.cat([expected[k].reshape(-1) for k in keys]))
     header_len, _ = _header(path)
     assert path.stat().st_size == 8 + header_len + sum(v.numel() * v.element_size() for v in stored.values())
-    config = json.loads((resnet.dir / "config.json").read_text())
+    config = json.loads((resnet.dir / "config.json").read_text())["timm_fslt"]
     assert config["state"]["tensors"] == {k: {"shape": list(v.shape), "dtype": str(v.dtype).replace("torch.", "")}
                                           for k, v in sorted(expected.items())}
     assert config["state"]["bits"] == timm_fslt.size_report(resnet.model).state_bits
 
 
 def test_config_records_versions_architecture_freeze_arguments_layers_and_checksums(resnet):
-    config = json.loads((resnet.dir / "config.json").read_text())
-    assert config["format"] == "timm_fslt.ticket" and config["format_version"] == 3
+    document = json.loads((resnet.dir / "config.json").read_text())
+    config = document["timm_fslt"]
+    assert config["format"] == "timm_fslt.ticket" and config["format_version"] == 4
     assert config["generator_version"] == timm_fslt.GENERATOR_VERSION
     assert config["architecture"] == {"timm": "resnet18_cifar", "kwargs": {"num_classes": 10, "width": 0.125}}
     assert config["freeze"] == timm_fslt.get_config(resnet.model).to_dict()
@@ -229,7 +246,8 @@ def test_config_records_versions_architecture_freeze_arguments_layers_and_checks
         {"name": r.name, "shape": list(r.shape), "numel": r.numel, "pruned": r.pruned,
          "locked": r.locked, "free": r.free, "kept": r.kept} for r in report.layers]
     assert all(len(row["regen_digest"]) == len(row["masked_digest"]) == 32 for row in config["layers"])
-    body = {k: v for k, v in config.items() if k != "integrity"}
+    # the seal covers the whole document (timm's keys too) but the seal itself
+    body = {**document, "timm_fslt": {k: v for k, v in config.items() if k != "integrity"}}
     assert config["integrity"]["config_sha256"] == hashlib.sha256(
         json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
     assert config["mask"]["bits"] == report.free
@@ -260,7 +278,7 @@ def test_a_compacted_structure_is_stored_and_restored_after_freezing_before_the_
     model = conv6_ticket.model
     monkeypatch.setattr(model, "fslt_structure", {"features.0": {"kept_out": [0, 1, 2]}}, raising=False)
     timm_fslt.save_ticket(model, tmp_path / "t", architecture=CONV6)
-    assert json.loads((tmp_path / "t" / "config.json").read_text())["structure"] == model.fslt_structure
+    assert json.loads((tmp_path / "t" / "config.json").read_text())["timm_fslt"]["structure"] == model.fslt_structure
 
     calls = []
 
@@ -285,7 +303,7 @@ def test_a_ticket_compacted_by_timm_fslt_compact_round_trips_with_identical_outp
     compacted, report = compact(model, x)
     assert report["channels_removed"] > 0  # dead channels exist at this sparsity
     timm_fslt.save_ticket(compacted, tmp_path / "t")
-    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    config = json.loads((tmp_path / "t" / "config.json").read_text())["timm_fslt"]
     assert config["structure"] == compacted.fslt_structure
     free = timm_fslt.size_report(compacted).free
     assert free < timm_fslt.size_report(model).free
@@ -495,7 +513,7 @@ def test_cli_info_prints_the_size_report_and_the_config(resnet, capsys):
     out = capsys.readouterr().out
     assert str(timm_fslt.size_report(resnet.model)) in out
     config_text = out.split("config.json:\n", 1)[1]
-    assert json.loads(config_text) == json.loads((resnet.dir / "config.json").read_text())
+    assert json.loads(config_text) == json.loads(json.dumps(ticket_mod.read_config(resnet.dir)))
     assert cli.main(["info", str(resnet.dir), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["size_report"] == json.loads(json.dumps(timm_fslt.size_report(resnet.model).to_dict()))

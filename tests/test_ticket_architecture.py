@@ -45,7 +45,13 @@ def _round_trip(model, inputs, directory, target=None, loss_fn=None, **save):
     loaded = timm_fslt.load_ticket(directory)
     with torch.no_grad():
         assert torch.equal(loaded(*inputs), out)
-    return json.loads((directory / "config.json").read_text()), loaded
+    document = json.loads((directory / "config.json").read_text())
+    config = document["timm_fslt"]
+    # format 4: timm's keys describe the same network as our record
+    name = config["architecture"].get("timm") or "timm_fslt-builder/" + config["architecture"]["builder"]
+    assert document["architecture"] == name
+    assert document.get("model_args", {}) == config["architecture"]["kwargs"]
+    return config, loaded
 
 
 def _buffers(model):

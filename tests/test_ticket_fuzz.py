@@ -36,11 +36,18 @@ def ticket(tmp_path_factory):
 
 def _resign(path: Path) -> None:
     """Make config.json's sizes and checksums agree with the (mutated) tensor files."""
-    config = json.loads((path / "config.json").read_text())
+    document = json.loads((path / "config.json").read_text())
     for name in ("supermask.safetensors", "state.safetensors"):
         data = (path / name).read_bytes()
-        config["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    (path / "config.json").write_text(json.dumps(seal_config(config)))
+        document["timm_fslt"]["files"][name] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (path / "config.json").write_text(json.dumps(seal_config(document)))
+
+
+def _set_architecture(document: dict, arch: dict) -> None:
+    """Our record and timm's keys edited alike (format 4), as a rewrite that knows the format would."""
+    document["timm_fslt"]["architecture"] = arch
+    document["architecture"] = arch["timm"] if "timm" in arch else "timm_fslt-builder/" + arch["builder"]
+    document["model_args"] = dict(arch["kwargs"])
 
 
 def _load_or_ticket_error(path: Path) -> None:
@@ -167,7 +174,7 @@ def test_a_ticket_cannot_make_the_loader_call_arbitrary_functions(ticket, tmp_pa
     monkeypatch.setattr(shutil, "rmtree", lambda *a, **k: called.append(a))
     path = _copy(ticket, tmp_path / "t")
     config = json.loads((path / "config.json").read_text())
-    config["architecture"] = {"builder": builder, "kwargs": {}}
+    _set_architecture(config, {"builder": builder, "kwargs": {}})
     (path / "config.json").write_text(json.dumps(seal_config(config)))  # resealed: the builder check refuses it
     with pytest.raises(TicketError, match="trust_builder=True"):
         timm_fslt.load_ticket(path)
@@ -177,7 +184,9 @@ def test_a_ticket_cannot_make_the_loader_call_arbitrary_functions(ticket, tmp_pa
 def test_huge_declared_architecture_is_refused_before_allocating(ticket, tmp_path):
     path = _copy(ticket, tmp_path / "t")
     config = json.loads((path / "config.json").read_text())
-    config["architecture"]["kwargs"]["num_classes"] = 10**12
+    arch = config["timm_fslt"]["architecture"]
+    _set_architecture(config, {**arch, "kwargs": {**arch["kwargs"], "num_classes": 10**12}})
+    config["num_classes"] = config["pretrained_cfg"]["num_classes"] = 10**12
     (path / "config.json").write_text(json.dumps(seal_config(config)))
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     with pytest.raises(TicketError, match="parameters"):

@@ -51,7 +51,20 @@ def ticket(tmp_path_factory):
 
 
 def _config(path: Path) -> dict:
+    """The whole config.json (format 4: timm's keys, and ours under "timm_fslt")."""
     return json.loads((path / "config.json").read_text())
+
+
+def _own(document: dict) -> dict:
+    """timm_fslt's record in a format-4 config.json (edits to it change the document)."""
+    return document["timm_fslt"]
+
+
+def _set_architecture(document: dict, arch: dict) -> None:
+    """An attacker who knows format 4 edits our record and timm's keys alike, so that they agree."""
+    _own(document)["architecture"] = arch
+    document["architecture"] = arch["timm"] if "timm" in arch else "timm_fslt-builder/" + arch["builder"]
+    document["model_args"] = dict(arch["kwargs"])
 
 
 def _write(path: Path, config: dict, reseal: bool) -> None:
@@ -87,7 +100,7 @@ def test_hostile_builders_are_refused_and_nothing_runs(ticket, tmp_path, reseal)
     for builder, kwargs in _hostile(sentinel, victim):
         path = _copy(ticket[0], tmp_path / "t")
         config = _config(path)
-        config["architecture"] = {"builder": builder, "kwargs": kwargs}
+        _set_architecture(config, {"builder": builder, "kwargs": kwargs})
         _write(path, config, reseal)
         with pytest.raises(TicketError) as err:
             timm_fslt.load_ticket(path)
@@ -104,7 +117,7 @@ def test_trust_builder_imports_one_attribute_of_one_module_and_never_walks(ticke
     sentinel = tmp_path / "SENTINEL"
     path = _copy(ticket[0], tmp_path / "t")
     config = _config(path)
-    config["architecture"] = {"builder": "timm_fslt.ticket:os.system", "kwargs": {"command": f"touch {sentinel}"}}
+    _set_architecture(config, {"builder": "timm_fslt.ticket:os.system", "kwargs": {"command": f"touch {sentinel}"}})
     _write(path, config, reseal=True)
     with pytest.raises(ArchitectureError, match=r"must be a name registered .* an import path 'pkg.module:function'"):
         timm_fslt.load_ticket(path, trust_builder=True)
@@ -180,14 +193,14 @@ def _field(config, path) -> str:
 
 def test_every_single_field_edit_of_config_json_is_refused_naming_the_field(ticket, tmp_path):
     config = _config(ticket[0])
-    leaves = [(k, v) for k, v in _leaves(config) if k[0] != "integrity"]
+    leaves = [(k, v) for k, v in _leaves(config) if k[:2] != ("timm_fslt", "integrity")]
     assert len(leaves) > 100
     path = _copy(ticket[0], tmp_path / "t")
     for where, value in leaves:
         edited = json.loads(json.dumps(config))
         _set(edited, where, _other(value))
         _write(path, edited, reseal=False)
-        if where == ("format_version",):  # now claims a newer format, whose seal this release cannot read
+        if where == ("timm_fslt", "format_version"):  # now claims a newer format, whose seal this release cannot read
             with pytest.raises(TicketVersionError, match="upgrade timm_fslt"):
                 timm_fslt.ticket.read_config(path)
             continue
@@ -195,11 +208,11 @@ def test_every_single_field_edit_of_config_json_is_refused_naming_the_field(tick
             timm_fslt.ticket.read_config(path)
         assert _field(config, where) in str(err.value), (where, str(err.value))
     edited = json.loads(json.dumps(config))
-    edited["integrity"]["config_sha256"] = "0" * 64
+    _own(edited)["integrity"]["config_sha256"] = "0" * 64
     _write(path, edited, reseal=False)
     with pytest.raises(TicketChecksumError, match="the integrity record itself"):
         timm_fslt.ticket.read_config(path)
-    edited.pop("integrity")
+    _own(edited).pop("integrity")
     _write(path, edited, reseal=False)
     with pytest.raises(TicketChecksumError, match="no valid 'integrity' record"):
         timm_fslt.ticket.read_config(path)
@@ -216,7 +229,7 @@ def test_a_resealed_edit_never_loads_as_another_network(ticket, tmp_path, field,
     path, x, out = ticket
     path = _copy(path, tmp_path / "t")
     config = _config(path)
-    (config if field == "generator_version" else config["freeze"])[field] = value
+    (_own(config) if field == "generator_version" else _own(config)["freeze"])[field] = value
     _write(path, config, reseal=True)
     try:
         with warnings.catch_warnings():
@@ -231,7 +244,7 @@ def test_a_resealed_edit_never_loads_as_another_network(ticket, tmp_path, field,
 
 def test_an_unedited_ticket_loads_bit_identically_and_can_be_pinned(ticket):
     path, x, out = ticket
-    digest = _config(path)["integrity"]["config_sha256"]
+    digest = _own(_config(path))["integrity"]["config_sha256"]
     model = timm_fslt.load_ticket(path, expected_sha256=digest)
     with torch.no_grad():
         assert torch.equal(model(x), out)
@@ -243,7 +256,7 @@ def test_an_unedited_ticket_loads_bit_identically_and_can_be_pinned(ticket):
 
 def test_a_format_1_ticket_loads_with_a_warning_that_it_is_unsealed(ticket, tmp_path):
     path = _copy(ticket[0], tmp_path / "t")
-    config = _config(path)
+    config = _own(_config(path))  # format 1: our record only, at the top
     config.pop("integrity")
     config["format_version"] = 1
     for row in config["layers"]:
@@ -271,12 +284,12 @@ def test_json_with_duplicate_keys_or_non_numbers_is_refused(ticket, tmp_path, te
 def test_nan_metrics_or_state_bits_are_refused_even_when_resealed(ticket, tmp_path):
     path = _copy(ticket[0], tmp_path / "t")
     config = _config(path)
-    config["state"]["bits"] = 1.5
+    _own(config)["state"]["bits"] = 1.5
     _write(path, config, reseal=True)
     with pytest.raises(TicketError, match=r"malformed 'state' entry: 'bits' must be an int"):
         timm_fslt.load_ticket(path)
     config = _config(_copy(ticket[0], path))
-    config["metrics"] = {"accuracy": "high"}
+    _own(config)["metrics"] = {"accuracy": "high"}
     _write(path, config, reseal=True)
     with pytest.raises(TicketError, match=r"config.json': metrics\['accuracy'\] must be a finite number"):
         timm_fslt.load_ticket(path)
@@ -310,7 +323,7 @@ def test_oversized_and_symlinked_files_are_refused_in_bounded_memory(ticket, tmp
     path = cases["resealed"] = _copy(ticket[0], tmp_path / "resealed")
     shutil.copyfile(big, path / "state.safetensors")
     config = _config(path)
-    config["files"]["state.safetensors"]["bytes"] = big.stat().st_size
+    _own(config)["files"]["state.safetensors"]["bytes"] = big.stat().st_size
     _write(path, config, reseal=True)
     # 3. a huge state file, config untouched
     path = cases["plain"] = _copy(ticket[0], tmp_path / "plain")
@@ -340,14 +353,14 @@ def test_oversized_and_symlinked_files_are_refused_in_bounded_memory(ticket, tmp
 def test_a_huge_architecture_is_stopped_while_it_builds(ticket, tmp_path):
     path = _copy(ticket[0], tmp_path / "t")
     config = _config(path)
-    config["architecture"] = {"timm": "vit_tiny_patch16_224", "kwargs": {"depth": 30000}}
+    _set_architecture(config, {"timm": "vit_tiny_patch16_224", "kwargs": {"depth": 30000}})
     _write(path, config, reseal=True)
     start = time.monotonic()
     with pytest.raises(ArchitectureError, match=r"has more parameters than max_params=500,000,000 .*stopped while "
                                                 r"building"):
         timm_fslt.load_ticket(path)
     assert time.monotonic() - start < 60  # unbounded, depth=30000 takes minutes and many GB
-    config["architecture"] = {"timm": "vit_tiny_patch16_224", "kwargs": {"depth": 400}}
+    _set_architecture(config, {"timm": "vit_tiny_patch16_224", "kwargs": {"depth": 400}})
     _write(path, config, reseal=True)
     with pytest.raises(ArchitectureError, match=r"took more than max_build_seconds=0.2 s to build"):
         timm_fslt.load_ticket(path, max_params=10**12, max_build_seconds=0.2)

@@ -17,6 +17,11 @@ is "module.param" -- is written as NAME itself, with NAME.frozen and NAME.mask),
 every parameter the ticket regenerates (config "regenerated": constants, and tables drawn
 from the seed) its value under its state-dict key, checked against the recorded digest.
 
+config.json: formats 1-3 hold the ticket's record at the top; format 4 holds timm's Hub keys
+(architecture, model_args, pretrained_cfg, ...) at the top and the record under "timm_fslt", whose
+"integrity" sha256 covers the whole document but itself.  Every file the record's "files" lists
+(a format-4 ticket may list timm's model.safetensors) is checked against its size and sha256.
+
 Not covered: compacted tickets (config "structure"; their layers were cut by
 torch-pruning) and generator version 1 with kaiming_normal weights (version 1's
 normal used torch's float64 sqrt, whose last bit differs between CPUs).  Anything
@@ -42,7 +47,8 @@ import tempfile  # noqa: E402
 import numpy as np  # noqa: E402
 
 FORMAT = "timm_fslt.ticket"
-FORMAT_VERSIONS = (1, 2, 3)
+FORMAT_VERSIONS = (1, 2, 3, 4)
+OWN_KEY = "timm_fslt"  # format 4: timm's keys at the top of config.json, the ticket's record under this key
 GENERATOR_VERSIONS = (1, 2)
 DTYPES = ("float64", "float32", "bfloat16", "float16")
 M32 = 0xFFFFFFFF
@@ -446,6 +452,10 @@ def read_config(directory):
             config = json.loads(f.read().decode("utf-8"))
     except (OSError, ValueError) as err:
         raise DecodeError(f"{path}: unreadable ({type(err).__name__}: {err})") from None
+    document = config
+    nested = isinstance(document, dict) and isinstance(document.get(OWN_KEY), dict)
+    if nested:
+        config = document[OWN_KEY]
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         raise DecodeError(f"{path}: not a timm_fslt ticket config")
     if config.get("format_version") not in FORMAT_VERSIONS:
@@ -454,9 +464,14 @@ def read_config(directory):
     if config.get("generator_version") not in GENERATOR_VERSIONS:
         raise DecodeError(f"{path}: unknown generator_version {config.get('generator_version')!r} "
                           f"(this decoder regenerates {list(GENERATOR_VERSIONS)})")
+    if nested != (config["format_version"] >= 4):
+        raise DecodeError(f"{path}: format_version {config['format_version']} with its record "
+                          f"{'under' if nested else 'not under'} {OWN_KEY!r}")
     integrity = config.get("integrity")
     if integrity is not None:  # sha256 of the canonical JSON of every other field
         body = {k: v for k, v in config.items() if k != "integrity"}
+        if nested:  # format 4: of the whole document (timm's keys too) but the integrity record
+            body = {**{k: v for k, v in document.items() if k != OWN_KEY}, OWN_KEY: body}
         canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False,
                                allow_nan=False).encode("utf-8")
         if not isinstance(integrity, dict) or hashlib.sha256(canonical).hexdigest() != integrity.get("config_sha256"):

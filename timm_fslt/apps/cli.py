@@ -58,6 +58,10 @@ def _parser() -> argparse.ArgumentParser:
                       help="a result to show on the model card (repeatable), e.g. accuracy=0.91")
     push.add_argument("--dataset", action="append", default=[], metavar="DATASET_ID",
                       help="Hub dataset id the metrics were measured on (repeatable)")
+    push.add_argument("--timm-weights", action="store_true",
+                      help="also upload timm's model.safetensors (the materialized ticket: the dense effective "
+                           "weights, ~4 bytes a weight) so that plain timm loads the repo with pretrained=True; "
+                           "a ticket saved without it is rebuilt from its seed to write it")
 
     sub.add_parser("demo", help="run the demo (timm_fslt.apps.demo); arguments are passed on", add_help=False)
     return parser
@@ -109,7 +113,7 @@ def _push(args) -> int:
 
     info = push_to_hub(args.ticket, args.repo_id, private=args.private, token=_token(args),
                        commit_message=args.message, metrics=dict(args.metric) or None,
-                       datasets=args.dataset or None)
+                       datasets=args.dataset or None, timm_weights=args.timm_weights)
     print(f"pushed {args.ticket} to {args.repo_id}: {getattr(info, 'commit_url', info)}")
     return 0
 

@@ -46,15 +46,18 @@ from timm_fslt.errors import ArchitectureError, TicketChecksumError, TicketError
 from timm_fslt.regen.rng import GENERATOR_VERSION, GENERATOR_VERSIONS
 from timm_fslt.report import LayerSize, SizeReport
 from timm_fslt.ticket.architecture import normalize_architecture
-from timm_fslt.ticket.integrity import verify_integrity
+from timm_fslt.ticket.integrity import OWN_KEY, is_nested, verify_integrity
 from timm_fslt.ticket.state_codec import (check_record, decode_state, group_sizes, is_flat, payload_bytes,
                                           stored_dtype)
 from timm_fslt.version import __version__
 
 FORMAT = "timm_fslt.ticket"
 # 2: config.json carries an "integrity" record; 3: the state is stored flat, one tensor per dtype
-# (ticket.state_codec), optionally at a lower precision. Formats 1 and 2 are still read.
-FORMAT_VERSION = 3
+# (ticket.state_codec), optionally at a lower precision; 4: config.json follows timm's Hub schema
+# (architecture string, model_args, pretrained_cfg, ...: ticket.timm_config) and everything of
+# timm_fslt's is under "timm_fslt". Formats 1-3 are still read.
+FORMAT_VERSION = 4
+NESTED_SINCE = 4
 CONFIG_NAME = "config.json"
 MASK_NAME = "supermask.safetensors"
 STATE_NAME = "state.safetensors"
@@ -70,6 +73,7 @@ DEFAULT_MAX_BUILD_SECONDS = 120.0
 _HEADER_BYTES_PER_TENSOR = 256
 _HEADER_BYTES_BASE = 1024
 TICKET_FILES = (CONFIG_NAME, MASK_NAME, STATE_NAME)
+TIMM_WEIGHTS_NAME = "model.safetensors"  # optional (save_ticket(timm_weights=True)); load_ticket never reads it
 BIT_ORDER = ("layers in config order; free positions of each layer in row-major order; "
              "bit i is bit (i % 8), least significant first, of byte i // 8; padding bits are 0")
 
@@ -194,12 +198,14 @@ def check_bool(value, what: str) -> bool:
 def is_ticket_dir(directory: Path) -> bool:
     """A directory holding only ticket files, whose config.json says it is a ticket."""
     names = {p.name for p in directory.iterdir()}
-    if CONFIG_NAME not in names or not names <= set(TICKET_FILES) | {CARD_NAME}:
+    if CONFIG_NAME not in names or not names <= set(TICKET_FILES) | {CARD_NAME, TIMM_WEIGHTS_NAME}:
         return False
     try:  # the loader's own bounded, link-refusing read: a huge or linked file is not a ticket
         config = parse_json(_read_regular_file(directory / CONFIG_NAME, MAX_CONFIG_BYTES), directory / CONFIG_NAME)
     except (OSError, TicketError, _TooLarge):
         return False
+    if is_nested(config):
+        config = config[OWN_KEY]
     return isinstance(config, dict) and config.get("format") == FORMAT
 
 
@@ -278,11 +284,13 @@ def read_config(directory: PathLike, *, root: Optional[PathLike] = None) -> dict
     except _TooLarge as big:
         raise TicketError(f"{str(path)!r} has {big.size:,} bytes, more than the {MAX_CONFIG_BYTES:,} bytes a "
                           f"ticket's {CONFIG_NAME} may have; it was not read") from None
-    config = parse_json(data, path)
+    document = parse_json(data, path)
+    nested = is_nested(document)  # format 4: timm's keys at the top, ours under "timm_fslt"
+    config = dict(document[OWN_KEY]) if nested else document
     version = config.get("format_version") if isinstance(config, dict) else None
     newer = _is_int(version) and version > FORMAT_VERSION  # a newer format may seal differently
     if isinstance(config, dict) and "integrity" in config and not newer:
-        verify_integrity(config, path)  # first, so that an edit of any field is named as an edit
+        verify_integrity(document, path)  # first, so that an edit of any field is named as an edit
     if not isinstance(config, dict) or config.get("format") != FORMAT:
         found = config.get("format") if isinstance(config, dict) else type(config).__name__
         raise TicketError(f"{str(path)!r} is not a timm_fslt ticket config (format {found!r}, "
@@ -294,8 +302,12 @@ def read_config(directory: PathLike, *, root: Optional[PathLike] = None) -> dict
         raise TicketVersionError(
             f"the ticket at {str(directory)!r} uses ticket format version {version}, newer than "
             f"this timm_fslt {__version__} reads (up to {FORMAT_VERSION}); upgrade timm_fslt to load it")
+    if nested != (version >= NESTED_SINCE):
+        raise TicketError(f"{str(path)!r} has format_version {version} but "
+                          + (f"keeps its record under {OWN_KEY!r}, which format {NESTED_SINCE} introduced"
+                             if nested else f"its record is not under {OWN_KEY!r}, as format {version} has it"))
     if "integrity" not in config:
-        verify_integrity(config, path)  # format 1 warns; a newer format without a seal is refused
+        verify_integrity(document, path)  # format 1 warns; a newer format without a seal is refused
     generator = config.get("generator_version")
     if isinstance(generator, bool) or generator not in GENERATOR_VERSIONS:
         raise TicketVersionError(
@@ -324,6 +336,10 @@ def read_config(directory: PathLike, *, root: Optional[PathLike] = None) -> dict
         config["datasets"] = check_datasets(config.get("datasets"))
     except TicketError as err:
         raise TicketError(f"{str(path)!r}: {err}") from None
+    config["timm_config"], config["data_config"] = None, None
+    if nested:  # timm reads these keys: they must describe the network our record rebuilds
+        from timm_fslt.ticket.timm_config import check_timm_keys
+        config["timm_config"], config["data_config"] = check_timm_keys(document, config["architecture"], path)
     return config
 
 

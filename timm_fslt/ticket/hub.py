@@ -18,8 +18,8 @@ from torch import nn
 
 from timm_fslt.errors import TicketError
 from timm_fslt.ticket.architecture import describe_architecture
-from timm_fslt.ticket.format import (CARD_NAME, TICKET_FILES, check_bool, check_data_config, check_datasets,
-                                     check_metrics, read_ticket,
+from timm_fslt.ticket.format import (CARD_NAME, CONFIG_NAME, MASK_NAME, STATE_NAME, TIMM_WEIGHTS_NAME, check_bool,
+                                     check_data_config, check_datasets, check_metrics, read_ticket, sha256_hex,
                                      size_report_from_config)
 from timm_fslt.ticket.io import save_ticket
 from timm_fslt.ticket.sources import is_repo_id
@@ -67,24 +67,11 @@ def model_card(config: Mapping, repo_id: str, *, metrics: Optional[Mapping] = No
                          eval_results=eval_results)
 
     t = report
-    lines = [
-        f"# {name}",
-        "",
-        f"A strong lottery ticket found inside a partially frozen random "
-        f"`{describe_architecture(arch)}` with `timm_fslt` ({PAPER}).",
-        "",
-        "No weight here was trained. The random weights and the freezing pattern (which weights are "
-        "pruned or locked for good) are regenerated from the seed; the ticket stores one bit per free "
-        "(searched) weight, plus the state no seed can rebuild.",
-        "",
-        "## Load it",
-        "",
-        "```python",
-        "import timm_fslt",
-        f"model = timm_fslt.load_ticket(\"{repo_id}\")  # eval mode; materialize=True gives a plain model",
-        "```",
-        "",
-    ]
+    intro = (f"A strong lottery ticket found inside a partially frozen random `{describe_architecture(arch)}` with "
+             f"`timm_fslt` ({PAPER}).\n\nNo weight here was trained. The random weights and the freezing pattern "
+             "(which weights are pruned or locked for good) are regenerated from the seed; the ticket stores one "
+             "bit per free (searched) weight, plus the state no seed can rebuild.")
+    lines = []
     if metrics:
         lines += ["## Results", "", "| metric | value |" + (" dataset |" if datasets else ""),
                   "|---|---|" + ("---|" if datasets else "")]
@@ -126,20 +113,114 @@ def model_card(config: Mapping, repo_id: str, *, metrics: Optional[Mapping] = No
     for row in t.layers:
         lines.append(f"| {row.name} | {tuple(row.shape)} | {row.numel} | {row.pruned} | {row.locked} | "
                      f"{row.free} | {row.kept} | {row.sparsity:.4f} |")
+    files = config.get("files", {})
+    weights = files.get(TIMM_WEIGHTS_NAME)
     lines += [
         f"| total | | {t.params} | {t.pruned} | {t.locked} | {t.free} | {t.kept} | {t.sparsity:.4f} |",
         "",
         "## Files",
         "",
-        "- `config.json`: architecture, every `freeze` argument and seed, per-layer counts, checksums.",
+        "- `config.json`: " + ("timm's Hub keys (`architecture`, `num_classes`, `model_args`, `pretrained_cfg` "
+                               "with the data config) and, under `timm_fslt`, " if config.get("timm_config") else "")
+        + "the architecture record, every `freeze` argument and seed, per-layer counts, checksums.",
         f"- `supermask.safetensors`: {t.mask_bits:,} bits packed in one uint8 tensor; {config['mask']['order']}.",
         "- `state.safetensors`: the non-regenerable state (e.g. BatchNorm running statistics)"
         + ("; one flat tensor per stored dtype, keys, shapes and dtypes in config.json's `state` record."
            if config.get("format_version", 1) >= 3 else "."),
-        "",
     ]
-    content = f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines)
-    return ModelCard(content)
+    if weights:
+        lines.append(f"- `{TIMM_WEIGHTS_NAME}`: timm's standard weights file, the state dict of "
+                     "`timm_fslt.materialize(model)` (effective weights W * mask * scale, norms, buffers), for "
+                     "plain timm; timm_fslt never reads it.")
+    lines.append("")
+    card = ModelCard.from_template(data, template_str=_CARD_TEMPLATE, model_name=name, intro=intro,
+                                   repo_id=repo_id, timm_section=_timm_section(config, repo_id),
+                                   details="\n".join(lines))
+    return card
+
+
+def _timm_section(config: Mapping, repo_id: str) -> str:
+    """How plain timm reads this repo (format-4 timm tickets), with what timm's weights cost."""
+    keys = config.get("timm_config")
+    arch = config["architecture"]
+    if not keys or "timm" not in arch:
+        return ""
+    files = config.get("files", {})
+    ticket_bytes = sum(files.get(n, {}).get("bytes", 0) for n in (MASK_NAME, STATE_NAME))
+    weights = files.get(TIMM_WEIGHTS_NAME)
+    own_model = _registered_by_us(arch["timm"])
+    text = ["## Load it with timm", "",
+            "`config.json` follows timm's Hub schema, so plain timm builds this architecture"
+            + (" (it is registered by timm_fslt: `import timm_fslt.models` first)" if own_model else "") + ":", "",
+            "```python", "import timm"]
+    if weights:
+        text += [f"model = timm.create_model(\"hf-hub:{repo_id}\", pretrained=True).eval()", "```", "",
+                 f"`pretrained=True` loads `{TIMM_WEIGHTS_NAME}`, the materialized ticket: outputs identical to "
+                 f"`timm_fslt.load_ticket` in eval mode. It costs {weights['bytes']:,} bytes, "
+                 f"{weights['bytes'] / max(ticket_bytes, 1):.0f}x the ticket's {ticket_bytes:,} bytes of mask and "
+                 "state; `timm_fslt.load_ticket` never downloads it (it rebuilds the weights from the seed)."]
+    else:
+        text += [f"model = timm.create_model(\"hf-hub:{repo_id}\")  # the architecture, untrained", "```", "",
+                 f"This repo holds no `{TIMM_WEIGHTS_NAME}` (pushed without `timm_weights=True`): plain timm "
+                 "builds the random architecture only; the ticket's network comes from `timm_fslt.load_ticket`."]
+    return "\n".join(text) + "\n"
+
+
+def _registered_by_us(name: str) -> bool:
+    """A timm model name timm_fslt registers (plain timm knows it after ``import timm_fslt.models``)."""
+    import timm.models
+
+    try:
+        return timm.models.model_entrypoint(name).__module__.startswith("timm_fslt")
+    except (RuntimeError, KeyError, AttributeError):
+        return False
+
+_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# {{ model_name }}
+
+{{ intro }}
+
+## Load it
+
+```python
+import timm_fslt
+model = timm_fslt.load_ticket("{{ repo_id }}")  # eval mode; materialize=True gives a plain model
+```
+
+{{ timm_section }}
+{{ details }}"""
+
+
+def _check_file(path: Path, record: Mapping) -> None:
+    """A file the ticket lists but the loader never reads (timm's weights): its size and sha256."""
+    from timm_fslt.errors import TicketChecksumError
+
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise TicketChecksumError(f"the ticket lists {path.name} but it cannot be read: {err}") from err
+    if len(data) != record.get("bytes") or sha256_hex(data) != record.get("sha256"):
+        raise TicketChecksumError(f"{str(path)!r} does not match the size and sha256 its config.json records: "
+                                  "it was altered or cut short; save the ticket again")
+
+
+def _resave_with_timm_weights(source: Path, saved: Mapping, staging: Path) -> None:
+    from timm_fslt.errors import TicketMismatchError
+    from timm_fslt.ticket.io import load_ticket
+
+    model = load_ticket(source)
+    save_ticket(model, staging, architecture=saved["architecture"], metrics=saved["metrics"],
+                datasets=saved["datasets"], state_dtype=saved["state"].get("state_dtype"),
+                data_config=saved.get("data_config"), timm_weights=True)
+    now, _, _ = read_ticket(staging)
+    same = [MASK_NAME] + ([STATE_NAME] if saved["format_version"] >= 3 else [])  # formats 1-2 stored state per key
+    for name in same:
+        if now["files"][name]["sha256"] != saved["files"][name]["sha256"]:
+            raise TicketMismatchError(f"timm_weights=True: the ticket rebuilt from {str(source)!r} saves another "
+                                      f"{name} than the one saved there; nothing was uploaded")
 
 
 # -- push -----------------------------------------------------------------------------------
@@ -155,8 +236,16 @@ def push_to_hub(model_or_ticket_dir: Union[nn.Module, PathLike], repo_id: str, *
     Creates the repo if needed (``private``), uploads config.json,
     supermask.safetensors and state.safetensors unchanged and a generated model
     card (README.md: metadata, accuracy if known, size report, freezing ratios,
-    seeds, and the code to load it). Returns huggingface_hub's ``CommitInfo``.
-    ``state_dtype``: as in ``save_ticket`` (a frozen model only; a saved ticket is pushed as saved).
+    seeds, and the code to load it, with timm_fslt and with plain timm). Returns
+    huggingface_hub's ``CommitInfo``.
+    ``state_dtype``, ``data_config``: as in ``save_ticket`` (a frozen model only; a saved ticket is
+    pushed as saved).
+    ``timm_weights``: also upload timm's ``model.safetensors`` (as in ``save_ticket``), so that plain
+    timm loads ``"hf-hub:<repo_id>"`` with ``pretrained=True``. A saved ticket that lacks it is
+    rebuilt (``load_ticket``, which refuses import-path builders) and saved again with it into the
+    upload only; its supermask must come out byte-identical, or nothing is uploaded. A saved ticket
+    with a ``model.safetensors`` is uploaded with it whatever ``timm_weights`` says, after its sha256
+    is checked.
     """
     from huggingface_hub import HfApi
 
@@ -183,10 +272,15 @@ def push_to_hub(model_or_ticket_dir: Union[nn.Module, PathLike], repo_id: str, *
             if not source.is_dir():
                 raise TicketError(f"model_or_ticket_dir must be a frozen model or a ticket directory, "
                                   f"got {str(model_or_ticket_dir)!r}")
-            read_ticket(source)  # verifies every checksum before anything is uploaded
-            staging.mkdir()
-            for name in TICKET_FILES:
-                shutil.copyfile(source / name, staging / name)
+            saved, _, _ = read_ticket(source)  # verifies every checksum before anything is uploaded
+            if timm_weights and TIMM_WEIGHTS_NAME not in saved["files"]:
+                _resave_with_timm_weights(source, saved, staging)
+            else:
+                staging.mkdir()
+                for name in [CONFIG_NAME, *saved["files"]]:
+                    if name == TIMM_WEIGHTS_NAME:
+                        _check_file(source / name, saved["files"][name])
+                    shutil.copyfile(source / name, staging / name)
         config, _, _ = read_ticket(staging)
         card = model_card(config, repo_id, metrics=metrics, datasets=datasets)
         (staging / CARD_NAME).write_text(str(card), encoding="utf-8")

@@ -100,6 +100,30 @@ def canonical_json(value: Any) -> bytes:
                       allow_nan=False).encode("utf-8")
 
 
+OWN_KEY = "timm_fslt"  # format 4: our record, beside the keys timm reads (architecture, model_args, ...)
+
+
+def is_nested(document: Any) -> bool:
+    """A format-4 config.json: timm's keys at the top, our record under ``"timm_fslt"``."""
+    return isinstance(document, Mapping) and isinstance(document.get(OWN_KEY), Mapping)
+
+
+def _body(document: Mapping) -> tuple[dict, dict]:
+    """(what the seal's sha256 covers, the flat view whose fields it names) of a config document.
+
+    Formats 1-3: every top-level field but ``integrity``. Format 4: the whole document but
+    ``timm_fslt.integrity``, so timm's keys are sealed with ours; its fields are named
+    ``model_args.num_classes``, ``pretrained_cfg.mean``, ``timm_fslt.freeze.seed``, ...
+    """
+    if not is_nested(document):
+        body = {k: v for k, v in document.items() if k != "integrity"}
+        return body, body
+    own = {k: v for k, v in document[OWN_KEY].items() if k != "integrity"}
+    body = {**{k: v for k, v in document.items() if k != OWN_KEY}, OWN_KEY: own}
+    flat = {**{k: v for k, v in document.items() if k != OWN_KEY}, **{f"{OWN_KEY}.{k}": v for k, v in own.items()}}
+    return body, flat
+
+
 def field_digests(document: Mapping) -> dict[str, str]:
     """64-bit digests of each field (``freeze.seed``, ``layers[3]``, ...): they name what an edit changed."""
     out = {}
@@ -119,20 +143,25 @@ def field_digests(document: Mapping) -> dict[str, str]:
 
 def seal_config(document: Mapping) -> dict:
     """``document`` with its ``integrity`` record: the sha256 of the canonical JSON of every
-    other field, and per-field digests that name an edited field on load.
+    other field, and per-field digests that name an edited field on load. A format-4 document
+    (timm's keys at the top, ours under ``"timm_fslt"``) keeps the record in
+    ``document["timm_fslt"]["integrity"]`` and the seal covers timm's keys too.
 
     Integrity, not authenticity: whoever rewrites a ticket can reseal it. A ticket's
     identity is ``config["integrity"]["config_sha256"]``; pin it with
     ``load_ticket(..., expected_sha256=...)`` to accept exactly one ticket.
     """
-    body = {k: v for k, v in document.items() if k != "integrity"}
-    return {**body, "integrity": {"config_sha256": hashlib.sha256(canonical_json(body)).hexdigest(),
-                                  "fields": field_digests(body)}}
+    body, flat = _body(document)
+    record = {"config_sha256": hashlib.sha256(canonical_json(body)).hexdigest(), "fields": field_digests(flat)}
+    if is_nested(document):
+        return {**{k: v for k, v in document.items() if k != OWN_KEY}, OWN_KEY: {**body[OWN_KEY], "integrity": record}}
+    return {**body, "integrity": record}
 
 
-def verify_integrity(config: dict, path: Path) -> None:
-    record = config.get("integrity")
-    if config["format_version"] < 2 and record is None:
+def verify_integrity(document: dict, path: Path) -> None:
+    own = document[OWN_KEY] if is_nested(document) else document
+    record = own.get("integrity")
+    if own["format_version"] < 2 and record is None:
         warnings.warn(f"the ticket {str(path.parent)!r} was written by timm_fslt 0.1 (ticket format 1) and has "
                       f"no integrity record: an edit of its {CONFIG_NAME} cannot be detected; save it again "
                       "with this release to seal it", TicketIntegrityWarning, stacklevel=4)
@@ -141,11 +170,11 @@ def verify_integrity(config: dict, path: Path) -> None:
             and isinstance(record.get("fields"), dict)):
         raise TicketChecksumError(f"{str(path)!r} has no valid 'integrity' record (config_sha256 and fields): "
                                   "the config was altered or truncated")
-    body = {k: v for k, v in config.items() if k != "integrity"}
+    body, flat = _body(document)
     digest = hashlib.sha256(canonical_json(body)).hexdigest()
     if digest == record["config_sha256"]:
         return
-    stored, now = record["fields"], field_digests(body)
+    stored, now = record["fields"], field_digests(flat)
     changed = sorted(k for k in set(stored) | set(now) if stored.get(k) != now.get(k))
     named = [f"{k} ({'added' if k not in stored else 'removed' if k not in now else 'changed'})" for k in changed]
     raise TicketChecksumError(

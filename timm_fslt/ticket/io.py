@@ -29,12 +29,13 @@ from timm_fslt.report import architecture_buffers, non_regenerable_state
 from timm_fslt.ticket.architecture import (build_architecture, build_for_check, count_elements, create_model,
                                            describe_architecture, json_clean, resolve_architecture, resolve_builder)
 from timm_fslt.ticket.format import (BIT_ORDER, CONFIG_NAME, DEFAULT_MAX_BUILD_SECONDS, DEFAULT_MAX_PARAMS, FORMAT,
-                                     FORMAT_VERSION, MASK_NAME, MASK_TENSOR, STATE_NAME, PathLike, check_datasets,
-                                     check_bool, check_data_config, check_metrics, is_ticket_dir, pack_bits,
-                                     read_ticket, sha256_hex, unpack_bits)
-from timm_fslt.ticket.integrity import check_regenerated, layer_digests, regenerated_record, seal_config
+                                     FORMAT_VERSION, MASK_NAME, MASK_TENSOR, STATE_NAME, TIMM_WEIGHTS_NAME, PathLike,
+                                     check_bool, check_data_config, check_datasets, check_metrics, is_ticket_dir,
+                                     pack_bits, read_ticket, sha256_hex, unpack_bits)
+from timm_fslt.ticket.integrity import OWN_KEY, check_regenerated, layer_digests, regenerated_record, seal_config
+from timm_fslt.ticket.timm_config import check_built, timm_keys
 from timm_fslt.ticket.state_codec import check_state_dtype, encode_state
-from timm_fslt.ticket.sources import HUB_PREFIX, redownload, resolve_ticket_source
+from timm_fslt.ticket.sources import HUB_PREFIX, LOCAL_PREFIX, redownload, resolve_ticket_source
 from timm_fslt.version import __version__
 
 __all__ = ["create_model", "load_ticket", "save_ticket", "ticket_files"]
@@ -60,10 +61,6 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
     data_config = check_data_config(data_config)
     check_bool(timm_weights, "timm_weights")
     group = frozen_group(model)
-    if timm_weights:
-        raise NotImplementedError("timm_weights=True: writing model.safetensors is not implemented yet")
-    if data_config is None:
-        data_config = model_data_config(model)
     try:
         check_unchanged(model)  # a layer added after freeze could not be rebuilt
     except RuntimeError as err:
@@ -101,8 +98,11 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
                                         metadata={"format": "timm_fslt.supermask"})
 
     state_record, state_bytes = encode_state(_state_to_store(model, arch), state_dtype)
+    files = {MASK_NAME: mask_bytes, STATE_NAME: state_bytes}
+    if timm_weights:
+        files[TIMM_WEIGHTS_NAME] = _timm_weights(model, arch, structure)
 
-    document = seal_config({
+    own = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "generator_version": config.generator_version,
@@ -115,23 +115,35 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
         "mask": {"file": MASK_NAME, "tensor": MASK_TENSOR, "bits": n_free,
                  "bytes": (n_free + 7) // 8, "order": BIT_ORDER},
         "state": {"file": STATE_NAME, **state_record},
-        "files": {MASK_NAME: {"bytes": len(mask_bytes), "sha256": sha256_hex(mask_bytes)},
-                  STATE_NAME: {"bytes": len(state_bytes), "sha256": sha256_hex(state_bytes)}},
+        "files": {name: {"bytes": len(data), "sha256": sha256_hex(data)} for name, data in files.items()},
         "metrics": metrics,
         "datasets": datasets,
-        **({} if data_config is None else {"pretrained_cfg": data_config}),
-    })
+    }
+    # timm's keys first (what timm.create_model("local-dir:..." / "hf-hub:...") reads), ours under
+    # "timm_fslt"; one seal covers both (ticket.timm_config, ticket.integrity).
+    document = seal_config({**timm_keys(model, arch, data_config), OWN_KEY: own})
     config_bytes = (json.dumps(document, indent=2, allow_nan=False) + "\n").encode("utf-8")
-    return {MASK_NAME: mask_bytes, STATE_NAME: state_bytes, CONFIG_NAME: config_bytes}
+    return {**files, CONFIG_NAME: config_bytes}
 
 
-def model_data_config(model: nn.Module) -> Optional[dict]:
-    """``timm.data.resolve_data_config(model=model)`` when the model carries a timm ``pretrained_cfg``."""
-    cfg = getattr(model, "pretrained_cfg", None)
-    if not isinstance(cfg, Mapping) or not cfg:
-        return None
-    from timm.data import resolve_data_config
-    return check_data_config(resolve_data_config(model=model), "the model's timm data config")
+@torch.no_grad()
+def _timm_weights(model: nn.Module, arch: Mapping, structure) -> bytes:
+    """timm's standard ``model.safetensors``: the state dict of ``timm_fslt.materialize(model)``
+    (effective weights W * mask * scale, norms, buffers), loadable by plain timm."""
+    if "timm" not in arch:
+        raise TicketError(f"timm_weights=True writes weights plain timm loads, but this ticket's architecture is "
+                          f"{describe_architecture(arch)}, not a timm model: save it with timm_weights=False")
+    if structure is not None:
+        raise TicketError("timm_weights=True: this ticket is compacted (its layers were cut by torch-pruning), "
+                          f"so its weights do not fit the {arch['timm']} timm builds; save it with timm_weights=False")
+    from timm_fslt.materialize import materialize
+
+    plain = materialize(model)
+    tensors = {key: value.detach().cpu().contiguous() for key, value in plain.state_dict().items()}
+    try:  # one metadata key, as timm/transformers write it: the bytes are the same at every save
+        return safetensors.torch.save(tensors, metadata={"format": "pt"})
+    except (RuntimeError, ValueError) as err:  # e.g. tensors sharing memory (tied weights)
+        raise TicketError(f"timm_weights=True: cannot write {TIMM_WEIGHTS_NAME}: {err}") from err
 
 
 @torch.no_grad()
@@ -167,6 +179,10 @@ def save_ticket(model: nn.Module, directory: PathLike, *, architecture: Optional
                 data_config: Optional[Mapping] = None, timm_weights: bool = False) -> Path:
     """Save a frozen model's ticket (config.json, supermask.safetensors, state.safetensors).
 
+    config.json follows timm's Hub schema (``architecture``, ``num_classes``, ``model_args``,
+    ``pretrained_cfg``; ``ticket.timm_config``) with everything of timm_fslt's under
+    ``"timm_fslt"``, so ``timm.create_model("local-dir:DIR")`` builds the architecture.
+
     architecture: ``{"timm": name, "kwargs": {...}}`` or ``{"builder": "<registered name>",
         "kwargs": {...}}`` (see ``timm_fslt.register_builder``); by default the one
         ``timm_fslt.create_model`` recorded, else inferred from timm's ``pretrained_cfg``
@@ -176,6 +192,16 @@ def save_ticket(model: nn.Module, directory: PathLike, *, architecture: Optional
         are replaced).
     metrics: e.g. ``{"accuracy": 0.91}``, stored in config.json and shown on the model card.
     datasets: Hub dataset ids the metrics were measured on (for the model card).
+    data_config: timm's data config the ticket was evaluated with (the keys
+        ``timm.data.resolve_data_config`` returns: input_size, interpolation, mean, std,
+        crop_pct, crop_mode), stored in config.json's ``pretrained_cfg`` as timm stores it;
+        by default ``timm.data.resolve_data_config(model=model)`` when the model has a timm
+        ``pretrained_cfg``, else none. ``load_ticket`` puts it in the loaded model's ``pretrained_cfg``.
+    timm_weights: also write timm's standard ``model.safetensors``, the state dict of
+        ``timm_fslt.materialize(model)``, so that plain timm (without timm_fslt) loads the
+        ticket with ``timm.create_model("local-dir:DIR" / "hf-hub:user/name", pretrained=True)``
+        and gives identical outputs. It costs the dense weights' bytes (a ResNet-18: ~44.8 MB
+        beside a ~0.6 MB ticket); timm models only, not compacted tickets.
     state_dtype: ``None`` (default) stores the state (BatchNorm running statistics, trained
         or kept tensors) at its own precision: the loaded model is bit-identical to this one.
         ``"bfloat16"`` (or ``"float16"``) stores floating state wider than that at that
@@ -310,8 +336,11 @@ def load_ticket(source: PathLike, *, materialize: bool = False, revision: Option
     It is returned in eval mode; its outputs are bit-identical to the saved
     model's.  ``materialize=True`` returns the plain model (``timm_fslt.materialize``).
 
-    source: a directory, or a Hub repo id ``"user/name"`` (``"hf-hub:user/name"`` forces the
-        Hub; a relative path whose parent folder exists here is always read as a path).
+    source: a directory, or a Hub repo id ``"user/name"``; as in ``timm.create_model``,
+        ``"hf-hub:user/name"`` is always the Hub and ``"local-dir:PATH"`` always a local
+        directory (a relative path whose parent folder exists here is read as a path too).
+        A ticket's ``model.safetensors`` (``timm_weights=True``) is never read nor downloaded:
+        the model is rebuilt from the seed, so those weights are neither needed nor trusted.
     revision, token, cache_dir: passed to ``huggingface_hub.snapshot_download`` for
         repo ids (with ``HF_HUB_OFFLINE=1`` the local Hub cache is used).
     trust_builder: allow an architecture given as an import path ``"pkg.module:function"``
@@ -340,7 +369,10 @@ def load_ticket(source: PathLike, *, materialize: bool = False, revision: Option
                           f"['config_sha256'] of the ticket to accept), got {expected_sha256!r}")
     if isinstance(source, (str, os.PathLike)) and not os.fsdecode(os.fspath(source)).startswith(HUB_PREFIX):
         # a save killed between its two fallback renames left the old ticket in a hidden sibling
-        atomic.recover_if_missing(Path(os.fsdecode(os.fspath(source))).expanduser(), _is_complete_ticket)
+        text = os.fsdecode(os.fspath(source))
+        text = text[len(LOCAL_PREFIX):] if text.startswith(LOCAL_PREFIX) else text
+        if text:
+            atomic.recover_if_missing(Path(text).expanduser(), _is_complete_ticket)
     found = resolve_ticket_source(source, revision=revision, token=token, cache_dir=cache_dir)
     try:
         config, packed, state = read_ticket(found.directory, max_params=max_params, root=found.root)
@@ -428,6 +460,13 @@ def _rebuild(config: dict, packed: torch.Tensor, state: Mapping[str, torch.Tenso
     _apply_mask(model, config, packed)
     _load_state(model, state)
     _check_digests(model, config, masked=True)
+    check_built(model, config.get("timm_config"), f"the ticket's {CONFIG_NAME}")
+    data_config = config.get("data_config")
+    if data_config and isinstance(getattr(model, "pretrained_cfg", None), Mapping):
+        # so that timm.data.resolve_data_config(model=model) gives the ticket's preprocessing
+        model.pretrained_cfg = {**model.pretrained_cfg, **data_config}
+        if hasattr(model, "default_cfg"):
+            model.default_cfg = model.pretrained_cfg
     model.fslt_architecture = arch
     model.eval()
     return model

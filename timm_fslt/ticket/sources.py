@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import re
 from pathlib import Path
 from typing import Optional, Union
 
@@ -17,14 +16,22 @@ from timm_fslt.errors import TicketChecksumError, TicketError
 from timm_fslt.ticket.format import CARD_NAME, TICKET_FILES
 
 PathLike = Union[str, os.PathLike]
-_REPO_ID_RE = re.compile(r"^(?:[A-Za-z0-9][\w.\-]*/)?[A-Za-z0-9][\w.\-]*$")
 
 
 HUB_PREFIX = "hf-hub:"  # as in timm.create_model("hf-hub:user/name"): always the Hub, never a path
+LOCAL_PREFIX = "local-dir:"  # as in timm.create_model("local-dir:/path"): always a local directory
 
 
 def is_repo_id(source: str) -> bool:
-    return bool(_REPO_ID_RE.match(source)) and ".." not in source
+    """Whether ``source`` is spelled as a Hub repo id (``huggingface_hub.utils.validate_repo_id``)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return False
+    return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,6 +61,15 @@ def resolve_ticket_source(source: PathLike, *, revision: Optional[str] = None,
     text = os.fspath(source)
     if isinstance(text, bytes):
         text = os.fsdecode(text)
+    if text.startswith(LOCAL_PREFIX):
+        path = Path(text[len(LOCAL_PREFIX):]).expanduser()
+        if not text[len(LOCAL_PREFIX):]:
+            raise TicketError(f"{text!r}: after {LOCAL_PREFIX!r} comes a ticket directory's path")
+        if not path.exists():
+            raise TicketError(f"no ticket directory at {str(path)!r} (named by {text!r}): it does not exist")
+        if not path.is_dir():
+            raise TicketError(f"{str(path)!r} (named by {text!r}) is a file; a ticket is a directory")
+        return TicketSource(path)
     repo_id = text[len(HUB_PREFIX):] if text.startswith(HUB_PREFIX) else None
     if repo_id is None:
         path = Path(text).expanduser()
