@@ -53,7 +53,8 @@ class CheckpointInfo:
                 self.global_step if self.global_step is not None else -1, os.path.basename(self.path))
 
     def describe(self) -> str:
-        where = f"epoch {self.epoch}" + (" and part of the next" if "_step_" in os.path.basename(self.path) else "") + (f", step {self.global_step}" if self.global_step is not None else "")
+        partial = " and part of the next" if "_step_" in os.path.basename(self.path) else ""
+        where = f"epoch {self.epoch}{partial}" + (f", step {self.global_step}" if self.global_step is not None else "")
         return f"{self.path!r} ({where})"
 
 
@@ -247,8 +248,9 @@ def latest_checkpoint(output_dir: str) -> Optional[str]:
 
 def save_checkpoint(accelerator, ckpt_root: str, state: TrainState, identity: dict, keep: int,
                      resumed_from: Optional[str]) -> None:
-    """accelerator.save_state into a temporary folder (named by ``checkpoint_name``), record every file's size and sha256,
-    rename it into place, move the pointer, then delete what ``keep`` no longer covers."""
+    """accelerator.save_state into a temporary folder (named by ``checkpoint_name``), record every
+    file's size and sha256, rename it into place, move the pointer, then delete what ``keep`` no
+    longer covers."""
     name = checkpoint_name(state.epoch, state.global_step, state.batches_in_epoch)
     tmp, final = os.path.join(ckpt_root, f".tmp-{name}"), os.path.join(ckpt_root, name)
     if accelerator.is_main_process:

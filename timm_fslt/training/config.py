@@ -35,7 +35,8 @@ _MODE_LOOKALIKES = {"auto", "fallback", "true", "false", "yes", "no", "latest", 
 
 # TrainConfig fields that do not change what a run computes; a resumed run may change them.
 VOLATILE_FIELDS = ("check_finite", "check_sync_every", "recompute_weights", "output_dir", "resume", "overwrite",
-                   "keep_checkpoints", "checkpoint_every_steps", "stop_after", "log_with", "project_name", "progress", "log_every",
+                   "keep_checkpoints", "checkpoint_every_steps", "stop_after", "log_with", "project_name", "progress",
+                   "log_every",
                    "save_ticket", "push_to_hub", "hub_private", "num_workers", "cpu", "architecture", "dataset_ids")
 
 
@@ -197,10 +198,10 @@ def resolve_mixed_precision(setting: Optional[str]) -> tuple[str, Optional[str]]
         if launcher is None or launcher == setting:
             return setting, None
         if _env_flag(LAUNCHER_DEEPSPEED_ENV):
-            raise RunConfigError(f"mixed_precision / --mixed-precision {setting} conflicts with the launcher's {launcher} "
-                                 f"({LAUNCHER_PRECISION_ENV}) under DeepSpeed ({LAUNCHER_DEEPSPEED_ENV}), whose config "
-                                 "sets the engine's precision; give accelerate launch the same --mixed_precision, "
-                                 "or leave out --mixed-precision")
+            raise RunConfigError(f"mixed_precision / --mixed-precision {setting} conflicts with the launcher's "
+                                 f"{launcher} ({LAUNCHER_PRECISION_ENV}) under DeepSpeed ({LAUNCHER_DEEPSPEED_ENV}), "
+                                 "whose config sets the engine's precision; give accelerate launch the same "
+                                 "--mixed_precision, or leave out --mixed-precision")
         return setting, (f"mixed precision: {setting} (mixed_precision / --mixed-precision) overrides the "
                          f"launcher's {launcher} ({LAUNCHER_PRECISION_ENV})")
     if launcher is not None and launcher not in MIXED_PRECISION:

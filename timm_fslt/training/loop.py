@@ -9,9 +9,10 @@ upper reference).  Only parameters with ``requires_grad`` reach the optimizer.
 
 The loop runs unchanged on one CPU, one GPU or many processes (``accelerate
 launch``): mixed precision, gradient accumulation, a checkpoint after every epoch
-(written to a temporary folder, then renamed) and ``resume`` that continues a
-killed run exactly (model, scores, optimizer, scheduler, RNG states and the
-epoch's data order, which is a pure function of the seed and the epoch).  Each
+and, with ``checkpoint_every_steps``, every N steps inside one (written to a temporary
+folder, then renamed) and ``resume`` that continues a killed run exactly (model,
+scores, optimizer, timm's scheduler, RNG states, the position inside the epoch and
+the epoch's data order and augmentation, pure functions of the seed and the epoch).  Each
 checkpoint's run_config.json records its epoch, global step and every file's size
 and sha256; resume takes the newest checkpoint that verifies (``checkpoints/latest``
 is only a hint), refuses a damaged newest one unless ``resume="fallback"``, and
@@ -223,11 +224,11 @@ def _prepare(accelerator, model: nn.Module, config: TrainConfig, task, loaders: 
     prepared = accelerator.prepare(model, optimizer, *loaders)
     model, optimizer, train_loader, val_loader = prepared[:4]
     unwrapped = accelerator.unwrap_model(model)
-    return _Run(loader_generator=generator, config=config, task=task, accelerator=accelerator, model=model, unwrapped=unwrapped,
+    return _Run(config=config, task=task, accelerator=accelerator, model=model, unwrapped=unwrapped,
                 optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, val_loader=val_loader,
                 test_loader=prepared[4] if len(loaders) == 3 else None, output_dir=output_dir,
                 frozen=is_frozen(unwrapped), static=static_keys(unwrapped),
-                show=config.progress and accelerator.is_main_process)
+                show=config.progress and accelerator.is_main_process, loader_generator=generator)
 
 
 def _start_state(run: _Run, resume_from: Optional[str]) -> TrainState:
