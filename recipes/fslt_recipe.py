@@ -158,7 +158,9 @@ def _optimisation_options(g) -> None:
     g.add_argument("--scheduler", choices=CHOICES["scheduler"])
     g.add_argument("--warmup-epochs", dest="warmup_epochs", type=int)
     g.add_argument("--label-smoothing", dest="label_smoothing", type=float)
-    g.add_argument("--grad-accum", dest="grad_accum", type=int, help="gradient accumulation steps")
+    g.add_argument("--grad-accum", dest="grad_accum", type=int,
+                   help="gradient accumulation steps (default: accelerate launch's --gradient_accumulation_steps, "
+                        "else 1)")
     g.add_argument("--mixed-precision", dest="mixed_precision", choices=CHOICES["mixed_precision"])
     g.add_argument("--bf16", dest="mixed_precision", action="store_const", const="bf16")
     g.add_argument("--fp16", dest="mixed_precision", action="store_const", const="fp16")
