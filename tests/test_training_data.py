@@ -83,6 +83,9 @@ def test_the_ticket_records_the_eval_data_config(folder, tmp_path):
     recorded = {k: config["pretrained_cfg"][k] for k in expected}  # timm's pretrained_cfg holds more keys
     assert recorded == expected == res["config"]["data_config"]
     assert (recorded["input_size"], recorded["interpolation"], recorded["crop_pct"]) == ([3, 32, 32], "bicubic", 0.95)
+    # What a timm user gets back from the ticket folder: the preprocessing it was evaluated with.
+    plain = timm.create_model(f"local-dir:{res['ticket_dir']}")
+    assert json.loads(json.dumps(timm.data.resolve_data_config(model=plain))) == expected
 
 
 # -- datasets: only the splits a run uses --------------------------------------------------
