@@ -139,7 +139,7 @@ def ticket_check(model: torch.nn.Module, seed: int, out: Path, probe: torch.Tens
     """Save the frozen model's ticket, say what it holds, reload it and compare outputs."""
     ticket_dir = timm_fslt.save_ticket(model, out / "ticket", architecture={"timm": MODEL, "kwargs": KWARGS},
                                        overwrite=True, metrics={"accuracy": acc})
-    config = json.loads((ticket_dir / "config.json").read_text())
+    config = timm_fslt.ticket.read_config(ticket_dir)  # the verified record (format 4 nests it under "timm_fslt")
     state = non_regenerable_state(model)
     floating = sorted(k for k, v in state.items() if v.is_floating_point())
     files = {p.name: p.stat().st_size for p in sorted(ticket_dir.iterdir()) if p.is_file()}

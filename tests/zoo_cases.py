@@ -37,7 +37,8 @@ import torch
 from torch import nn
 
 import timm_fslt
-from timm_fslt.report import non_regenerable_state
+from timm_fslt.report import non_regenerable_state, state_reasons
+from timm_fslt.ticket import read_config
 
 PRUNE = LOCK = 0.35
 SEED = 14
@@ -213,13 +214,10 @@ def search_step(model: nn.Module, inputs: Callable[[], tuple]) -> dict:
 
 
 def _ticket_state(directory: Path, model: nn.Module) -> dict:
-    """{key: (dtype name, numel)} of the tensors the ticket stores (config.json, else the state contract)."""
-    try:
-        tensors = json.loads((directory / "config.json").read_text())["state"]["tensors"]
-        return {k: (str(v["dtype"]).replace("torch.", ""), int(torch.Size(v["shape"]).numel()))
-                for k, v in tensors.items()}
-    except (OSError, KeyError, TypeError, ValueError):
-        return _contract_state(model)
+    """{key: (dtype name, numel)} of the tensors the saved ticket's config.json says it stores."""
+    tensors = read_config(directory)["state"]["tensors"]
+    return {k: (str(v["dtype"]).replace("torch.", ""), int(torch.Size(v["shape"]).numel()))
+            for k, v in tensors.items()}
 
 
 def _contract_state(model: nn.Module) -> dict:
@@ -323,12 +321,8 @@ def _run_frozen(case: Case, model: nn.Module, inputs: Callable[[], tuple], tmp_p
     def state():
         stored = _ticket_state(directory, model) if saved else _contract_state(model)
         record["state"] = {k: list(v) for k, v in stored.items()}
-        try:
-            from timm_fslt.report import state_reasons  # the lead's new reasons (may not exist yet)
-            reasons = state_reasons(model)
-            record["state_reasons"] = {k: reasons[k] for k in stored if k in reasons}
-        except Exception:  # noqa: BLE001 -- informative only
-            pass
+        reasons = state_reasons(model)
+        record["state_reasons"] = {k: reasons[k] for k in stored if k in reasons}
         bad = sorted(k for k, (dtype, _) in stored.items() if _is_float(dtype) and not k.endswith(ALLOWED_STATE))
         if bad:
             raise AssertionError(f"the ticket stores {len(bad)} floating tensors that are not norm running "
