@@ -356,7 +356,7 @@ def test_fslt_push_timm_weights_lets_plain_timm_load_the_repo_with_identical_out
         k for k in saved if k.endswith("num_batches_tracked")]
     card = files["README.md"].decode()
     size = len(files["model.safetensors"])
-    assert f'timm.create_model("hf-hub:tester/native", pretrained=True)' in card
+    assert 'timm.create_model("hf-hub:tester/native", pretrained=True)' in card
     assert f"It costs {size:,} bytes" in card and "- `model.safetensors`: timm's standard weights file" in card
 
     result = _plain_timm("hf-hub:tester/native", native.io, _env(hub, tmp_path / "hf-timm"))

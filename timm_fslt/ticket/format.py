@@ -5,15 +5,16 @@ architecture and the ``FreezeConfig`` regenerate the weights and the freezing
 pattern bit-exactly, so a ticket stores one bit per FREE weight plus the state
 that no seed can rebuild (BatchNorm running statistics, trained biases, ...).
 
-A ticket is a directory of three files (a Hub repo holds the same files plus a
-model card, README.md):
+A ticket is a directory of three files, and optionally timm's ``model.safetensors``
+(``save_ticket(timm_weights=True)``; a Hub repo holds the same files plus a model card, README.md):
 
 ``config.json``
-    format and generator versions, the architecture (a timm model name or an
-    importable builder ``"pkg.module:function"``, with kwargs), every ``freeze``
-    argument (``FreezeConfig.to_dict()``), each masked layer's name, shape and
-    counts, the optional compacted structure, metrics, and the byte size and
-    sha256 of the two tensor files.
+    (format 4) timm's Hub keys at the top -- ``architecture``, ``num_classes``, ``model_args``,
+    ``pretrained_cfg`` with the data config (``ticket.timm_config``) -- and under ``"timm_fslt"``:
+    format and generator versions, the architecture record (a timm model name or a registered
+    builder, with kwargs), every ``freeze`` argument (``FreezeConfig.to_dict()``), each masked
+    layer's name, shape and counts, the optional compacted structure, metrics, the byte size and
+    sha256 of the tensor files, and the seal. Formats 1-3 hold that record at the top.
 ``supermask.safetensors``
     one 1-D uint8 tensor ``"supermask"`` of ``ceil(free / 8)`` bytes: the
     supermask of the free weights only.  Bit order: the masked layers in the
@@ -135,58 +136,6 @@ def check_datasets(datasets: Union[None, str, Sequence[str]]) -> list:
     if not all(isinstance(d, str) and d for d in datasets):
         raise TicketError(f"datasets must be Hub dataset ids (non-empty strings), got {datasets!r}")
     return datasets
-
-
-# timm's data config (``timm.data.resolve_data_config``): the preprocessing a ticket was evaluated with.
-DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
-INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
-CROP_MODES = ("center", "squash", "border")
-
-
-def _positive_number(value) -> bool:
-    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
-
-
-def check_data_config(data_config: Optional[Mapping], what: str = "data_config") -> Optional[dict]:
-    """timm's data config as JSON (tuples as lists), or a ``TicketError`` naming the bad key."""
-    if data_config is None:
-        return None
-    allowed = ", ".join(DATA_CONFIG_KEYS)
-    if not isinstance(data_config, Mapping):
-        raise TicketError(f"{what} must be a dict of timm data-config keys ({allowed}; as "
-                          f"timm.data.resolve_data_config returns), got {type(data_config).__name__}")
-    unknown = sorted(str(k) for k in data_config if k not in DATA_CONFIG_KEYS)
-    if unknown:
-        raise TicketError(f"{what} has unknown keys {unknown}; allowed: {allowed}")
-    out = {}
-    for key in DATA_CONFIG_KEYS:
-        if key not in data_config:
-            continue
-        value = data_config[key]
-        if key == "input_size":
-            ok = isinstance(value, (tuple, list)) and len(value) == 3 and all(
-                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
-            value, need = (list(value) if ok else value), "(channels, height, width), three positive ints"
-        elif key in ("mean", "std"):
-            ok = isinstance(value, (tuple, list)) and len(value) > 0 and all(
-                not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) for v in value) \
-                and (key == "mean" or all(v > 0 for v in value))
-            value, need = (list(value) if ok else value), "a list of finite numbers, one per channel" + (
-                " (positive)" if key == "std" else "")
-        elif key == "crop_pct":
-            ok, need = _positive_number(value) and value <= 4, "a number in (0, 4]"
-        elif key == "interpolation":
-            ok, need = value in INTERPOLATIONS and isinstance(value, str), f"one of {list(INTERPOLATIONS)}"
-        else:
-            ok, need = value in CROP_MODES and isinstance(value, str), f"one of {list(CROP_MODES)}"
-        if not ok:
-            raise TicketError(f"{what}[{key!r}] must be {need}, got {value!r}")
-        out[key] = value
-    channels = out.get("input_size", [None])[0]
-    for key in ("mean", "std"):
-        if channels is not None and key in out and len(out[key]) not in (1, channels):
-            raise TicketError(f"{what}[{key!r}] has {len(out[key])} values but input_size has {channels} channels")
-    return out
 
 
 def check_bool(value, what: str) -> bool:

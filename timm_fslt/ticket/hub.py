@@ -19,8 +19,8 @@ from torch import nn
 from timm_fslt.errors import TicketError
 from timm_fslt.ticket.architecture import describe_architecture
 from timm_fslt.ticket.format import (CARD_NAME, CONFIG_NAME, MASK_NAME, STATE_NAME, TIMM_WEIGHTS_NAME, check_bool,
-                                     check_data_config, check_datasets, check_metrics, read_ticket, sha256_hex,
-                                     size_report_from_config)
+                                     check_datasets, check_metrics, read_ticket, sha256_hex, size_report_from_config)
+from timm_fslt.ticket.timm_config import check_data_config
 from timm_fslt.ticket.io import save_ticket
 from timm_fslt.ticket.sources import is_repo_id
 

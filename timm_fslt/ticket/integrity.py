@@ -4,7 +4,9 @@
 field, and a 64-bit digest per field that names an edited one on load. ``layer_digests``
 gives, per masked layer, 128 bits of sha256 over its regenerated weight and freezing code
 (``regen_digest``) or over the weight its forward uses (``masked_digest``); the loader
-compares both with the ones saved, so a resealed edit cannot load as another network.
+compares both with the ones saved (``check_digests``, after ``check_layers`` compared names,
+shapes and counts), so a resealed edit cannot load as another network. In a format-4 config.json
+the seal sits in ``config["timm_fslt"]["integrity"]`` and covers timm's keys too.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from typing import Any, Mapping
 import torch
 from torch import nn
 
-from timm_fslt.errors import TicketChecksumError, TicketIntegrityWarning
+from timm_fslt.errors import TicketChecksumError, TicketIntegrityWarning, TicketMismatchError
 from timm_fslt.nn import modules as L
 from timm_fslt.nn.placement import fate_of
 
@@ -44,6 +46,53 @@ def layer_digests(model: nn.Module, masked: bool) -> dict[str, str]:
                                                              supermask.frozen)
         out[key] = tensor_digest(*tensors)
     return out
+
+
+def check_layers(group, config: dict, arch: Mapping) -> None:
+    """The rebuilt model's masked layers: the ticket's names, shapes and pruned/locked/free counts."""
+    from timm_fslt.ticket.architecture import describe_architecture
+
+    stored = config["layers"]
+    if len(group.layers) != len(stored):
+        raise TicketMismatchError(
+            f"the ticket stores masks for {len(stored)} layers but the model rebuilt from "
+            f"{describe_architecture(arch)} has {len(group.layers)} masked layers: layer count mismatch")
+    for layer, row in zip(group.layers, stored):
+        if layer.layer_name != row["name"] or getattr(layer, "param_name", "weight") != row.get("param", "weight"):
+            raise TicketMismatchError(f"the ticket's layer {row['name']!r} stands where the rebuilt model "
+                                      f"has {layer.layer_name!r}")
+        shape = list(layer.frozen.shape)
+        if shape != row["shape"]:
+            raise TicketMismatchError(f"layer {row['name']!r}: the ticket's mask has shape {tuple(row['shape'])} "
+                                      f"but the rebuilt layer's weight has shape {tuple(shape)}")
+    # Counts only after every shape matched: one wrong shape shifts other layers' erk/igq counts.
+    for layer, row in zip(group.layers, stored):
+        counts = layer.counts()
+        for key in ("pruned", "locked", "free"):
+            if counts[key] != row[key]:
+                raise TicketMismatchError(
+                    f"layer {row['name']!r}: the seed regenerates {counts[key]} {key} weights but the ticket "
+                    f"records {row[key]}")
+
+
+def check_digests(model: nn.Module, config: dict, masked: bool) -> None:
+    """Every layer's regenerated weight and code (or, once the mask and state are in, the weight
+    its forward uses) against the digest saved with the ticket."""
+    key = "masked_digest" if masked else "regen_digest"
+    digests = layer_digests(model, masked)
+    freeze_cfg = config["freeze"]
+    for row in config["layers"]:
+        saved = row.get(key)
+        if saved is None:
+            continue  # written by timm_fslt 0.1 (its config has no integrity record: warned on read)
+        if digests.get(row["name"]) != saved:
+            what = ("W * mask * scale differs from the one" if masked else
+                    "the seed regenerates other weights or freezing code than those")
+            raise TicketChecksumError(
+                f"layer {row['name']!r}: {what} the ticket was saved with ({key} {digests.get(row['name'])} != "
+                f"{saved}; seed={freeze_cfg.get('seed')!r}, weight_init={freeze_cfg.get('weight_init')!r}, "
+                f"scale={freeze_cfg.get('scale')!r}, generator_version={config.get('generator_version')!r}): "
+                "the ticket would load as another network")
 
 
 def _regenerated(model: nn.Module) -> dict[str, tuple[dict, torch.Tensor]]:

@@ -24,9 +24,13 @@ keys say another network than our record (a resealed edit of ``model_args`` or
 from __future__ import annotations
 
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Mapping, Optional
+
+import safetensors.torch
+import torch
 
 from torch import nn
 
@@ -37,6 +41,58 @@ BUILDER_PREFIX = "timm_fslt-builder/"
 # The top-level keys timm's hub loader reads (timm.models._hub._parse_model_cfg) or writes.
 TIMM_KEYS = ("architecture", "num_classes", "num_features", "global_pool", "model_args", "pretrained_cfg",
              "label_names", "label_descriptions")
+
+
+# timm's data config (``timm.data.resolve_data_config``): the preprocessing a ticket was evaluated with.
+DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+INTERPOLATIONS = ("nearest", "bilinear", "bicubic", "box", "hamming", "lanczos", "random")
+CROP_MODES = ("center", "squash", "border")
+
+
+def _positive_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def check_data_config(data_config: Optional[Mapping], what: str = "data_config") -> Optional[dict]:
+    """timm's data config as JSON (tuples as lists), or a ``TicketError`` naming the bad key."""
+    if data_config is None:
+        return None
+    allowed = ", ".join(DATA_CONFIG_KEYS)
+    if not isinstance(data_config, Mapping):
+        raise TicketError(f"{what} must be a dict of timm data-config keys ({allowed}; as "
+                          f"timm.data.resolve_data_config returns), got {type(data_config).__name__}")
+    unknown = sorted(str(k) for k in data_config if k not in DATA_CONFIG_KEYS)
+    if unknown:
+        raise TicketError(f"{what} has unknown keys {unknown}; allowed: {allowed}")
+    out = {}
+    for key in DATA_CONFIG_KEYS:
+        if key not in data_config:
+            continue
+        value = data_config[key]
+        if key == "input_size":
+            ok = isinstance(value, (tuple, list)) and len(value) == 3 and all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in value)
+            value, need = (list(value) if ok else value), "(channels, height, width), three positive ints"
+        elif key in ("mean", "std"):
+            ok = isinstance(value, (tuple, list)) and len(value) > 0 and all(
+                not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v) for v in value) \
+                and (key == "mean" or all(v > 0 for v in value))
+            value, need = (list(value) if ok else value), "a list of finite numbers, one per channel" + (
+                " (positive)" if key == "std" else "")
+        elif key == "crop_pct":
+            ok, need = _positive_number(value) and value <= 4, "a number in (0, 4]"
+        elif key == "interpolation":
+            ok, need = value in INTERPOLATIONS and isinstance(value, str), f"one of {list(INTERPOLATIONS)}"
+        else:
+            ok, need = value in CROP_MODES and isinstance(value, str), f"one of {list(CROP_MODES)}"
+        if not ok:
+            raise TicketError(f"{what}[{key!r}] must be {need}, got {value!r}")
+        out[key] = value
+    channels = out.get("input_size", [None])[0]
+    for key in ("mean", "std"):
+        if channels is not None and key in out and len(out[key]) not in (1, channels):
+            raise TicketError(f"{what}[{key!r}] has {len(out[key])} values but input_size has {channels} channels")
+    return out
 
 
 _CHECKPOINT_KEYS = ("tag", "license", "origin_url", "paper_ids", "paper_name", "notes", "hf_hub_id", "url", "file",
@@ -99,7 +155,6 @@ def model_data_config(model: nn.Module) -> Optional[dict]:
         return None
     from timm.data import resolve_data_config
     from timm.data.model_config import resolve_input_data_config
-    from timm_fslt.ticket.format import check_data_config
 
     try:
         resolved = resolve_input_data_config(model)
@@ -115,8 +170,6 @@ def _is_int(value) -> bool:
 def check_timm_keys(document: Mapping, arch: Mapping, path) -> tuple[dict, Optional[dict]]:
     """(timm's keys, the data config in them) of a format-4 config.json, checked against our
     architecture record ``arch``; a contradiction is a ``TicketMismatchError``."""
-    from timm_fslt.ticket.format import DATA_CONFIG_KEYS, check_data_config
-
     keys = {k: v for k, v in document.items() if k != OWN_KEY}
     unknown = sorted(set(keys) - set(TIMM_KEYS))
     if unknown:
@@ -167,3 +220,34 @@ def check_built(model: nn.Module, keys: Optional[Mapping], where: str) -> None:
     if _is_int(built) and built != keys["num_classes"]:
         raise TicketMismatchError(f"{where}: timm's 'num_classes' is {keys['num_classes']} but the model rebuilt "
                                   f"from the ticket has {built} classes; the ticket was altered")
+
+
+@torch.no_grad()
+def timm_weights_bytes(model: nn.Module, arch: Mapping, structure) -> bytes:
+    """timm's standard ``model.safetensors``: the state dict of ``timm_fslt.materialize(model)``
+    (effective weights W * mask * scale, norms, buffers), loadable by plain timm."""
+    from timm_fslt.ticket.architecture import describe_architecture
+
+    if "timm" not in arch:
+        raise TicketError(f"timm_weights=True writes weights plain timm loads, but this ticket's architecture is "
+                          f"{describe_architecture(arch)}, not a timm model: save it with timm_weights=False")
+    if structure is not None:
+        raise TicketError("timm_weights=True: this ticket is compacted (its layers were cut by torch-pruning), "
+                          f"so its weights do not fit the {arch['timm']} timm builds; save it with timm_weights=False")
+    from timm_fslt.materialize import materialize
+
+    plain = materialize(model)
+    tensors = {key: value.detach().cpu().contiguous() for key, value in plain.state_dict().items()}
+    try:  # one metadata key, as timm/transformers write it: the bytes are the same at every save
+        return safetensors.torch.save(tensors, metadata={"format": "pt"})
+    except (RuntimeError, ValueError) as err:  # e.g. tensors sharing memory (tied weights)
+        raise TicketError(f"timm_weights=True: cannot write model.safetensors: {err}") from err
+
+
+def apply_data_config(model: nn.Module, data_config: Optional[Mapping]) -> None:
+    """The ticket's data config into a loaded timm model's ``pretrained_cfg``, so that
+    ``timm.data.resolve_data_config(model=model)`` gives the ticket's preprocessing."""
+    if data_config and isinstance(getattr(model, "pretrained_cfg", None), Mapping):
+        model.pretrained_cfg = {**model.pretrained_cfg, **data_config}
+        if hasattr(model, "default_cfg"):
+            model.default_cfg = model.pretrained_cfg
