@@ -126,7 +126,21 @@ def _group_of(model: nn.Module) -> Optional[SupermaskGroup]:
 def _refresh_hook(module: nn.Module, args):
     group = _group_of(module)
     if group is not None:
-        _refresh(group, module)
+        if torch.compiler.is_exporting() if torch.compiler.is_compiling() else torch.jit.is_tracing():
+            _check_traceable(group, module)
+        else:
+            _refresh(group, module)
+
+
+def _check_traceable(group: SupermaskGroup, model: nn.Module) -> None:
+    """Under torch.export or torch.jit.trace (and the ONNX exporters built on them): the same
+    refusals as a forward, but the masks are not re-chosen (a selection cannot be traced, and
+    under torch.export the tensors are fake): they must be current, or the export is refused
+    with a pointer to ``refresh_masks`` and ``materialize``.  The layers then record the plain
+    product ``W * mask`` (``FrozenSupermask._traced_weight``)."""
+    if model.__dict__.get("_fslt_modules_seen") != module_registrations():
+        check_unchanged(model)
+    group.check_traceable()
 
 
 def check_unchanged(model: nn.Module) -> None:

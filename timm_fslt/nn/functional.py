@@ -4,6 +4,9 @@ Forward: one elementwise product.  Backward: the straight-through estimator, eva
 at the free weights only (where the scores live); see ``_MaskedWeight``.  The
 parametrization (``timm_fslt.nn.supermask``) calls ``masked_weight``; the recompute
 machinery (``timm_fslt.nn.recompute``) rebuilds the same product in the backward.
+Under ``torch.export`` and ``torch.jit.trace`` the parametrization records
+``traced_masked_weight`` instead (plain operations), and the messages that refuse what
+cannot be exported are here too.
 """
 from __future__ import annotations
 
@@ -90,3 +93,33 @@ def masked_weight(weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor
     None: every weight is free; ``scores``: one per free weight, e.g. 1-D or a ``(1, n)`` row) by
     the straight-through estimator."""
     return _MaskedWeight.apply(weight, scores, mask, scale, index)
+
+
+def traced_masked_weight(weight: torch.Tensor, mask: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """``W * mask * scale`` in plain tensor operations, for the graphs ``torch.export`` and
+    ``torch.jit.trace`` record (and the ONNX exporters built on them): the weight and mask
+    buffers multiplied, no autograd Function, no cached index, so the exported model computes
+    the effective weights with ``masked_product``'s bits (``mask * W`` there, ``W * mask`` here).
+    No gradient reaches the scores: an exported model is a fixed ticket."""
+    out = weight * mask.to(weight.dtype)
+    return out if scale is None else out * scale
+
+
+def script_refusal(layer_name: str) -> str:
+    """The message with which ``torch.jit.script`` of a frozen model is refused."""
+    return (f"timm_fslt: torch.jit.script cannot compile a frozen model: its layer {layer_name!r} is "
+            "parametrized by a FrozenSupermask (torch.nn.utils.parametrize does not support TorchScript). "
+            "Script timm_fslt.materialize(model) instead: a plain copy of the model with W * mask as its "
+            "weights; torch.jit.trace and torch.export work on the frozen model itself")
+
+
+def stale_refusal(layer_names: list) -> str:
+    """The message with which exporting or tracing masks that may be out of date is refused."""
+    names = ", ".join(repr(name) for name in layer_names[:3])
+    if len(layer_names) > 3:
+        names += f" and {len(layer_names) - 3} more"
+    return (f"timm_fslt: the masks of layer(s) {names} may be out of date (the scores were written, or an "
+            "optimizer stepped -- any optimizer in this process: a fused one changes scores unseen -- since the "
+            "masks were chosen), and torch.export / torch.onnx.export / torch.jit.trace cannot choose them "
+            "while tracing. Call timm_fslt.refresh_masks(model) (or run one forward) first, or export "
+            "timm_fslt.materialize(model): a plain copy of the model with W * mask as its weights")

@@ -35,7 +35,8 @@ never change).  The forward adds one elementwise product per layer; the backward
 gathers the weight gradient and the weight at the free positions (through a cached
 int32 index) and multiplies them there; masks are bool and frozen codes int8.
 (That product and its backward: ``timm_fslt.nn.functional``; keeping no copy of it
-for the backward: ``timm_fslt.nn.recompute``.)
+for the backward: ``timm_fslt.nn.recompute``.)  Under torch.export / torch.jit.trace a layer records
+the plain product with its current mask, refusing masks that may be out of date; torch.jit.script is refused.
 """
 from __future__ import annotations
 
@@ -47,7 +48,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from timm_fslt.nn import recompute
-from timm_fslt.nn.functional import masked_weight
+from timm_fslt.nn.functional import masked_weight, script_refusal, stale_refusal, traced_masked_weight
 from timm_fslt.regen import pattern as freezing
 from timm_fslt.regen.topk import keys_topk_mask, magnitude_keys
 
@@ -182,18 +183,52 @@ class FrozenSupermask(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         group = self.group
-        if group is not None and not torch.compiler.is_compiling() and (
+        compiling = torch.compiler.is_compiling()  # (also True under torch.export)
+        if torch.compiler.is_exporting() if compiling else torch.jit.is_tracing():
+            return self._traced_weight(weight)
+        if group is not None and not compiling and (
                 self.scores._version != self._seen_version or group._seen_steps != _optimizer_steps):
             # Reached when this layer is called outside the root model's forward
             # (e.g. model.forward_features) right after an optimizer step.
             group.refresh()
         scale = None if group is not None and group.scale_mode is None else self.scale.to(weight.dtype)
         # (compiled code reads the index the last refresh cached: refreshes run eagerly)
-        index = (self._free if torch.compiler.is_compiling() else self.free_index()).index
+        index = (self._free if compiling else self.free_index()).index
         out = masked_weight(weight, self.scores, self.mask, scale, index)
-        if recompute.is_recording() and not torch.compiler.is_compiling():  # inside recompute_masked_weights
+        if not compiling and recompute.is_recording():  # inside recompute_masked_weights
             recompute.record(group, out, weight, self.scores, self.mask, scale, index, self.layer_name)
         return out
+
+    def _traced_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        # torch.export / jit.trace: the plain product with the current mask (refused if out of date;
+        # checked here too for a part of a model, e.g. model.features, exported by itself)
+        if self.group is not None:
+            self.group.check_traceable()
+        scale = None if self.group is not None and self.group.scale_mode is None else self.scale.to(weight.dtype)
+        return traced_masked_weight(weight, self.mask, scale)
+
+    def _masks_current(self) -> bool:
+        """Whether the mask is from the scores as they are, judged by the last refresh's scores tensor
+        (under torch.export the module's are fake copies), and no optimizer stepped since."""
+        seen = self.__dict__.get("_seen_scores")
+        return (self.group is None or self.group._seen_steps == _optimizer_steps) and seen is not None \
+            and seen._version == self._seen_version
+
+    # Version counters restart in a copy (deepcopy, pickle): it carries over "current" (or -1), not a number.
+    def __getstate__(self):
+        state = super().__getstate__()
+        if "_seen_version" in state:
+            current = self.__dict__.get("_seen_scores") is self.scores and self._masks_current()
+            state["_seen_version"] = "current" if current else -1
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        if self.__dict__.get("_seen_version") == "current":
+            self._seen_version = self.scores._version
+
+    def __prepare_scriptable__(self):  # torch.jit.script calls this first: refuse at once
+        raise RuntimeError(script_refusal(self.layer_name))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
@@ -213,6 +248,7 @@ class FrozenSupermask(nn.Module):
                                                  else (1, -1))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        self.invalidate()  # (assign=True replaces the scores unseen: an export before a forward refuses)
 
     # -- refresh helpers (called by SupermaskGroup.refresh, under no_grad) ---------
     def free_index(self) -> _FreeIndex:
@@ -245,6 +281,7 @@ class FrozenSupermask(nn.Module):
     def invalidate(self) -> None:
         """Make the next forward re-select the masks (after ``scores`` or ``frozen`` were cut or replaced)."""
         self._seen_version = -1
+        self.__dict__.pop("_seen_scores", None)  # (do not keep replaced scores alive)
 
     def scores_like_weight(self, fill: float = 0.0) -> torch.Tensor:
         """The scores in the weight's shape (a new tensor): ``fill`` at pruned and locked positions."""
@@ -316,6 +353,16 @@ class SupermaskGroup:
         return self._seen_steps != _optimizer_steps or any(
             layer.scores._version != layer._seen_version for layer in self.layers)
 
+    # (under torch.export(strict=True) Dynamo runs this eagerly on the real tensors; elsewhere a no-op mark)
+    @torch.compiler.assume_constant_result
+    def check_traceable(self) -> bool:
+        """Refuse (RuntimeError) to export or trace masks that may be out of date: they cannot be
+        chosen while tracing, and the exported model would differ from the next forward's."""
+        stale = [layer.layer_name for layer in self.layers if not layer._masks_current()]
+        if stale:
+            raise RuntimeError(stale_refusal(stale))
+        return True
+
     def kept_target(self) -> int:
         total = sum(layer.numel + layer.removed_numel for layer in self.layers)
         return freezing.round_half_up((1.0 - self.sparsity) * total)
@@ -366,4 +413,5 @@ class SupermaskGroup:
             else:
                 layer._set_scale(1.0)
             layer._seen_version = layer.scores._version
+            layer.__dict__["_seen_scores"] = layer.scores  # (torch.export sees fake copies: _masks_current)
         self._seen_steps = _optimizer_steps
