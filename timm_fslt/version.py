@@ -1,2 +1,2 @@
 """The package version (one place: pyproject.toml reads it too)."""
-__version__ = "0.3.0"
+__version__ = "0.4.0"
