@@ -164,6 +164,23 @@ def test_a_resealed_edit_of_timms_keys_that_contradicts_ours_is_refused(native, 
         assert isinstance(err.value, TicketMismatchError)
 
 
+@pytest.mark.parametrize("cfg,message", [
+    # timm derives in_chans from pretrained_cfg's input_size when model_args lacks it
+    ({"input_size": [1, 32, 32], "mean": [0.5], "std": [0.5]},
+     r"the network plain timm builds from .* is not the one the ticket's record builds: conv1.0.weight is "
+     r"\(16, 1, 3, 3\) in timm's, \(16, 3, 3, 3\) in ours"),
+    # ... and img_size when fixed_input_size
+    ({"fixed_input_size": True}, r"plain timm cannot build this ticket's config.json \(TypeError: .*img_size"),
+])
+def test_a_resealed_pretrained_cfg_that_makes_timm_build_another_network_is_refused(native, tmp_path, cfg, message):
+    path = _copy(native.plain, tmp_path / "t")
+    document = _document(path)
+    document["pretrained_cfg"].update(cfg)
+    _write(path, document, reseal=True)
+    with pytest.raises(TicketMismatchError, match=message):
+        timm_fslt.load_ticket(path)
+
+
 def test_an_unsealed_edit_of_timms_keys_is_named_as_an_edit(native, tmp_path):
     path = _copy(native.plain, tmp_path / "t")
     document = _document(path)
@@ -299,6 +316,20 @@ def test_bad_timm_weights_or_data_config_are_refused_and_nothing_is_written(nati
     (damaged / "model.safetensors").write_bytes(b"x")
     with pytest.raises(TicketChecksumError, match=r"model.safetensors' does not match the size and sha256"):
         timm_fslt.push_to_hub(damaged, "me/t")
+
+
+def test_push_to_hub_of_a_model_with_timm_weights_uploads_them(native, monkeypatch):
+    calls = {}
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kwargs: None)
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        calls["files"] = {p.name: p.read_bytes() for p in Path(folder_path).iterdir()}
+        return "commit-info"
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    assert timm_fslt.push_to_hub(native.model, "me/t", data_config=DATA_CONFIG, metrics={"accuracy": 0.5},
+                                 timm_weights=True) == "commit-info"
+    for name in ("config.json", "model.safetensors", "state.safetensors", "supermask.safetensors"):
+        assert calls["files"][name] == (native.weights / name).read_bytes(), name
 
 
 def test_a_compacted_ticket_has_no_timm_weights(conv6_model, tmp_path, monkeypatch):

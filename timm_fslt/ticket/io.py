@@ -34,8 +34,8 @@ from timm_fslt.ticket.format import (BIT_ORDER, CONFIG_NAME, DEFAULT_MAX_BUILD_S
                                      pack_bits, read_ticket, sha256_hex, unpack_bits)
 from timm_fslt.ticket.integrity import (OWN_KEY, check_digests, check_layers, check_regenerated, layer_digests,
                                         regenerated_record, seal_config)
-from timm_fslt.ticket.timm_config import (apply_data_config, check_built, check_data_config, timm_keys,
-                                          timm_weights_bytes)
+from timm_fslt.ticket.timm_config import (apply_data_config, check_built, check_data_config, check_timm_builds,
+                                          timm_keys, timm_weights_bytes)
 from timm_fslt.ticket.state_codec import check_state_dtype, encode_state
 from timm_fslt.ticket.sources import HUB_PREFIX, LOCAL_PREFIX, redownload, resolve_ticket_source
 from timm_fslt.version import __version__
@@ -345,7 +345,8 @@ def load_ticket(source: PathLike, *, materialize: bool = False, revision: Option
             raise TicketChecksumError(f"the ticket at {str(found.directory)!r} has config_sha256 {actual!r}, "
                                       f"not the expected_sha256 {expected_sha256!r}")
     try:
-        model = _rebuild(config, packed, state, trust_builder, max_params, float(max_build_seconds))
+        model = _rebuild(config, packed, state, trust_builder, max_params, float(max_build_seconds),
+                         found.directory)
     except TicketError:
         raise
     except Exception as err:  # malformed content the checks above did not foresee
@@ -358,11 +359,13 @@ def load_ticket(source: PathLike, *, materialize: bool = False, revision: Option
 
 
 def _rebuild(config: dict, packed: torch.Tensor, state: Mapping[str, torch.Tensor],
-             trust_builder: bool, max_params: int, max_seconds: float) -> nn.Module:
+             trust_builder: bool, max_params: int, max_seconds: float, directory: Path) -> nn.Module:
     arch = config["architecture"]
     resolve_builder(arch, trust_builder)  # refuses unregistered names and untrusted paths; calls nothing
     counted = build_for_check(arch, trust_builder=trust_builder, max_params=max_params, max_seconds=max_seconds)
     n_params = count_elements(counted)
+    if config.get("timm_config") and n_params <= max_params:  # what plain timm builds from this config.json
+        check_timm_builds(directory, counted, arch, max_params, max_seconds)
     del counted
     if n_params > max_params:
         raise ArchitectureError(f"{describe_architecture(arch)} has {n_params:,} parameters, more than "

@@ -212,6 +212,42 @@ def check_timm_keys(document: Mapping, arch: Mapping, path) -> tuple[dict, Optio
     return keys, data_config
 
 
+def check_timm_builds(directory: Path, ours: nn.Module, arch: Mapping, max_params: int, max_seconds: float) -> None:
+    """``timm.create_model("local-dir:DIR")`` builds the tensors our record builds (``ours``, from
+    ``build_for_check``): timm also derives creation arguments from ``pretrained_cfg`` (``in_chans``
+    from ``input_size``, ``img_size`` when ``fixed_input_size``), so comparing the two builds refuses
+    every reading of timm's keys that is another network. Built on the meta device under the load's budget."""
+    if "timm" not in arch:
+        return  # plain timm cannot build a builder ticket at all ("timm_fslt-builder/<name>")
+    import timm
+    from timm_fslt.ticket.architecture import BuildBudget
+
+    what = f"the network plain timm builds from {str(Path(directory) / 'config.json')!r}"
+    budget = BuildBudget(max_params, max_seconds, what)
+    theirs = None
+    for device in ("meta", "cpu"):  # a constructor that needs real tensors is built again on the CPU
+        try:
+            with budget.active(), torch.device(device):
+                theirs = timm.create_model(f"local-dir:{directory}")
+            break
+        except TicketError:
+            raise
+        except Exception as err:
+            problem = f"{type(err).__name__}: {err}"
+    if theirs is None:
+        raise TicketMismatchError(f"plain timm cannot build this ticket's config.json ({problem}), though its own "
+                                  f"record builds {arch['timm']}: the ticket was altered")
+    got = {k: tuple(v.shape) for k, v in theirs.state_dict().items()}
+    want = {k: tuple(v.shape) for k, v in ours.state_dict().items()}
+    if type(theirs) is not type(ours) or got != want:
+        differ = sorted(k for k in set(got) | set(want) if got.get(k) != want.get(k))
+        first = differ[0] if differ else "the model class"
+        raise TicketMismatchError(
+            f"{what} is not the one the ticket's record builds: {first} is {got.get(first, 'absent')} in timm's, "
+            f"{want.get(first, 'absent')} in ours ({len(differ)} tensors differ); timm derives creation arguments "
+            "from config.json's model_args and pretrained_cfg (input_size, fixed_input_size): the ticket was altered")
+
+
 def check_built(model: nn.Module, keys: Optional[Mapping], where: str) -> None:
     """The model rebuilt from our record has the class count timm's keys state."""
     if not keys or keys.get("num_classes") is None:
