@@ -184,7 +184,8 @@ class FrozenSupermask(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         group = self.group
         compiling = torch.compiler.is_compiling()  # (also True under torch.export)
-        if torch.compiler.is_exporting() if compiling else torch.jit.is_tracing():
+        # (torch._C._is_tracing: torch.jit.is_tracing without its is_scripting call, half the cost)
+        if torch.compiler.is_exporting() if compiling else torch._C._is_tracing():
             return self._traced_weight(weight)
         if group is not None and not compiling and (
                 self.scores._version != self._seen_version or group._seen_steps != _optimizer_steps):
@@ -412,6 +413,7 @@ class SupermaskGroup:
                 layer._set_scale(1.0 / math.sqrt(max(density, 1e-12)))
             else:
                 layer._set_scale(1.0)
-            layer._seen_version = layer.scores._version
-            layer.__dict__["_seen_scores"] = layer.scores  # (torch.export sees fake copies: _masks_current)
+            # (into __dict__: Module.__setattr__ costs more; the tensor for _masks_current: torch.export has fakes)
+            scores = layer.scores
+            layer.__dict__.update(_seen_version=scores._version, _seen_scores=scores)
         self._seen_steps = _optimizer_steps
