@@ -356,3 +356,15 @@ def test_a_deep_copy_keeps_its_masks_current_or_out_of_date():
     model, x = stepped()
     with pytest.raises(RuntimeError, match=STALE):
         torch.export.export(copy.deepcopy(model), (x,))
+
+
+def test_a_loaded_ticket_exports_without_a_forward(tmp_path):
+    model, x, x2 = searched("conv6", steps=2)
+    want, want2 = eager(model, x), eager(model, x2)
+    directory = timm_fslt.save_ticket(model, tmp_path / "ticket")
+    loaded = timm_fslt.load_ticket(directory).eval()  # (load_ticket chooses the masks itself)
+    exported = torch.export.export(loaded, (x,)).module()
+    assert torch.equal(exported(x), want)
+    assert torch.equal(exported(x2), want2)
+    plain = timm_fslt.load_ticket(directory, materialize=True)
+    assert_onnx_close(onnx_run(onnx_dynamo(plain, x), x2), want2)
