@@ -43,7 +43,9 @@ def materialize(model: nn.Module) -> nn.Module:
 
     The copy has the original module classes (timm, torch or PyG) with ordinary
     parameters and no hooks; its outputs are bit-identical to the frozen model's in
-    eval mode, so it can be saved or exported (ONNX, torch.export).  Its parameters
+    eval mode, so it can be saved, scripted (torch.jit.script, which refuses the frozen
+    model) or exported (ONNX, torch.export: the frozen model exports too, but its graph
+    keeps the random weight and the mask apart and multiplies them).  Its parameters
     do not require grad (as in the frozen model's forward, except those the freeze
     config trains); call ``plain.requires_grad_(True)`` to fine-tune it.  The frozen
     model itself is left untouched.
