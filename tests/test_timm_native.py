@@ -398,7 +398,10 @@ def test_fslt_push_timm_weights_lets_plain_timm_load_the_repo_with_identical_out
     load = ("import sys, timm_fslt; timm_fslt.load_ticket(sys.argv[1]); "
             "print('loaded')")
     _run(["-c", load, "hf-hub:tester/native"], _env(hub, tmp_path / "hf-fslt"))
+    commit = hub.repos["tester/native"].head.oid
+    _run(["-c", load, f"hf-hub:tester/native@{commit}"], _env(hub, tmp_path / "hf-fslt-rev"))  # timm's @revision
     assert not any("model.safetensors" in path for _, path in hub.log[start:])
+    assert any(commit in path for _, path in hub.log[start:])
 
 
 def test_push_without_timm_weights_says_plain_timm_builds_the_architecture_only(hub, native, tmp_path):
@@ -427,6 +430,8 @@ def test_load_ticket_reads_local_dir_names_like_timm(native, tmp_path):
         timm_fslt.load_ticket(f"local-dir:{tmp_path / 'file'}")
     with pytest.raises(TicketError, match=r"after 'local-dir:' comes a ticket directory's path"):
         timm_fslt.load_ticket("local-dir:")
+    with pytest.raises(TicketError, match=r"the revision after '@' must be one name and agree with revision='v2'"):
+        timm_fslt.load_ticket("hf-hub:user/ticket@v1", revision="v2")
     # a local-dir: name that reads like a repo id stays a path: nothing is sent to the Hub
     with pytest.raises(TicketError, match=r"no ticket directory at 'user/ticket'"):
         timm_fslt.load_ticket("local-dir:user/ticket")

@@ -295,7 +295,7 @@ def load_ticket(source: PathLike, *, materialize: bool = False, revision: Option
     model's.  ``materialize=True`` returns the plain model (``timm_fslt.materialize``).
 
     source: a directory, or a Hub repo id ``"user/name"``; as in ``timm.create_model``,
-        ``"hf-hub:user/name"`` is always the Hub and ``"local-dir:PATH"`` always a local
+        ``"hf-hub:user/name[@revision]"`` is always the Hub and ``"local-dir:PATH"`` always a local
         directory (a relative path whose parent folder exists here is read as a path too).
         A ticket's ``model.safetensors`` (``timm_weights=True``) is never read nor downloaded:
         the model is rebuilt from the seed, so those weights are neither needed nor trusted.

@@ -41,6 +41,7 @@ class TicketSource:
     directory: Path
     repo_id: Optional[str] = None
     root: Optional[Path] = None
+    revision: Optional[str] = None
 
 
 def _looks_local(source: str) -> Optional[str]:
@@ -84,8 +85,16 @@ def resolve_ticket_source(source: PathLike, *, revision: Optional[str] = None,
             raise TicketError(f"no ticket directory at {text!r} ({why}, so it is read as a local path; for a "
                               f"Hub repo write {HUB_PREFIX + text!r})")
         repo_id = text
-    elif not is_repo_id(repo_id) or "/" not in repo_id:
-        raise TicketError(f"{text!r}: after {HUB_PREFIX!r} comes a Hub repo id 'user/name'")
+    else:
+        if "@" in repo_id:  # timm's "hf-hub:user/name@revision"
+            repo_id, _, tag = repo_id.partition("@")
+            if not tag or "@" in tag or (revision is not None and revision != tag):
+                raise TicketError(f"{text!r}: the revision after '@' must be one name and agree with "
+                                  f"revision={revision!r}")
+            revision = tag
+        if not is_repo_id(repo_id) or "/" not in repo_id:
+            raise TicketError(f"{text!r}: after {HUB_PREFIX!r} comes a Hub repo id 'user/name' (optionally "
+                              "'@revision')")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
@@ -98,7 +107,7 @@ def resolve_ticket_source(source: PathLike, *, revision: Optional[str] = None,
                           f"fetched (nor found in the local Hub cache): {err}") from err
     folder = Path(folder)
     # <cache>/models--user--name/snapshots/<commit>/: its files link into ../../blobs
-    return TicketSource(folder, repo_id, folder.parent.parent)
+    return TicketSource(folder, repo_id, folder.parent.parent, revision)
 
 
 def redownload(found: TicketSource, **kwargs) -> TicketSource:
@@ -109,6 +118,7 @@ def redownload(found: TicketSource, **kwargs) -> TicketSource:
         raise TicketChecksumError(
             f"the cached copy of the Hub ticket {found.repo_id!r} in {str(found.directory)!r} is damaged and "
             "HF_HUB_OFFLINE is set: unset it to download the ticket again, or delete that folder")
+    kwargs["revision"] = found.revision
     return resolve_ticket_source(HUB_PREFIX + found.repo_id, force_download=True, **kwargs)
 
 
