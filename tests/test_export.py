@@ -239,9 +239,7 @@ def test_jit_script_is_refused_at_once_with_a_pointer_to_materialize(models, nam
 
 @pytest.mark.parametrize("name", [
     "resnet", "vit", "seq",
-    pytest.param("conv6", marks=pytest.mark.xfail(
-        strict=True, reason="HiddenHeadClassifier's class annotation 'num_features: int' under "
-                            "'from __future__ import annotations' is not TorchScript (timm_fslt/models)")),
+    "conv6",
 ])
 def test_jit_script_of_the_materialized_model(models, name):
     model, x, x2 = models[name]

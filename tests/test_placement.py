@@ -19,6 +19,7 @@ from torch import nn
 import timm_fslt
 from timm_fslt.nn.placement import kind_of, place_parameters
 from timm_fslt.report import non_regenerable_state, state_reasons
+from timm_fslt.ticket import read_config
 
 DECODER = Path(timm_fslt.__file__).parent / "reference_decoder.py"
 
@@ -157,7 +158,7 @@ def test_a_vit_ticket_is_mask_bits_only_and_the_reference_decoder_rebuilds_it(tm
     got = fates(timm.create_model(VIT["timm"], **VIT["kwargs"]))
     assert got["pos_embed"] == got["cls_token"] == ("table", "regenerated")
     directory = _roundtrip(model, torch.randn(2, 3, 32, 32), tmp_path, VIT)
-    config = json.loads((directory / "config.json").read_text())
+    config = read_config(directory)
     assert config["state"]["tensors"] == {}  # a ViT has no running statistics: the ticket is its mask bits
     assert {"pos_embed", "cls_token"} <= set(config["regenerated"]["tensors"])
     out = tmp_path / "w.npz"
@@ -187,7 +188,7 @@ def test_an_lstm_is_masked_and_its_ticket_reloads_bit_identically(tmp_path):
     assert names == ["rnn.weight_ih_l0", "rnn.weight_hh_l0", "rnn.weight_ih_l0_reverse",
                      "rnn.weight_hh_l0_reverse", "head"]
     directory = _roundtrip(model, torch.randn(4, 5, 6), tmp_path, {"builder": "test_placement_lstm"})
-    rows = json.loads((directory / "config.json").read_text())["layers"]
+    rows = read_config(directory)["layers"]
     assert rows[0]["module"] == "rnn" and rows[0]["param"] == "weight_ih_l0" and "param" not in rows[-1]
     out = tmp_path / "w.npz"
     r = subprocess.run([sys.executable, str(DECODER), str(directory), "--out", str(out)],
@@ -292,13 +293,13 @@ def test_architecture_buffers_are_stored_only_when_a_fresh_build_differs(tmp_pat
     model = timm_fslt.freeze(_Basis(), prune=0.3, lock=0.3)
     assert state_reasons(model) == {"basis": "architecture buffer of _Basis"}
     timm_fslt.save_ticket(model, tmp_path / "same", architecture=arch)
-    assert json.loads((tmp_path / "same" / "config.json").read_text())["state"]["tensors"] == {}
+    assert read_config(tmp_path / "same")["state"]["tensors"] == {}
     with torch.no_grad():
         assert torch.equal(timm_fslt.load_ticket(tmp_path / "same")(x), model(x))
     with torch.no_grad():
         model.basis.mul_(2)  # changed after it was built: the ticket must carry it
     timm_fslt.save_ticket(model, tmp_path / "changed", architecture=arch)
-    assert set(json.loads((tmp_path / "changed" / "config.json").read_text())["state"]["tensors"]) == {"basis"}
+    assert set(read_config(tmp_path / "changed")["state"]["tensors"]) == {"basis"}
     with torch.no_grad():
         assert torch.equal(timm_fslt.load_ticket(tmp_path / "changed")(x), model(x))
 
@@ -330,11 +331,12 @@ def test_an_edited_regenerated_record_is_refused(tmp_path):
     edits = [("tensors", "pos_embed", "std", 0.5), ("tensors", "norm.weight", "value", 2.0), ("digest", None, None, "0" * 32)]
     for field, key, sub, value in edits:
         config = json.loads(json.dumps(original))
-        config.pop("integrity")
+        own = config["timm_fslt"]  # format 4: our record under its own key, timm's at the top
+        own.pop("integrity")
         if key is None:
-            config["regenerated"][field] = value
+            own["regenerated"][field] = value
         else:
-            config["regenerated"][field][key][sub] = value
+            own["regenerated"][field][key][sub] = value
         path.write_text(json.dumps(seal_config(config), indent=2))  # resealed: only the digests can tell
         with pytest.raises(timm_fslt.TicketError, match="regenerat|another network"):
             timm_fslt.load_ticket(tmp_path / "t")

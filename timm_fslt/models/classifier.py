@@ -3,13 +3,13 @@
 Subclasses define ``forward_features``, ``forward_head`` and the attributes ``fc`` (a bias-free
 Linear: every weight maskable) and ``num_features``.
 """
-from __future__ import annotations
-
 import torch
 from torch import nn
 
 
 class HiddenHeadClassifier(nn.Module):
+    # A real annotation, not a string (no ``from __future__ import annotations`` here): TorchScript reads
+    # class annotations, so torch.jit.script(timm_fslt.materialize(conv6)) compiles.
     num_features: int
 
     def get_classifier(self) -> nn.Module:

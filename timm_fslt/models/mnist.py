@@ -26,8 +26,6 @@ def _ch(base: int, width: float) -> int:
 class _DigitNet(HiddenHeadClassifier):
     """timm's classifier API shared by both digit networks (features -> hidden head -> fc)."""
 
-    num_features: int
-
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = self.head_hidden(torch.flatten(x, 1))
         return x if pre_logits else self.fc(x)
