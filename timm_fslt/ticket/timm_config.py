@@ -95,6 +95,7 @@ def check_data_config(data_config: Optional[Mapping], what: str = "data_config")
     return out
 
 
+_TRAITS = ("in_chans", "num_classes", "global_pool", "img_size")
 _CHECKPOINT_KEYS = ("tag", "license", "origin_url", "paper_ids", "paper_name", "notes", "hf_hub_id", "url", "file",
                     "hf_hub_filename", "source")
 
@@ -117,7 +118,9 @@ def timm_keys(model: nn.Module, arch: Mapping, data_config: Optional[Mapping]) -
         with tempfile.TemporaryDirectory(prefix="fslt-timm-config-") as tmp:
             path = Path(tmp) / "config.json"
             try:
-                save_config_for_hf(model, str(path), model_args=dict(kwargs),
+                # timm records in_chans, num_classes, global_pool and img_size from the model itself (and
+                # refuses an override that differs: an encoder ignores num_classes); the rest from ours
+                save_config_for_hf(model, str(path), model_args={k: v for k, v in kwargs.items() if k not in _TRAITS},
                                    data_config=None if data_config is None else dict(data_config))
             except ValueError as err:  # timm's own check of the data config against the model's input
                 what = "data_config does not fit the model" if data_config is not None else \
@@ -196,14 +199,13 @@ def check_timm_keys(document: Mapping, arch: Mapping, path) -> tuple[dict, Optio
     pretrained_cfg = keys.get("pretrained_cfg")
     if not isinstance(pretrained_cfg, dict):
         raise TicketError(f"{str(path)!r} lacks a valid 'pretrained_cfg' entry (dict), which timm reads")
-    num_classes = keys.get("num_classes")
-    for where, value in (("num_classes", num_classes), ("pretrained_cfg.num_classes", pretrained_cfg.get("num_classes")),
-                         ("model_args.num_classes", model_args.get("num_classes"))):
+    # timm writes the model's class count at the top and in pretrained_cfg (model_args may say another
+    # that the model ignores: an encoder); check_built compares it with the rebuilt model
+    given = {"num_classes": keys.get("num_classes"), "pretrained_cfg.num_classes": pretrained_cfg.get("num_classes")}
+    for where, value in given.items():
         if value is not None and (not _is_int(value) or value < 0):
             raise TicketError(f"{str(path)!r}: {where} must be a non-negative int, got {value!r}")
-    given = {w: v for w, v in (("num_classes", num_classes), ("pretrained_cfg.num_classes",
-                                                              pretrained_cfg.get("num_classes")),
-                                  ("model_args.num_classes", model_args.get("num_classes"))) if v is not None}
+    given = {w: v for w, v in given.items() if v is not None}
     if len(set(given.values())) > 1:
         raise TicketMismatchError(f"{str(path)!r}: the class counts contradict each other ({given}); the ticket "
                                   "was altered")
