@@ -50,6 +50,7 @@ MODELS = {  # name -> (timm name, kwargs, input size, default batch)
     "conv6": ("conv6", {}, 32, 128),
     "resnet18_cifar": ("resnet18_cifar", {}, 32, 128),
     "resnet50": ("resnet50", {"num_classes": 1000}, 224, 8),
+    "resnet18": ("resnet18", {"num_classes": 10}, 32, 128),  # timm's ImageNet stem on 32 px (issue #17)
 }
 SECTIONS = ("steps", "memory", "threshold", "freeze")
 
