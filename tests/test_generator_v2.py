@@ -19,6 +19,7 @@ import torch
 import timm_fslt
 from timm_fslt.nn import modules as layers
 from timm_fslt.regen import init, pattern as freezing, rng
+from timm_fslt.ticket import read_config
 
 from regen_reference import code_from_keys, normal_fixed_stream
 
@@ -322,7 +323,7 @@ def _tiny(**kwargs):
 def test_new_tickets_record_version_2_dtypes_and_freeze_keys(tmp_path):
     model = _tiny(seed=2)
     timm_fslt.save_ticket(model, tmp_path / "t", architecture=ARCH)
-    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    config = read_config(tmp_path / "t")
     assert config["generator_version"] == 2 and config["freeze"]["generator_version"] == 2
     for row, layer in zip(config["layers"], timm_fslt.get_group(model).layers):
         assert row["dtype"] == "float32"
@@ -337,9 +338,8 @@ def test_unknown_generator_versions_are_refused(tmp_path):
     timm_fslt.save_ticket(_tiny(), tmp_path / "t", architecture=ARCH)
     path = tmp_path / "t" / "config.json"
     config = json.loads(path.read_text())
-    config["generator_version"] = 3
-    if hasattr(T, "seal_config"):  # keep the integrity record valid: the version check must refuse
-        config = T.seal_config(config)
+    config["timm_fslt"]["generator_version"] = 3  # format 4: our record under "timm_fslt"
+    config = T.seal_config(config)  # keep the integrity record valid: the version check must refuse
     path.write_text(json.dumps(config))
     with pytest.raises(timm_fslt.errors.TicketVersionError, match="generator version 3"):
         timm_fslt.load_ticket(tmp_path / "t")
@@ -378,7 +378,7 @@ def test_version_1_tickets_saved_by_the_old_code_load_with_identical_weights(nam
 def test_a_version_1_normal_ticket_loads_with_a_warning(tmp_path):
     model = _tiny(weight_init="kaiming_normal", generator_version=1)
     timm_fslt.save_ticket(model, tmp_path / "t", architecture=ARCH)
-    config = json.loads((tmp_path / "t" / "config.json").read_text())
+    config = read_config(tmp_path / "t")
     assert config["generator_version"] == 1
     with pytest.warns(UserWarning, match="generator version 1 with weight_init='kaiming_normal'"):
         loaded = timm_fslt.load_ticket(tmp_path / "t")
