@@ -154,9 +154,11 @@ def _timm_section(config: Mapping, repo_id: str) -> str:
             + (" (it is registered by timm_fslt: `import timm_fslt.models` first)" if own_model else "") + ":", "",
             "```python", "import timm"]
     if weights:
-        text += [f"model = timm.create_model(\"hf-hub:{repo_id}\", pretrained=True).eval()", "```", "",
+        text += [f"model = timm.create_model(\"hf-hub:{repo_id}\", pretrained=True).eval()",
+                 "model.requires_grad_(False)  # as the ticket's weights: some CPU kernels depend on it", "```", "",
                  f"`pretrained=True` loads `{TIMM_WEIGHTS_NAME}`, the materialized ticket: outputs identical to "
-                 f"`timm_fslt.load_ticket` in eval mode. It costs {weights['bytes']:,} bytes, "
+                 "`timm_fslt.load_ticket` in eval mode (with parameters that require grad, a few attention models "
+                 f"pick other CPU kernels and differ by about 1e-6). It costs {weights['bytes']:,} bytes, "
                  f"{weights['bytes'] / max(ticket_bytes, 1):.0f}x the ticket's {ticket_bytes:,} bytes of mask and "
                  "state; `timm_fslt.load_ticket` never downloads it (it rebuilds the weights from the seed)."]
     else:
