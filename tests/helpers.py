@@ -67,3 +67,26 @@ def one_thread_fresh_accelerate():
     yield
     torch.set_num_threads(threads)
     reset_accelerate()
+
+
+def killed_at(at_batch: int):
+    """A ClassificationTask that dies (like a SIGINT) at its n-th training batch: a run killed mid-epoch."""
+    from timm_fslt.training import ClassificationTask
+
+    class KilledAt(ClassificationTask):
+        def __init__(self):
+            super().__init__()
+            self.at, self.seen = at_batch, 0
+
+        def loss(self, model, batch):
+            self.seen += 1
+            if self.seen == self.at:
+                raise KeyboardInterrupt("killed")
+            return super().loss(model, batch)
+
+    return KilledAt()
+
+
+def layer_scores(model) -> dict:
+    """{layer name: a copy of its scores} of a frozen model."""
+    return {layer.layer_name: layer.scores.detach().clone() for layer in timm_fslt.get_group(model).layers}

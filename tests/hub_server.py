@@ -18,11 +18,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Optional
 from urllib.parse import unquote, urlsplit
 
@@ -325,3 +329,25 @@ class HubServer:
             status, start = 206, int(ranged.group(1))
             headers["Content-Range"] = f"bytes {start}-{len(data) - 1}/{len(data)}"
         self._send(h, status, data[start:], headers, content_type="application/octet-stream", head=head)
+
+
+# -- a client of this server in a subprocess ----------------------------------------------------
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def hub_env(hub: HubServer, hf_home, offline: bool = False) -> dict:
+    """The environment of a huggingface_hub client that talks to ``hub`` only, with its own cache."""
+    env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1" if offline else "0",
+               HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1", OUTDATED_IGNORE="1")
+    for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN_PATH"):
+        env.pop(key, None)
+    return env
+
+
+def run_python(args, env: dict) -> subprocess.CompletedProcess:
+    """``python *args`` from the repository root; fails the test (with its output) unless it exits 0."""
+    run = subprocess.run([sys.executable, *args], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                         timeout=240)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
+    return run

@@ -25,7 +25,7 @@ import timm_fslt
 from timm_fslt.ticket import hub as hub_mod
 from timm_fslt.errors import TicketChecksumError, TicketError
 
-from hub_server import HubServer
+from hub_server import HubServer, hub_env as _env, run_python as _run
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "hf_test_token"
@@ -36,20 +36,6 @@ TICKET_FILES = ["config.json", "state.safetensors", "supermask.safetensors"]
 def hub():
     with HubServer(token=TOKEN, lifetime=300) as server:
         yield server
-
-
-def _env(hub, hf_home, offline=False):
-    env = dict(os.environ, HF_ENDPOINT=hub.url, HF_HOME=str(hf_home), HF_HUB_OFFLINE="1" if offline else "0",
-               HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_DISABLE_TELEMETRY="1", OUTDATED_IGNORE="1")
-    for key in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_TOKEN_PATH"):
-        env.pop(key, None)
-    return env
-
-
-def _run(args, env):
-    run = subprocess.run([sys.executable, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-4000:]
-    return run
 
 
 def _routes(log):

@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 import timm
 import timm_fslt
 import helpers
-from helpers import read_jsonl
+from helpers import killed_at, layer_scores, read_jsonl
 from timm_fslt.training import (ClassificationTask, RunConfigError, TrainConfig, build_optimizer, check_masks_in_sync,
                                 latest_checkpoint, mask_digest, train)
 
@@ -42,30 +42,12 @@ def _config(out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-class _KilledAt(ClassificationTask):
-    """Dies (like a SIGINT) at the n-th training batch: a run killed in the middle of an epoch."""
-
-    def __init__(self, at_batch):
-        super().__init__()
-        self.at, self.seen = at_batch, 0
-
-    def loss(self, model, batch):
-        self.seen += 1
-        if self.seen == self.at:
-            raise KeyboardInterrupt("killed")
-        return super().loss(model, batch)
-
-
-def _scores(model):
-    return {layer.layer_name: layer.scores.detach().clone() for layer in timm_fslt.get_group(model).layers}
-
-
 def test_resume_after_a_kill_mid_epoch_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
     full_model = _model()
     full = train(full_model, TRAIN, VAL, TEST, _config(tmp_path / "full"))
 
     with pytest.raises(KeyboardInterrupt):  # dies in epoch 2, after the epoch-1 checkpoint
-        train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "killed"), task=_KilledAt(3))
+        train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "killed"), task=killed_at(3))
     ckpt = latest_checkpoint(str(tmp_path / "killed"))
     assert ckpt is not None and ckpt.endswith("epoch_0001")
     assert not any(d.startswith(".tmp") for d in os.listdir(os.path.dirname(ckpt)))
@@ -76,10 +58,10 @@ def test_resume_after_a_kill_mid_epoch_reproduces_the_uninterrupted_run_bit_for_
     assert resumed["accuracy"] == full["accuracy"] and resumed["test"] == full["test"]
     assert resumed["best_epoch"] == full["best_epoch"]
     assert resumed["mask_digests"] == full["mask_digests"]
-    for name, s in _scores(full_model).items():
-        assert torch.equal(_scores(resumed_model)[name], s), name
+    for name, s in layer_scores(full_model).items():
+        assert torch.equal(layer_scores(resumed_model)[name], s), name
     # The scores really moved, so the comparison above is not between two initial states.
-    assert any(not torch.equal(s, _scores(_model())[n]) for n, s in _scores(full_model).items())
+    assert any(not torch.equal(s, layer_scores(_model())[n]) for n, s in layer_scores(full_model).items())
 
 
 def test_stop_after_then_resume_equals_one_run_and_writes_results_only_at_the_end(tmp_path):
@@ -187,8 +169,8 @@ def test_gradient_accumulation_takes_one_optimizer_step_per_global_batch(tmp_pat
                                              limit_train_batches=4))
     # Same 32 samples, same 2 optimizer steps: 2 batches of 16, or 4 micro-batches of 8.
     assert a["global_steps"] == b["global_steps"] == 2
-    for name, s in _scores(one).items():
-        torch.testing.assert_close(_scores(acc)[name], s, rtol=1e-4, atol=1e-6)
+    for name, s in layer_scores(one).items():
+        torch.testing.assert_close(layer_scores(acc)[name], s, rtol=1e-4, atol=1e-6)
 
 
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
@@ -205,8 +187,8 @@ def test_recompute_weights_trains_the_same_scores_and_may_change_on_resume(tmp_p
     # A memory setting, not a result-changing one: resuming without it is allowed.
     rest = train(recomputed_model, TRAIN, VAL, TEST, _config(tmp_path / "b", epochs=2, resume=True))
     assert rest["history"] == plain["history"] and rest["mask_digests"] == plain["mask_digests"]
-    for name, s in _scores(plain_model).items():
-        assert torch.equal(_scores(recomputed_model)[name], s), name
+    for name, s in layer_scores(plain_model).items():
+        assert torch.equal(layer_scores(recomputed_model)[name], s), name
     # A weight-trained model has no masked weights: the option is accepted and ignored.
     dense = timm.create_model("conv6", width=0.0625, num_classes=4)
     assert train(dense, TRAIN, VAL, TEST, _config(tmp_path / "w", epochs=1, recompute_weights=True))["completed"]

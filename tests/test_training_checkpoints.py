@@ -13,7 +13,8 @@ from torch.utils.data import TensorDataset
 import helpers
 import timm_fslt
 from fixtures_data import recipes_dir
-from timm_fslt.training import ClassificationTask, TrainConfig, latest_checkpoint, list_checkpoints, train
+from helpers import killed_at, layer_scores
+from timm_fslt.training import TrainConfig, latest_checkpoint, list_checkpoints, train
 
 fresh_accelerate_state = pytest.fixture(autouse=True)(helpers.one_thread_fresh_accelerate)
 
@@ -38,24 +39,6 @@ def _config(out, **kw):
     return TrainConfig(**{**base, **kw})
 
 
-class _KilledAt(ClassificationTask):
-    """Dies (like a SIGINT) at the n-th training batch."""
-
-    def __init__(self, at_batch):
-        super().__init__()
-        self.at, self.seen = at_batch, 0
-
-    def loss(self, model, batch):
-        self.seen += 1
-        if self.seen == self.at:
-            raise KeyboardInterrupt("killed")
-        return super().loss(model, batch)
-
-
-def _scores(model):
-    return {layer.layer_name: layer.scores.detach().clone() for layer in timm_fslt.get_group(model).layers}
-
-
 def _metrics(path):
     return [{k: v for k, v in json.loads(line).items() if k != "time"}
             for line in open(path, encoding="utf-8") if json.loads(line)["event"] == "metrics"]
@@ -72,7 +55,7 @@ def uninterrupted(tmp_path_factory):
     finally:
         torch.set_num_threads(threads)
         helpers.reset_accelerate()
-    return results, _scores(model), out
+    return results, layer_scores(model), out
 
 
 def test_checkpoints_are_written_inside_epochs_and_ordered_by_epoch_and_step(uninterrupted):
@@ -89,17 +72,17 @@ def test_a_run_killed_after_a_mid_epoch_checkpoint_resumes_bit_identical(uninter
     full, full_scores, full_out = uninterrupted
     out = tmp_path / "killed"
     with pytest.raises(KeyboardInterrupt):
-        train(_model(), TRAIN, VAL, TEST, _config(out), task=_KilledAt(kill_at))
+        train(_model(), TRAIN, VAL, TEST, _config(out), task=killed_at(kill_at))
     assert os.path.basename(latest_checkpoint(str(out))) == newest
     model = _model()
     resumed = train(model, TRAIN, VAL, TEST, _config(out, resume=True))
     for key in ("history", "accuracy", "val", "test", "best_epoch", "mask_digests", "global_steps", "sparsity"):
         assert resumed[key] == full[key], key
     for name, scores in full_scores.items():
-        assert torch.equal(_scores(model)[name], scores), name
+        assert torch.equal(layer_scores(model)[name], scores), name
     assert _metrics(out / "metrics.jsonl") == _metrics(full_out / "metrics.jsonl")
     # The comparison is not between two initial states: the scores moved.
-    assert any(not torch.equal(s, _scores(_model())[n]) for n, s in full_scores.items())
+    assert any(not torch.equal(s, layer_scores(_model())[n]) for n, s in full_scores.items())
 
 
 @pytest.mark.parametrize("value", [0, -3, 1.5, True, "2"])
@@ -136,15 +119,15 @@ def test_augmented_images_resume_mid_epoch_exactly_even_with_another_number_of_w
     full = train(full_model, data.train, data.val, data.test, _config(tmp_path / "full", **config))
     helpers.reset_accelerate()
     with pytest.raises(KeyboardInterrupt):  # dies in epoch 2, after its step-6 checkpoint
-        train(_model(10), data.train, data.val, data.test, _config(tmp_path / "cut", **config), task=_KilledAt(8))
+        train(_model(10), data.train, data.val, data.test, _config(tmp_path / "cut", **config), task=killed_at(8))
     assert os.path.basename(latest_checkpoint(str(tmp_path / "cut"))) == "epoch_0001_step_00000006"
     helpers.reset_accelerate()
     model = _model(10)
     resumed = train(model, data.train, data.val, data.test,
                     _config(tmp_path / "cut", **config, resume=True, num_workers=1))
     assert resumed["history"] == full["history"] and resumed["mask_digests"] == full["mask_digests"]
-    for name, scores in _scores(full_model).items():
-        assert torch.equal(_scores(model)[name], scores), name
+    for name, scores in layer_scores(full_model).items():
+        assert torch.equal(layer_scores(model)[name], scores), name
     # The augmentation is random across epochs and examples, yet fixed for one (epoch, example).
     data.train.set_epoch(0)
     a, b = data.train[0][0], data.train[0][0]
@@ -163,13 +146,13 @@ def test_dropout_draws_the_same_numbers_after_a_mid_epoch_resume(tmp_path):
     full = train(full_model, TRAIN, VAL, TEST, _config(tmp_path / "full"))
     helpers.reset_accelerate()
     with pytest.raises(KeyboardInterrupt):
-        train(model(), TRAIN, VAL, TEST, _config(tmp_path / "cut"), task=_KilledAt(5))
+        train(model(), TRAIN, VAL, TEST, _config(tmp_path / "cut"), task=killed_at(5))
     helpers.reset_accelerate()
     resumed_model = model()
     resumed = train(resumed_model, TRAIN, VAL, TEST, _config(tmp_path / "cut", resume=True))
     assert resumed["history"] == full["history"]
-    for name, scores in _scores(full_model).items():
-        assert torch.equal(_scores(resumed_model)[name], scores), name
+    for name, scores in layer_scores(full_model).items():
+        assert torch.equal(layer_scores(resumed_model)[name], scores), name
 
 
 def test_a_mid_epoch_resume_with_gradient_accumulation(tmp_path):
@@ -180,11 +163,11 @@ def test_a_mid_epoch_resume_with_gradient_accumulation(tmp_path):
     full = train(full_model, TRAIN, VAL, TEST, _config(tmp_path / "full", **config))
     helpers.reset_accelerate()
     with pytest.raises(KeyboardInterrupt):  # batch 3 of epoch 2, after the step-4 checkpoint
-        train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "cut", **config), task=_KilledAt(9))
+        train(_model(), TRAIN, VAL, TEST, _config(tmp_path / "cut", **config), task=killed_at(9))
     assert os.path.basename(latest_checkpoint(str(tmp_path / "cut"))) == "epoch_0001_step_00000004"
     helpers.reset_accelerate()
     model = _model()
     resumed = train(model, TRAIN, VAL, TEST, _config(tmp_path / "cut", **config, resume=True))
     assert resumed["history"] == full["history"] and resumed["global_steps"] == full["global_steps"] == 6
-    for name, scores in _scores(full_model).items():
-        assert torch.equal(_scores(model)[name], scores), name
+    for name, scores in layer_scores(full_model).items():
+        assert torch.equal(layer_scores(model)[name], scores), name
