@@ -1,6 +1,6 @@
 """How the cost of a search grows with the model: a stack of nn.Linear layers, 1M to 300M weights.
 
-    python benchmarks/scaling.py             # 6 sizes, 1M .. 300M weights (about 10-15 min on 2 cores)
+    python benchmarks/scaling.py             # 6 sizes, 1M .. 300M weights (15-20 min on 2 shared cores)
     python benchmarks/scaling.py --quick     # 1M, 4M, 16M: a smoke run of a minute or two
     python benchmarks/scaling.py --sizes 1e6,1e7 --repeats 4 --json /tmp/s.json --plot /tmp/s.png
 
