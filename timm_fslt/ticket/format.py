@@ -48,8 +48,9 @@ from timm_fslt.regen.rng import GENERATOR_VERSION, GENERATOR_VERSIONS
 from timm_fslt.report import LayerSize, SizeReport
 from timm_fslt.ticket.architecture import normalize_architecture
 from timm_fslt.ticket.integrity import OWN_KEY, is_nested, verify_integrity
-from timm_fslt.ticket.state_codec import (check_record, decode_state, group_sizes, is_flat, payload_bytes,
+from timm_fslt.ticket.state_codec import (check_record, decode_state, group_sizes, is_flat, is_int, payload_bytes,
                                           stored_dtype)
+from timm_fslt.ticket.timm_config import check_timm_keys
 from timm_fslt.version import __version__
 
 FORMAT = "timm_fslt.ticket"
@@ -218,10 +219,6 @@ def parse_json(data: bytes, path: Path):
         raise TicketError(f"{str(path)!r} is not valid JSON: {type(err).__name__}: {err}") from None
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def read_config(directory: PathLike, *, root: Optional[PathLike] = None) -> dict:
     """Read and validate a ticket's config.json (format, versions, integrity, architecture, layers)."""
     directory = Path(directory)
@@ -237,7 +234,7 @@ def read_config(directory: PathLike, *, root: Optional[PathLike] = None) -> dict
     nested = is_nested(document)  # format 4: timm's keys at the top, ours under "timm_fslt"
     config = dict(document[OWN_KEY]) if nested else document
     version = config.get("format_version") if isinstance(config, dict) else None
-    newer = _is_int(version) and version > FORMAT_VERSION  # a newer format may seal differently
+    newer = is_int(version) and version > FORMAT_VERSION  # a newer format may seal differently
     if isinstance(config, dict) and "integrity" in config and not newer:
         verify_integrity(document, path)  # first, so that an edit of any field is named as an edit
     if not isinstance(config, dict) or config.get("format") != FORMAT:
@@ -245,7 +242,7 @@ def read_config(directory: PathLike, *, root: Optional[PathLike] = None) -> dict
         raise TicketError(f"{str(path)!r} is not a timm_fslt ticket config (format {found!r}, "
                           f"expected {FORMAT!r})")
     version = config.get("format_version")
-    if not _is_int(version) or version < 1:
+    if not is_int(version) or version < 1:
         raise TicketError(f"{str(path)!r} has an invalid format_version {version!r}")
     if version > FORMAT_VERSION:
         raise TicketVersionError(
@@ -271,8 +268,8 @@ def read_config(directory: PathLike, *, root: Optional[PathLike] = None) -> dict
             raise TicketError(f"{str(path)!r} lacks a valid {key!r} entry ({kind.__name__})")
     for i, row in enumerate(config["layers"]):
         if not (isinstance(row, dict) and isinstance(row.get("name"), str) and isinstance(row.get("shape"), list)
-                and all(_is_int(d) and d >= 0 for d in row["shape"])
-                and all(_is_int(row.get(k)) and row[k] >= 0 for k in ("numel", "pruned", "locked", "free", "kept"))
+                and all(is_int(d) and d >= 0 for d in row["shape"])
+                and all(is_int(row.get(k)) and row[k] >= 0 for k in ("numel", "pruned", "locked", "free", "kept"))
                 and row["numel"] == math.prod(row["shape"])
                 and row["pruned"] + row["locked"] + row["free"] == row["numel"]):
             raise TicketError(f"{str(path)!r} has a malformed layers[{i}] entry {row!r}: it needs a name, a shape "
@@ -287,7 +284,6 @@ def read_config(directory: PathLike, *, root: Optional[PathLike] = None) -> dict
         raise TicketError(f"{str(path)!r}: {err}") from None
     config["timm_config"], config["data_config"] = None, None
     if nested:  # timm reads these keys: they must describe the network our record rebuilds
-        from timm_fslt.ticket.timm_config import check_timm_keys
         config["timm_config"], config["data_config"] = check_timm_keys(document, config["architecture"], path)
     return config
 
@@ -319,7 +315,7 @@ def _read_tensor_file(directory: Path, config: dict, name: str,
                       root: Optional[Path] = None) -> dict[str, torch.Tensor]:
     path = directory / name
     record = config["files"].get(name)
-    if not isinstance(record, dict) or not _is_int(record.get("bytes")) or not isinstance(record.get("sha256"), str):
+    if not isinstance(record, dict) or not is_int(record.get("bytes")) or not isinstance(record.get("sha256"), str):
         raise TicketError(f"{CONFIG_NAME} has no size and sha256 for {name}")
     limit = _file_limit(config, name)
     if record["bytes"] > limit:

@@ -100,7 +100,8 @@ def encode_state(state: Mapping[str, torch.Tensor], state_dtype: Optional[str] =
 
 # -- reading -------------------------------------------------------------------------------
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
+    """An int and not a bool (JSON numbers read as Python values)."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -125,8 +126,8 @@ def is_flat(record: Mapping) -> bool:
 def check_record(state: Mapping, version: int) -> Optional[str]:
     """What is wrong with config.json's ``"state"`` record (None: nothing)."""
     tensors = state.get("tensors", {})
-    if not (_is_int(state.get("bits", 0)) and isinstance(tensors, dict) and all(
-            isinstance(t, dict) and isinstance(t.get("shape"), list) and all(_is_int(d) and d >= 0 for d in t["shape"])
+    if not (is_int(state.get("bits", 0)) and isinstance(tensors, dict) and all(
+            isinstance(t, dict) and isinstance(t.get("shape"), list) and all(is_int(d) and d >= 0 for d in t["shape"])
             and isinstance(t.get("dtype"), str) for t in tensors.values())):
         return "'bits' must be an int and 'tensors' map names to a shape and a dtype"
     layout, state_dtype = state.get("layout"), state.get("state_dtype")

@@ -31,11 +31,13 @@ from typing import Mapping, Optional
 
 import safetensors.torch
 import torch
-
 from torch import nn
 
 from timm_fslt.errors import TicketError, TicketMismatchError
+from timm_fslt.materialize import materialize
+from timm_fslt.ticket.architecture import BuildBudget, describe_architecture
 from timm_fslt.ticket.integrity import OWN_KEY
+from timm_fslt.ticket.state_codec import is_int
 
 BUILDER_PREFIX = "timm_fslt-builder/"
 # The top-level keys timm's hub loader reads (timm.models._hub._parse_model_cfg) or writes.
@@ -166,10 +168,6 @@ def model_data_config(model: nn.Module) -> Optional[dict]:
     return check_data_config(resolved, "the model's timm data config")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def check_timm_keys(document: Mapping, arch: Mapping, path) -> tuple[dict, Optional[dict]]:
     """(timm's keys, the data config in them) of a format-4 config.json, checked against our
     architecture record ``arch``; a contradiction is a ``TicketMismatchError``."""
@@ -203,7 +201,7 @@ def check_timm_keys(document: Mapping, arch: Mapping, path) -> tuple[dict, Optio
     # that the model ignores: an encoder); check_built compares it with the rebuilt model
     given = {"num_classes": keys.get("num_classes"), "pretrained_cfg.num_classes": pretrained_cfg.get("num_classes")}
     for where, value in given.items():
-        if value is not None and (not _is_int(value) or value < 0):
+        if value is not None and (not is_int(value) or value < 0):
             raise TicketError(f"{str(path)!r}: {where} must be a non-negative int, got {value!r}")
     given = {w: v for w, v in given.items() if v is not None}
     if len(set(given.values())) > 1:
@@ -222,7 +220,6 @@ def check_timm_builds(directory: Path, ours: nn.Module, arch: Mapping, max_param
     if "timm" not in arch:
         return  # plain timm cannot build a builder ticket at all ("timm_fslt-builder/<name>")
     import timm
-    from timm_fslt.ticket.architecture import BuildBudget
 
     what = f"the network plain timm builds from {str(Path(directory) / 'config.json')!r}"
     budget = BuildBudget(max_params, max_seconds, what)
@@ -255,7 +252,7 @@ def check_built(model: nn.Module, keys: Optional[Mapping], where: str) -> None:
     if not keys or keys.get("num_classes") is None:
         return
     built = getattr(model, "num_classes", None)
-    if _is_int(built) and built != keys["num_classes"]:
+    if is_int(built) and built != keys["num_classes"]:
         raise TicketMismatchError(f"{where}: timm's 'num_classes' is {keys['num_classes']} but the model rebuilt "
                                   f"from the ticket has {built} classes; the ticket was altered")
 
@@ -264,16 +261,12 @@ def check_built(model: nn.Module, keys: Optional[Mapping], where: str) -> None:
 def timm_weights_bytes(model: nn.Module, arch: Mapping, structure) -> bytes:
     """timm's standard ``model.safetensors``: the state dict of ``timm_fslt.materialize(model)``
     (effective weights W * mask * scale, norms, buffers), loadable by plain timm."""
-    from timm_fslt.ticket.architecture import describe_architecture
-
     if "timm" not in arch:
         raise TicketError(f"timm_weights=True writes weights plain timm loads, but this ticket's architecture is "
                           f"{describe_architecture(arch)}, not a timm model: save it with timm_weights=False")
     if structure is not None:
         raise TicketError("timm_weights=True: this ticket is compacted (its layers were cut by torch-pruning), "
                           f"so its weights do not fit the {arch['timm']} timm builds; save it with timm_weights=False")
-    from timm_fslt.materialize import materialize
-
     plain = materialize(model)
     tensors = {key: value.detach().cpu().contiguous() for key, value in plain.state_dict().items()}
     try:  # one metadata key, as timm/transformers write it: the bytes are the same at every save
