@@ -68,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _info(args) -> int:
-    from timm_fslt.ticket.format import MASK_NAME, STATE_NAME, read_ticket, sha256_hex, size_report_from_config
+    from timm_fslt.ticket.format import MASK_NAME, STATE_NAME, check_listed_file, read_ticket, size_report_from_config
     from timm_fslt.ticket.sources import resolve_ticket_source
 
     found = resolve_ticket_source(args.ticket, revision=args.revision)
@@ -85,10 +85,7 @@ def _info(args) -> int:
             extra.append(f"{name}: {record.get('bytes', 0):,} bytes on the Hub (not downloaded; "
                          "load_ticket does not read it)")
             continue
-        data = path.read_bytes() if path.is_file() else None
-        if data is None or len(data) != record.get("bytes") or sha256_hex(data) != record.get("sha256"):
-            raise TicketError(f"{str(path)!r} is missing, or does not match the size and sha256 config.json "
-                              "records: it was altered or cut short; save the ticket again")
+        data = check_listed_file(path, record)
         extra.append(f"{name}: {len(data):,} bytes, sha256 verified (timm's weights; load_ticket does not read it)")
     print(f"ticket: {directory}")
     print("files: config.json, supermask.safetensors, state.safetensors (sha256 verified)")

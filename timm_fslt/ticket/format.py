@@ -145,6 +145,19 @@ def check_bool(value, what: str) -> bool:
     return value
 
 
+def check_listed_file(path: Path, record: Mapping) -> bytes:
+    """A file the ticket lists but the loader never reads (timm's ``model.safetensors``): its bytes,
+    or a ``TicketChecksumError`` when it is missing or its size or sha256 differs from ``record``."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as err:
+        raise TicketChecksumError(f"the ticket lists {Path(path).name} but it cannot be read: {err}") from err
+    if len(data) != record.get("bytes") or sha256_hex(data) != record.get("sha256"):
+        raise TicketChecksumError(f"{str(path)!r} does not match the size and sha256 its config.json records: "
+                                  "it was altered or cut short; save the ticket again")
+    return data
+
+
 def is_ticket_dir(directory: Path) -> bool:
     """A directory holding only ticket files, whose config.json says it is a ticket."""
     names = {p.name for p in directory.iterdir()}

@@ -19,7 +19,8 @@ from torch import nn
 from timm_fslt.errors import TicketError
 from timm_fslt.ticket.architecture import describe_architecture
 from timm_fslt.ticket.format import (CARD_NAME, CONFIG_NAME, MASK_NAME, STATE_NAME, TIMM_WEIGHTS_NAME, check_bool,
-                                     check_datasets, check_metrics, read_ticket, sha256_hex, size_report_from_config)
+                                     check_datasets, check_listed_file, check_metrics, read_ticket,
+                                     size_report_from_config)
 from timm_fslt.ticket.timm_config import check_data_config
 from timm_fslt.ticket.io import save_ticket
 from timm_fslt.ticket.sources import is_repo_id
@@ -196,19 +197,6 @@ model = timm_fslt.load_ticket("{{ repo_id }}")  # eval mode; materialize=True gi
 {{ details }}"""
 
 
-def _check_file(path: Path, record: Mapping) -> None:
-    """A file the ticket lists but the loader never reads (timm's weights): its size and sha256."""
-    from timm_fslt.errors import TicketChecksumError
-
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise TicketChecksumError(f"the ticket lists {path.name} but it cannot be read: {err}") from err
-    if len(data) != record.get("bytes") or sha256_hex(data) != record.get("sha256"):
-        raise TicketChecksumError(f"{str(path)!r} does not match the size and sha256 its config.json records: "
-                                  "it was altered or cut short; save the ticket again")
-
-
 def _resave_with_timm_weights(source: Path, saved: Mapping, staging: Path) -> None:
     from timm_fslt.errors import TicketMismatchError
     from timm_fslt.ticket.io import load_ticket
@@ -281,7 +269,7 @@ def push_to_hub(model_or_ticket_dir: Union[nn.Module, PathLike], repo_id: str, *
                 staging.mkdir()
                 for name in [CONFIG_NAME, *saved["files"]]:
                     if name == TIMM_WEIGHTS_NAME:
-                        _check_file(source / name, saved["files"][name])
+                        check_listed_file(source / name, saved["files"][name])
                     shutil.copyfile(source / name, staging / name)
         config, _, _ = read_ticket(staging)
         card = model_card(config, repo_id, metrics=metrics, datasets=datasets)
