@@ -45,17 +45,11 @@ def average_batchnorm_stats(accelerator, model: nn.Module) -> None:
     evaluation and checkpoint.  One all-reduce of one float64 vector: the result is the same
     on every process, and equal counters (every process takes the same steps) stay exact.
     """
-    stats = _batchnorm_stats(accelerator.unwrap_model(model))
-    if accelerator.num_processes == 1 or not stats:
+    model = accelerator.unwrap_model(model)
+    flat = batchnorm_vector(model)
+    if accelerator.num_processes == 1 or not flat.numel():
         return
-    flat = torch.cat([t.detach().reshape(-1).double() for t in stats])
-    flat = accelerator.reduce(flat, "mean")
-    offset = 0
-    with torch.no_grad():
-        for t in stats:
-            part = flat[offset:offset + t.numel()].view_as(t)
-            t.copy_(part.round() if not t.is_floating_point() else part)
-            offset += t.numel()
+    load_batchnorm_vector(model, accelerator.reduce(flat, "mean"))
 
 
 def batchnorm_vector(model: nn.Module) -> torch.Tensor:
