@@ -10,12 +10,11 @@ import timm
 import timm.data
 from torchvision import transforms as T
 
+from timm_fslt.ticket.timm_config import DATA_CONFIG_KEYS  # timm's data-config keys, as tickets record them
 from timm_fslt.training.config import DataError
 
 CIFAR10_MEAN, CIFAR10_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-# The keys of timm's data config (timm.data.resolve_data_config), as tickets record it.
-DATA_CONFIG_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 # The recipes' default models: their timm pretrained_cfg gives a loader's data config when no
 # model is at hand (load_cifar10 / load_imagenet called on their own).
 DEFAULT_MODELS = {"cifar": "conv6", "imagenet": "resnet18"}
