@@ -244,6 +244,8 @@ def test_the_finite_check_on_score_bits_catches_every_nonfinite_value(bad):
 # -- the frozen code and the generator ---------------------------------------------------
 def test_sort_free_frozen_code_equals_full_argsort_even_with_hash_ties(monkeypatch):
     # Make the hash low-entropy so many positions tie and ties straddle every cut.
+    # (the torch path, whose hashes this patches; the compiled kernels' ties: tests/test_native.py)
+    monkeypatch.setenv("TIMM_FSLT_KERNELS", "torch")
     monkeypatch.setattr(rng, "_hash_range",
                         lambda key, a, b, device: (torch.arange(a, b, dtype=torch.int64) * 7919 + key[0]) % 5)
     for shape, n_pruned, n_locked in [((40, 50), 700, 500), ((2000,), 1, 0), ((2000,), 0, 1999),

@@ -304,6 +304,8 @@ def test_freeze_keys_edge_cases_and_sentinels():
 
 def test_freeze_keys_with_hash_ties(monkeypatch):
     # a low-entropy hash: many positions tie, and the index must break the ties exactly
+    # (the torch path, whose hashes this patches; the compiled kernels' ties: tests/test_native.py)
+    monkeypatch.setenv("TIMM_FSLT_KERNELS", "torch")
     monkeypatch.setattr(rng, "_hash_range",
                         lambda key, a, b, device: (torch.arange(a, b, dtype=torch.int64) * 7919 + key[0]) % 5)
     for shape, n_pruned, n_locked in [((40, 50), 700, 500), ((2000,), 1, 0), ((2000,), 0, 1999),

@@ -283,15 +283,18 @@ def test_a_compacted_structure_is_stored_and_restored_after_freezing_before_the_
     calls = []
 
     def restore_structure(rebuilt, structure):
-        # Called on the frozen model while its masks are still the initial ones.
-        calls.append((structure, masks(rebuilt)))
+        # Called on the frozen model before the stored bits are in: its masks keep the locked weights only
+        # (loading selects nothing and draws no scores).
+        calls.append((structure, masks(rebuilt), [layer.frozen == 1 for layer in timm_fslt.get_group(rebuilt).layers]))
 
     monkeypatch.setitem(sys.modules, "timm_fslt.pruning.compact",
                         types.SimpleNamespace(restore_structure=restore_structure))
     loaded = timm_fslt.load_ticket(tmp_path / "t")
-    (structure, masks_then), = calls
+    (structure, masks_then, locked), = calls
     assert structure == model.fslt_structure and loaded.fslt_structure == structure
-    assert all(torch.equal(a, b) for a, b in zip(masks_then, conv6_initial_masks))
+    assert len(masks_then) == len(locked) == len(conv6_initial_masks)
+    assert all(torch.equal(a, b) for a, b in zip(masks_then, locked))
+    assert not all(torch.equal(a, b) for a, b in zip(masks_then, conv6_initial_masks))
     assert torch.equal(_eval_outputs(loaded, *conv6_ticket.inputs), conv6_ticket.out)
 
 

@@ -261,16 +261,28 @@ def freeze(model: nn.Module, prune: float = 0.0, lock: float = 0.0, *,
                               batchnorm=batchnorm, bias=bias, generator_version=generator_version)
     else:
         config = dataclasses.replace(config)  # validates, fills the default sparsity
+    return _freeze(model, config, draw_scores=True)
+
+
+def freeze_for_ticket(model: nn.Module, config: FreezeConfig) -> nn.Module:
+    """``freeze`` as ``load_ticket`` needs it: weights, codes and fates regenerated, but no initial
+    scores drawn and no masks selected (a ticket's stored bits set both: ``SupermaskGroup.set_selected``).
+    Until then the scores are uninitialised and the masks hold the locked weights only."""
+    return _freeze(model, dataclasses.replace(config), draw_scores=False)
+
+
+def _freeze(model: nn.Module, config: FreezeConfig, draw_scores: bool) -> nn.Module:
     # Validate everything before touching the model, so bad input leaves it unchanged.
     placements = _place(model, config)
     targets = [p for p in placements if p.fate == "masked"]
 
     shapes = [tuple(p.module._parameters[p.param_name].shape) for p in targets]
     counts = freezing.frozen_counts(shapes, config.prune, config.lock, config.distribution)
-    supermasks = [_freeze_site(site, shape, n_pruned, n_locked, config)
+    supermasks = [_freeze_site(site, shape, n_pruned, n_locked, config, draw_scores)
                   for site, shape, (n_pruned, n_locked) in zip(targets, shapes, counts)]
     _apply_fates(placements, config)
-    model._fslt_group = SupermaskGroup(supermasks, config.sparsity, config.scope, config.scale)
+    model._fslt_group = SupermaskGroup(supermasks, config.sparsity, config.scope, config.scale,
+                                       refresh=draw_scores)
     model.fslt_config = config
     model._fslt_modules_seen = module_registrations()
     model.register_forward_pre_hook(_refresh_hook)
@@ -301,8 +313,9 @@ def _place(model: nn.Module, config: FreezeConfig) -> list[Placement]:
 
 
 def _freeze_site(site: Placement, shape: tuple, n_pruned: int, n_locked: int,
-                 config: FreezeConfig) -> FrozenSupermask:
-    """Give one masked parameter its random weight (a buffer), its frozen code and scores."""
+                 config: FreezeConfig, draw_scores: bool = True) -> FrozenSupermask:
+    """Give one masked parameter its random weight (a buffer), its frozen code and scores
+    (``draw_scores=False``: uninitialised scores, for a ticket's bits to set)."""
     module, pname, key = site.module, site.param_name, site.key
     original = module._parameters[pname]
     device, dtype = original.device, original.dtype
@@ -311,10 +324,13 @@ def _freeze_site(site: Placement, shape: tuple, n_pruned: int, n_locked: int,
                            generator_version=version)
     code = freezing.frozen_code(config.seed, key, shape, n_pruned, n_locked, device)
     # Scores exist for the free weights only: draw just those (same bits as the full draw).
-    free = (code.reshape(-1) == freezing.FREE).nonzero().squeeze(1)
-    scores = random_weight(config.score_init, config.seed, key, shape, device,
-                           torch.float32, stream="score", positions=free, generator_version=version)
-    supermask = FrozenSupermask(key, scores, code)
+    free = (code.reshape(-1) == freezing.FREE).nonzero().squeeze(1)  # (found once: FrozenSupermask keeps it)
+    if draw_scores:
+        scores = random_weight(config.score_init, config.seed, key, shape, device,
+                               torch.float32, stream="score", positions=free, generator_version=version)
+    else:
+        scores = torch.full((free.numel(),), 0.5, dtype=torch.float32, device=device)  # (a placeholder)
+    supermask = FrozenSupermask(key, scores, code, free_positions=free, n_locked=n_locked)  # (frozen_code's counts)
     supermask.module_name, supermask.param_name = site.module_name, pname
     # The random weight becomes a buffer: it is never a trainable parameter.
     del module._parameters[pname]

@@ -134,6 +134,17 @@ class _FreeIndex(NamedTuple):
     n_locked: int
 
 
+def _free_index_of(frozen: torch.Tensor, positions: torch.Tensor, n_locked: Optional[int] = None) -> _FreeIndex:
+    """The ``_FreeIndex`` of a frozen code whose free entries are at the row-major ``positions``
+    (and which has ``n_locked`` locked entries: counted if None)."""
+    numel, n_free = frozen.numel(), positions.numel()
+    # int32 (layers have < 2**31 weights): half the memory of int64 indices
+    index = None if n_free == numel else positions.to(device=frozen.device, dtype=torch.int32)
+    if n_locked is None:  # (the code is -1, 0 or +1: its sum is locked - pruned, pruned + locked = numel - n_free)
+        n_locked = (int(frozen.sum(dtype=torch.int64)) + numel - n_free) // 2
+    return _FreeIndex(frozen, frozen._version, index, n_free, n_locked)
+
+
 class FrozenSupermask(nn.Module):
     """Parametrization of one layer's weight: frozen code, scores and the current mask.
 
@@ -146,13 +157,21 @@ class FrozenSupermask(nn.Module):
         layer_name: qualified name of the layer inside the frozen model (the RNG key).
     """
 
-    def __init__(self, layer_name: str, scores: torch.Tensor, frozen: torch.Tensor):
+    def __init__(self, layer_name: str, scores: torch.Tensor, frozen: torch.Tensor,
+                 free_positions: Optional[torch.Tensor] = None, n_locked: Optional[int] = None):
         """``scores``: weight-shaped (only the free positions are kept) or already free-only,
-        ``(n_free,)`` or ``(1, n_free)``."""
+        ``(n_free,)`` or ``(1, n_free)``.  ``free_positions``: the row-major positions of ``frozen``'s
+        free entries if the caller has them (``freeze`` does), so they are not searched again;
+        ``n_locked`` with them: its count of locked entries, if known (it is not checked)."""
         super().__init__()
         self.layer_name = layer_name
         frozen = frozen.to(torch.int8)
-        n_free = int((frozen == freezing.FREE).sum())
+        cached = None
+        if free_positions is not None:
+            cached = _free_index_of(frozen, free_positions, n_locked)
+            n_free = cached.n_free
+        else:
+            n_free = int((frozen == freezing.FREE).sum())
         if tuple(scores.shape) == tuple(frozen.shape) and tuple(scores.shape) not in _free_shapes(n_free):
             scores = free_entries(scores, frozen)
         if tuple(scores.shape) not in _free_shapes(n_free):
@@ -171,7 +190,7 @@ class FrozenSupermask(nn.Module):
         self.removed_kept = 0
         # Refresh caches (plain attributes, not buffers: they never reach a state_dict
         # or a pruner; they are rebuilt whenever `frozen` or `mask` is replaced or written).
-        self._free: Optional[_FreeIndex] = None
+        self._free: Optional[_FreeIndex] = cached
         self._mask_ready: Optional[tuple] = None  # (mask, its version, _FreeIndex) last written
         self._scale_value: Optional[float] = None
 
@@ -256,13 +275,8 @@ class FrozenSupermask(nn.Module):
         """Positions and counts of the free weights, recomputed only if ``frozen`` changed."""
         frozen, cached = self.frozen, self._free
         if cached is None or cached.frozen is not frozen or cached.version != frozen._version:
-            flat = frozen.reshape(-1)
-            free = flat == freezing.FREE
-            n_free = int(free.sum())
-            # int32 (layers have < 2**31 weights): half the memory of int64 indices
-            index = None if n_free == flat.numel() else free.nonzero().squeeze(1).to(torch.int32)
-            n_locked = int((flat == freezing.LOCKED).sum())
-            cached = self._free = _FreeIndex(frozen, frozen._version, index, n_free, n_locked)
+            free = frozen.reshape(-1) == freezing.FREE
+            cached = self._free = _free_index_of(frozen, free.nonzero().squeeze(1))
         return cached
 
     def _write_magnitudes(self, out: torch.Tensor, free: _FreeIndex) -> None:
@@ -324,13 +338,18 @@ class FrozenSupermask(nn.Module):
     def numel(self) -> int:
         return self.frozen.numel()
 
+    def frozen_counts(self) -> dict:
+        """``numel``, ``pruned``, ``locked``, ``free`` (from the cached free index: no pass over the code)."""
+        free = self.free_index()
+        numel = self.frozen.numel()
+        return {"numel": numel, "pruned": numel - free.n_free - free.n_locked, "locked": free.n_locked,
+                "free": free.n_free}
+
     def counts(self) -> dict:
-        frozen = self.frozen
-        pruned = int((frozen == freezing.PRUNED).sum())
-        locked = int((frozen == freezing.LOCKED).sum())
-        kept = int(self.mask.sum())
-        return {"numel": frozen.numel(), "pruned": pruned, "locked": locked,
-                "free": frozen.numel() - pruned - locked, "kept": kept}
+        free = self.free_index()
+        numel = self.frozen.numel()
+        return {"numel": numel, "pruned": numel - free.n_free - free.n_locked, "locked": free.n_locked,
+                "free": free.n_free, "kept": int(self.mask.sum())}
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_name!r}, shape={tuple(self.frozen.shape)}"
@@ -340,7 +359,9 @@ class SupermaskGroup:
     """All ``FrozenSupermask``s of one model and the rule that turns scores into masks."""
 
     def __init__(self, layers: list[FrozenSupermask], sparsity: float, scope: str,
-                 scale: Optional[str]):
+                 scale: Optional[str], refresh: bool = True):
+        """``refresh=False``: leave the masks as they are (the caller sets them with ``set_selected``,
+        as ``load_ticket`` does with a ticket's stored bits)."""
         self.layers = layers
         self._seen_steps = -1
         self.sparsity = sparsity
@@ -348,7 +369,8 @@ class SupermaskGroup:
         self.scale_mode = scale
         for layer in layers:
             layer.group = self
-        self.refresh(force=True)
+        if refresh:
+            self.refresh(force=True)
 
     def is_stale(self) -> bool:
         return self._seen_steps != _optimizer_steps or any(
@@ -393,16 +415,38 @@ class SupermaskGroup:
                 "Lower the learning rate or resume from a checkpoint; set "
                 "timm_fslt.get_group(model).check_finite = False to skip this check")
         keys = magnitude_keys(flat)
+        counts = self.selected_counts(frees)
+        if self.scope == "global":
+            selected = keys_topk_mask(keys, counts[0]).split(sizes)
+        else:
+            selected = [keys_topk_mask(part, k) for part, k in zip(keys.split(sizes), counts)]
+        self._apply_selected(frees, selected)
+
+    def selected_counts(self, frees: Optional[list] = None) -> list[int]:
+        """How many free weights the selection keeps: ``[k]`` for the whole model in global scope,
+        one count per layer in layerwise scope."""
+        layers = self.layers
+        frees = frees if frees is not None else [layer.free_index() for layer in layers]
         if self.scope == "global":
             locked = sum(free.n_locked + layer.removed_kept for layer, free in zip(layers, frees))
-            k = min(max(self.kept_target() - locked, 0), keys.numel())
-            selected = keys_topk_mask(keys, k).split(sizes)
-        else:
-            selected = []
-            for layer, free, part in zip(layers, frees, keys.split(sizes)):
-                locked = free.n_locked + layer.removed_kept
-                kept = freezing.round_half_up((1.0 - self.sparsity) * (layer.numel + layer.removed_numel))
-                selected.append(keys_topk_mask(part, min(max(kept - locked, 0), free.n_free)))
+            return [min(max(self.kept_target() - locked, 0), sum(free.n_free for free in frees))]
+        counts = []
+        for layer, free in zip(layers, frees):
+            locked = free.n_locked + layer.removed_kept
+            kept = freezing.round_half_up((1.0 - self.sparsity) * (layer.numel + layer.removed_numel))
+            counts.append(min(max(kept - locked, 0), free.n_free))
+        return counts
+
+    @torch.no_grad()
+    def set_selected(self, selected: list) -> None:
+        """Set every mask from per-layer bool vectors of the selected free weights (row-major), as a
+        refresh that selected them would; the scores must be ones this group's selection maps to
+        exactly these bits (``load_ticket`` writes such scores), which the caller guarantees."""
+        frees = [layer.free_index() for layer in self.layers]
+        self._apply_selected(frees, selected)
+
+    def _apply_selected(self, frees: list, selected) -> None:
+        layers = self.layers
         for layer, free, sel in zip(layers, frees, selected):
             layer._write_mask(sel, free)
             if self.scale_mode == "static":

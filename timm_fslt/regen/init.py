@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from timm_fslt.regen import rng
+from timm_fslt.regen import native, rng
 
 WEIGHT_INITS = ("kaiming_uniform", "kaiming_normal", "signed_kaiming_constant")
 SCORE_INITS = ("kaiming_normal", "kaiming_uniform")
@@ -58,6 +58,10 @@ def random_weight(kind: str, seed: int, name: str, shape: Sequence[int], device=
         values = _draw_v1(kind, std, seed, name, stream, n, device, dtype, positions)
     else:
         integer, factor = _integer_rule(kind, std)
+        if native.usable(device, dtype, n) is not None:  # the same bits, compiled (regen/native.py)
+            rng.check_positions(positions, n)
+            values = native.values(rng.stream_key(seed, name, stream), n, kind, factor, dtype, positions)
+            return values if positions is not None else values.view(tuple(shape))
         wide = dtype in (torch.float64, torch.float32)
 
         def value(h):
@@ -112,6 +116,9 @@ def regenerated_table(seed: int, name: str, shape: Sequence[int], std: float, de
                             transform=lambda z: z.mul_(std), version=1)
     else:
         factor = std * 2.0 ** -rng.NORMAL_FRAC
+        if native.usable(device, dtype, n) is not None:
+            return native.values(rng.stream_key(seed, name, "table"), n, "kaiming_normal", factor,
+                                 dtype).view(tuple(shape))
         wide = dtype in (torch.float64, torch.float32)
 
         def value(h):

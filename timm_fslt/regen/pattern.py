@@ -14,7 +14,7 @@ from typing import Sequence
 
 import torch
 
-from timm_fslt.regen import rng
+from timm_fslt.regen import native, rng
 from timm_fslt.regen.topk import keys_topk_mask
 
 DISTRIBUTIONS = ("epl", "erk", "igq")
@@ -110,6 +110,9 @@ def frozen_code(seed: int, name: str, shape: Sequence[int], n_pruned: int, n_loc
     n_frozen = n_pruned + n_locked
     if n_frozen == 0:
         return torch.zeros(tuple(shape), dtype=torch.int8, device=device)
+    if native.usable(device, numel=n) is not None:  # the same code, compiled: a radix select (regen/native.py)
+        code = native.frozen_code(rng.stream_key(seed, name, "freeze"), n, n_pruned, n_locked)
+        return code.view(tuple(shape))
     # Rank by (hash, index) without a sort: the first r positions in that order are
     # the r largest of ``~(hash - 2**31)`` (an order-reversing int32 key) with ties
     # going to the lower index -- exactly what keys_topk_mask selects, in linear time.

@@ -136,7 +136,8 @@ def _fill(numel: int, dtype: torch.dtype, device, draw: Callable[[int, int], tor
 Transform = Optional[Callable[[torch.Tensor], torch.Tensor]]
 
 
-def _check_positions(positions: Optional[torch.Tensor], numel: int) -> int:
+def check_positions(positions: Optional[torch.Tensor], numel: int) -> int:
+    """How many values a draw makes: ``numel``, or one per entry of ``positions`` (ValueError unless 1-D integer)."""
     if positions is None:
         return numel
     if positions.dim() != 1 or positions.is_floating_point() or positions.dtype == torch.bool:
@@ -156,7 +157,7 @@ def bits(seed: int, name: str, stream: str, numel: int, device=None, *,
     """
     key = stream_key(seed, name, stream)
     transform = transform or (lambda h: h)
-    numel, hashes = _check_positions(positions, numel), _hasher(device, positions)
+    numel, hashes = check_positions(positions, numel), _hasher(device, positions)
     return _fill(numel, dtype, device, lambda a, b: transform(hashes(key, a, b)))
 
 
@@ -242,7 +243,7 @@ def _normal_v1(seed: int, name: str, stream: str, numel: int, device=None, *,
     k_r = stream_key(seed, name, stream + "/0")
     k_t = stream_key(seed, name, stream + "/1")
     transform = transform or (lambda z: z)
-    numel, hashes = _check_positions(positions, numel), _hasher(device, positions)
+    numel, hashes = check_positions(positions, numel), _hasher(device, positions)
 
     def draw(a: int, b: int) -> torch.Tensor:
         radius = _ln_(_unit_(hashes(k_r, a, b))).mul_(-2.0).sqrt_()

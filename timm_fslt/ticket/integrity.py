@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -40,12 +41,26 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
 def layer_digests(model: nn.Module, masked: bool) -> dict[str, str]:
     """Per masked layer: the digest of its regenerated weight and freezing code (``regen_digest``),
     or of the weight its forward uses, ``W * mask * scale`` (``masked_digest``)."""
-    out = {}
-    for key, module, pname, supermask in L.iter_sites(model):
+    sites = list(L.iter_sites(model))
+
+    def digest(site) -> str:
+        key, module, pname, supermask = site
         tensors = (getattr(module, pname),) if masked else (module.parametrizations[pname].original,
                                                              supermask.frozen)
-        out[key] = tensor_digest(*tensors)
-    return out
+        return tensor_digest(*tensors)
+    # sha256 (and the masked product) release the GIL: the layers are hashed on torch's threads
+    threads = min(torch.get_num_threads(), len(sites))
+    if threads > 1 and sum(site[3].numel for site in sites) >= 1 << 20:
+        grad = torch.is_grad_enabled()
+
+        def digest_in_thread(site) -> str:
+            with torch.set_grad_enabled(grad):  # (grad mode is per thread)
+                return digest(site)
+        with ThreadPoolExecutor(threads) as pool:
+            digests = list(pool.map(digest_in_thread, sites))
+    else:
+        digests = [digest(site) for site in sites]
+    return {site[0]: value for site, value in zip(sites, digests)}
 
 
 def check_layers(group, config: dict, arch: Mapping) -> None:
@@ -67,7 +82,7 @@ def check_layers(group, config: dict, arch: Mapping) -> None:
                                       f"but the rebuilt layer's weight has shape {tuple(shape)}")
     # Counts only after every shape matched: one wrong shape shifts other layers' erk/igq counts.
     for layer, row in zip(group.layers, stored):
-        counts = layer.counts()
+        counts = layer.frozen_counts()
         for key in ("pruned", "locked", "free"):
             if counts[key] != row[key]:
                 raise TicketMismatchError(

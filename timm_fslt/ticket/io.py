@@ -20,14 +20,15 @@ from torch import nn
 
 from timm_fslt import atomic
 from timm_fslt.errors import (ArchitectureError, TicketChecksumError, TicketError, TicketMismatchError)
-from timm_fslt.frozen import (check_unchanged, freeze, get_config, get_group, is_frozen, refresh_masks,
+from timm_fslt.frozen import (check_unchanged, freeze_for_ticket, get_config, get_group, is_frozen,
                               ticket_freeze_config)
 from timm_fslt.nn import modules as L
 from timm_fslt.nn.supermask import free_entries
 from timm_fslt.regen import pattern as freezing
 from timm_fslt.report import architecture_buffers, non_regenerable_state
-from timm_fslt.ticket.architecture import (build_architecture, build_for_check, count_elements, create_model,
-                                           describe_architecture, json_clean, resolve_architecture, resolve_builder)
+from timm_fslt.ticket.architecture import (_ConstructorError, build_architecture, build_for_check, count_elements,
+                                           create_model, describe_architecture, json_clean, resolve_architecture,
+                                           resolve_builder)
 from timm_fslt.ticket.format import (BIT_ORDER, CONFIG_NAME, DEFAULT_MAX_BUILD_SECONDS, DEFAULT_MAX_PARAMS, FORMAT,
                                      FORMAT_VERSION, MASK_NAME, MASK_TENSOR, STATE_NAME, TIMM_WEIGHTS_NAME, PathLike,
                                      check_bool, check_datasets, check_metrics, is_ticket_dir,
@@ -227,33 +228,36 @@ def save_ticket(model: nn.Module, directory: PathLike, *, architecture: Optional
 
 @torch.no_grad()
 def _apply_mask(model: nn.Module, config: dict, packed: torch.Tensor) -> None:
-    """Set scores so the group's own top-k selection picks exactly the stored free bits.
+    """Set the stored supermask, and scores that the group's own top-k selection maps to it.
 
-    Scores keep their regenerated initial values, except that every stored-kept free
-    weight's |score| is lifted above the largest free |score| of the model; the next
-    refresh (automatic at each forward, or after an optimizer step) then reproduces
-    the stored mask, and a further search can continue from there.
+    Nothing is drawn or selected: every stored-kept free weight gets the score 1.0 and every
+    other free weight 0.5, and the masks are written from the bits directly.  Those scores
+    select exactly the stored bits whenever the bits keep as many free weights as the
+    configuration's selection does (then the k-th largest score is 1.0 and exactly the kept
+    weights reach it), which is checked: so the masks are what a refresh would choose, the
+    next refresh (after an optimizer step) keeps them, and a search can continue from the
+    ticket (all scores positive: every free weight gets a gradient).
     """
     group = get_group(model)
     sizes = [row["free"] for row in config["layers"]]
-    selected = unpack_bits(packed, sum(sizes)).split(sizes)
-    # scores hold the free weights only, in row-major order: the order of the stored bits
-    top = max((float(layer.scores.detach().abs().max()) for layer in group.layers
-               if layer.scores.numel()), default=0.0)
-    lift = torch.nextafter(torch.tensor(top, dtype=torch.float32), torch.tensor(math.inf)).item()
+    selected = list(unpack_bits(packed, sum(sizes)).split(sizes))
+    counts = group.selected_counts()
+    stored = [int(sel.sum()) for sel in selected]
+    if (sum(stored) if group.scope == "global" else stored) != (counts[0] if group.scope == "global" else counts):
+        first = next((row["name"] for row, n, k in zip(config["layers"], stored, counts) if n != k),
+                     config["layers"][0]["name"] if config["layers"] else None)
+        kept_stored = sum(n + r["locked"] for n, r in zip(stored, config["layers"]))
+        locked = sum(r["locked"] for r in config["layers"])
+        kept_now = locked + sum(counts)
+        raise TicketMismatchError(
+            f"the stored supermask keeps {kept_stored} weights but sparsity {group.sparsity} with scope "
+            f"{group.scope!r} selects {kept_now} (first difference in layer {first!r}): the mask "
+            f"file does not belong to this configuration")
     for layer, sel in zip(group.layers, selected):
         scores = layer.scores
-        magnitude = scores.abs() + torch.where(sel.to(scores.device), lift, 0.0).to(scores.dtype)
-        scores.copy_(torch.where(scores < 0, -magnitude, magnitude))
-    refresh_masks(model)
-    for layer, sel, row in zip(group.layers, selected, config["layers"]):
-        if not torch.equal(free_entries(layer.mask, layer.frozen).cpu(), sel):
-            kept_stored = sum(int(s.sum()) + r["locked"] for s, r in zip(selected, config["layers"]))
-            kept_now = sum(int(g.mask.sum()) for g in group.layers)
-            raise TicketMismatchError(
-                f"the stored supermask keeps {kept_stored} weights but sparsity {group.sparsity} with scope "
-                f"{group.scope!r} selects {kept_now} (first difference in layer {row['name']!r}): the mask "
-                f"file does not belong to this configuration")
+        sel = sel.to(scores.device)
+        scores.view(-1).copy_(torch.where(sel, 1.0, 0.5))
+    group.set_selected([sel.to(layer.mask.device) for layer, sel in zip(group.layers, selected)])
 
 
 @torch.no_grad()
@@ -358,6 +362,29 @@ def load_ticket(source: PathLike, *, materialize: bool = False, revision: Option
     return model
 
 
+def _empty_parameters(model: nn.Module) -> list:
+    """Give every meta parameter (``parameters_on_meta``) uninitialised CPU memory, shared
+    parameters staying shared; returns ``(module, name)`` of each, for ``_unwritten``."""
+    made, sites = {}, []
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and param.is_meta:
+                new = made.get(id(param))
+                if new is None:
+                    new = made[id(param)] = nn.Parameter(torch.empty_like(param, device="cpu"),
+                                                         requires_grad=param.requires_grad)
+                module._parameters[name] = new
+                sites.append((module, name))
+    return sites
+
+
+def _unwritten(sites: list) -> bool:
+    """Whether a parameter ``_empty_parameters`` made is still there and was never written (its
+    version counter is 0): its value would be whatever the memory held."""
+    return any(name in module._parameters and module._parameters[name] is not None
+               and module._parameters[name]._version == 0 for module, name in sites)
+
+
 def _rebuild(config: dict, packed: torch.Tensor, state: Mapping[str, torch.Tensor],
              trust_builder: bool, max_params: int, max_seconds: float, directory: Path) -> nn.Module:
     arch = config["architecture"]
@@ -370,7 +397,30 @@ def _rebuild(config: dict, packed: torch.Tensor, state: Mapping[str, torch.Tenso
     if n_params > max_params:
         raise ArchitectureError(f"{describe_architecture(arch)} has {n_params:,} parameters, more than "
                                 f"max_params={max_params:,}; pass a larger max_params to load it")
+    # Every parameter of the rebuilt model is overwritten -- regenerated, set to its constant, or
+    # loaded from the stored state -- so the build need not initialise them: its parameters are
+    # made on the meta device (the constructor's random init costs nothing there; buffers are
+    # real, they can be the architecture's own values) and then given empty memory.  If some
+    # parameter was not overwritten after all, or the constructor cannot build that way, the
+    # model is built again the ordinary way.
+    try:
+        model = build_architecture(arch, trust_builder=trust_builder, max_params=max_params,
+                                   max_seconds=max_seconds, parameters_on_meta=True)
+    except ArchitectureError as err:
+        if not isinstance(err, _ConstructorError):
+            raise
+        model = None
+    if model is not None:
+        sites = _empty_parameters(model)
+        model = _rebuild_model(model, config, packed, state, arch)
+        if not _unwritten(sites):
+            return model
     model = build_architecture(arch, trust_builder=trust_builder, max_params=max_params, max_seconds=max_seconds)
+    return _rebuild_model(model, config, packed, state, arch)
+
+
+def _rebuild_model(model: nn.Module, config: dict, packed: torch.Tensor, state: Mapping[str, torch.Tensor],
+                   arch: Mapping) -> nn.Module:
     try:
         freeze_config = ticket_freeze_config(config)  # the ticket's generator version; warns for v1 normal
     except (TypeError, ValueError) as err:
@@ -380,7 +430,7 @@ def _rebuild(config: dict, packed: torch.Tensor, state: Mapping[str, torch.Tenso
     except ValueError as err:
         raise TicketError(f"{CONFIG_NAME}: {err}") from err
     try:
-        freeze(model, config=freeze_config)
+        freeze_for_ticket(model, freeze_config)
     except (TypeError, ValueError) as err:
         raise TicketMismatchError(f"the ticket's freeze settings do not fit {describe_architecture(arch)}: "
                                   f"{err}") from err
