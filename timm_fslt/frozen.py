@@ -16,7 +16,7 @@ from timm_fslt.nn.modules import check_initialized, is_frozen_layer, is_maskable
 from timm_fslt.nn.placement import PLACEMENT_VERSION, PLACEMENT_VERSIONS, Fate, Placement, place_parameters
 from timm_fslt.nn.recompute import recompute_context
 from timm_fslt.nn.supermask import SCALES, SCOPES, FrozenSupermask, SupermaskGroup
-from timm_fslt.regen import pattern as freezing, rng
+from timm_fslt.regen import native, pattern as freezing, rng
 from timm_fslt.regen.init import SCORE_INITS, WEIGHT_INITS, random_weight, regenerated_table
 
 BATCHNORM_MODES = ("non_affine", "affine", "keep")
@@ -264,21 +264,24 @@ def freeze(model: nn.Module, prune: float = 0.0, lock: float = 0.0, *,
     return _freeze(model, config, draw_scores=True)
 
 
-def freeze_for_ticket(model: nn.Module, config: FreezeConfig) -> nn.Module:
+def freeze_for_ticket(model: nn.Module, config: FreezeConfig, freeze_keys: Optional[dict] = None) -> nn.Module:
     """``freeze`` as ``load_ticket`` needs it: weights, codes and fates regenerated, but no initial
     scores drawn and no masks selected (a ticket's stored bits set both: ``SupermaskGroup.set_selected``).
-    Until then the scores are uninitialised and the masks hold the locked weights only."""
-    return _freeze(model, dataclasses.replace(config), draw_scores=False)
+    Until then the scores are placeholders and the masks hold the locked weights only.
+    ``freeze_keys``: ``{layer name: (t1, t2)}`` as a ticket records them; a layer's code is then made
+    elementwise from them when that gives the configuration's counts (``pattern.frozen_code``)."""
+    return _freeze(model, dataclasses.replace(config), draw_scores=False, freeze_keys=freeze_keys or {})
 
 
-def _freeze(model: nn.Module, config: FreezeConfig, draw_scores: bool) -> nn.Module:
+def _freeze(model: nn.Module, config: FreezeConfig, draw_scores: bool, freeze_keys: Optional[dict] = None) -> nn.Module:
     # Validate everything before touching the model, so bad input leaves it unchanged.
     placements = _place(model, config)
     targets = [p for p in placements if p.fate == "masked"]
 
     shapes = [tuple(p.module._parameters[p.param_name].shape) for p in targets]
     counts = freezing.frozen_counts(shapes, config.prune, config.lock, config.distribution)
-    supermasks = [_freeze_site(site, shape, n_pruned, n_locked, config, draw_scores)
+    keys = freeze_keys or {}
+    supermasks = [_freeze_site(site, shape, n_pruned, n_locked, config, draw_scores, keys.get(site.key))
                   for site, shape, (n_pruned, n_locked) in zip(targets, shapes, counts)]
     _apply_fates(placements, config)
     model._fslt_group = SupermaskGroup(supermasks, config.sparsity, config.scope, config.scale,
@@ -313,18 +316,23 @@ def _place(model: nn.Module, config: FreezeConfig) -> list[Placement]:
 
 
 def _freeze_site(site: Placement, shape: tuple, n_pruned: int, n_locked: int,
-                 config: FreezeConfig, draw_scores: bool = True) -> FrozenSupermask:
+                 config: FreezeConfig, draw_scores: bool = True, keys: Optional[tuple] = None) -> FrozenSupermask:
     """Give one masked parameter its random weight (a buffer), its frozen code and scores
-    (``draw_scores=False``: uninitialised scores, for a ticket's bits to set)."""
+    (``draw_scores=False``: placeholder scores, for a ticket's bits to set; ``keys``: the layer's
+    freeze keys, if a ticket recorded them)."""
     module, pname, key = site.module, site.param_name, site.key
     original = module._parameters[pname]
     device, dtype = original.device, original.dtype
     version = config.generator_version
     weight = random_weight(config.weight_init, config.seed, key, shape, device, dtype,
                            generator_version=version)
-    code = freezing.frozen_code(config.seed, key, shape, n_pruned, n_locked, device)
+    code = freezing.frozen_code(config.seed, key, shape, n_pruned, n_locked, device, keys=keys)
     # Scores exist for the free weights only: draw just those (same bits as the full draw).
-    free = (code.reshape(-1) == freezing.FREE).nonzero().squeeze(1)  # (found once: FrozenSupermask keeps it)
+    # (The free positions are found once: FrozenSupermask keeps them.)
+    if native.usable(code.device, numel=code.numel()) is not None:
+        free = native.free_positions(code)
+    else:
+        free = (code.reshape(-1) == freezing.FREE).nonzero().squeeze(1)
     if draw_scores:
         scores = random_weight(config.score_init, config.seed, key, shape, device,
                                torch.float32, stream="score", positions=free, generator_version=version)

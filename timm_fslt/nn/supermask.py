@@ -191,7 +191,8 @@ class FrozenSupermask(nn.Module):
         # Refresh caches (plain attributes, not buffers: they never reach a state_dict
         # or a pruner; they are rebuilt whenever `frozen` or `mask` is replaced or written).
         self._free: Optional[_FreeIndex] = cached
-        self._mask_ready: Optional[tuple] = None  # (mask, its version, _FreeIndex) last written
+        # (mask, its version, _FreeIndex) last written: the mask holds the locked weights now
+        self._mask_ready: Optional[tuple] = None if cached is None else (self.mask, self.mask._version, cached)
         self._scale_value: Optional[float] = None
 
     @property

@@ -38,137 +38,16 @@ _lock = threading.Lock()
 _state: dict = {}  # "kernels": the compiled functions (or None: unavailable), "pool", "pool_size"
 
 
-def _compile():
-    # (ImportError if numba is missing: the torch path is used)
-    from numba import float64, int32, int64, njit, uint32
-    from numba.cpython.unsafe.numbers import leading_zeros
-
-    from timm_fslt.reference_decoder import NORMAL_TABLE
-
-    table = np.ascontiguousarray(np.array(NORMAL_TABLE, dtype=np.int64).T)  # (7, 256): one row per coefficient
-    c1, c2 = np.uint32(0x7FEB352D), np.uint32(0x846CA68B)
-    s15, s16, s31 = np.uint32(15), np.uint32(16), np.uint32(31)
-    sign_bit = np.uint32(0x80000000)
-    half = np.int64(1 << 27)  # round to nearest before each >> 28 (rng._HALF)
-
-    # Unsigned 32-bit arithmetic wraps mod 2**32 (defined in C and LLVM, unlike signed overflow):
-    # exactly the spec's "x * c mod 2**32"; every result is cast back to uint32 because numba,
-    # like NumPy, widens uint32 arithmetic to 64 bits.
-    @njit(inline="always")
-    def mix(x):
-        x = uint32(x ^ (x >> s16))
-        x = uint32(x * c1)
-        x = uint32(x ^ (x >> s15))
-        x = uint32(x * c2)
-        return uint32(x ^ (x >> s16))
-
-    @njit(inline="always")
-    def hash32(i, k0, k1, k2):  # i: the element index (int64, 0 <= i < 2**32: its high word is 0)
-        # (callers check the bound; the high word's xor is left out so the loops vectorise in 32-bit lanes)
-        x = mix(uint32(uint32(i) ^ k0))
-        x = mix(uint32(x ^ k1))
-        return mix(uint32(x + k2))
-
-    @njit(inline="always")
-    def value(h, rule, table):
-        """The exact integer of hash h as float64 (< 2**53: exact), before the one multiplication."""
-        if rule == 0:  # kaiming_uniform: 2h + 1 - 2**32 = 2 (h - 2**31) + 1, h - 2**31 as int32
-            return float64(int32(h ^ sign_bit)) * 2.0 + 1.0
-        if rule == 2:  # signed constant: bit 31 set -> +1, else -1
-            return 1.0 if (h >> s31) else -1.0
-        # kaiming_normal: +-Z of rng.normal_fixed; t = 2 (h mod 2**31) + 1 is odd, clz32 picks the octave
-        t = uint32((h << np.uint32(1)) | np.uint32(1))
-        k = int64(leading_zeros(t))
-        x = int64(uint32(t << uint32(k)))
-        seg = k * 8 + ((x >> 28) & 7)
-        y = x & ((1 << 28) - 1)
-        acc = table[6, seg]
-        for col in range(5, -1, -1):
-            acc = ((acc * y + half) >> 28) + table[col, seg]
-        return float64(-acc if (h >> s31) else acc)
-
-    # One kernel per rule and output (numba specialises each on `rule`'s literal value, so the
-    # loops have no branch on it): values_range_u / _n / _s.
-    def make(rule):
-        @njit(nogil=True, cache=True)
-        def values_range(out, start, stop, k0, k1, k2, factor, table):
-            for j in range(start, stop):
-                out[j] = value(hash32(int64(j), k0, k1, k2), rule, table) * factor  # ONE rounding, then out's dtype
-
-        @njit(nogil=True, cache=True)
-        def values_at(out, positions, start, stop, k0, k1, k2, factor, table):
-            for j in range(start, stop):
-                out[j] = value(hash32(positions[j], k0, k1, k2), rule, table) * factor
-        return values_range, values_at
-
-    kernels = {"table": table}
-    for name, rule in RULES.items():
-        kernels[name] = make(rule)
-
-    @njit(nogil=True, cache=True)
-    def hashes_histogram(out, start, stop, k0, k1, k2, hist):
-        # the layer's "freeze" hashes, and how many fall in each of 65536 bins of their top 16 bits
-        for j in range(start, stop):
-            h = hash32(int64(j), k0, k1, k2)
-            out[j] = h
-            hist[h >> s16] += 1
-
-    @njit(nogil=True, cache=True)
-    def low_histogram(h, start, stop, top, hist):
-        for j in range(start, stop):
-            if (h[j] >> s16) == top:
-                hist[h[j] & np.uint32(0xFFFF)] += 1
-
-    @njit(nogil=True, cache=True)
-    def tie_limit(h, value, need):  # the index of the need-th (1-based) element whose hash is value
-        seen = 0
-        for j in range(h.shape[0]):
-            if h[j] == value:
-                seen += 1
-                if seen == need:
-                    return j
-        return h.shape[0]
-
-    @njit(nogil=True, cache=True)
-    def write_code(code, h, start, stop, v1, lim1, v2, lim2):
-        # -1 pruned: (hash, index) before rank 1; +1 locked: before rank 2; 0 free (pattern.frozen_code)
-        for j in range(start, stop):  # branch-free: the codes are random, branches would mispredict
-            x = int64(h[j])
-            pruned = int64(x < v1) | (int64(x == v1) & int64(j <= lim1))
-            frozen = int64(x < v2) | (int64(x == v2) & int64(j <= lim2))  # (pruned implies frozen)
-            code[j] = frozen - 2 * pruned
-
-    @njit(nogil=True, cache=True)
-    def hashes(out, start, stop, k0, k1, k2):
-        for j in range(start, stop):
-            out[j] = hash32(int64(j), k0, k1, k2)
-
-    @njit(nogil=True, cache=True)
-    def scan(h, start, stop, b0, b1, b2, b3, cap):
-        """Over h[start:stop]: how many hashes are below b0 and below b2, and the hashes in [b0, b1] and
-        in [b2, b3] (at most cap of each; the counts returned last may exceed cap: the bracket held more)."""
-        below0 = below2 = 0
-        w1, w2 = uint32(b1 - b0), uint32(b3 - b2)  # x in [b0, b1] iff (x - b0) mod 2**32 <= b1 - b0
-        c1 = np.empty(cap, dtype=np.uint32)
-        c2 = np.empty(cap, dtype=np.uint32)
-        m1 = m2 = 0
-        for j in range(start, stop):
-            x = h[j]
-            below0 += int64(x < b0)  # (no branch: about half the hashes are below, at random)
-            below2 += int64(x < b2)
-            if uint32(x - b0) <= w1:  # rare (a bracket holds ~16 sqrt(n) hashes): a predictable branch
-                if m1 < cap:
-                    c1[m1] = x
-                m1 += 1
-            if uint32(x - b2) <= w2:
-                if m2 < cap:
-                    c2[m2] = x
-                m2 += 1
-        return below0, below2, c1[:min(m1, cap)], c2[:min(m2, cap)], m1, m2
-
-    kernels.update(hashes=hashes, scan=scan, hashes_histogram=hashes_histogram, low_histogram=low_histogram, tie_limit=tie_limit,
-                   write_code=write_code)
-    return kernels
+def _load():
+    from timm_fslt.regen import _kernels as k  # (ImportError if numba is missing: the torch path is used)
+    return {
+        "table": k.TABLE,
+        "kaiming_uniform": (k.uniform_range, k.uniform_at, False),
+        "kaiming_normal": (k.normal_range, k.normal_at, True),
+        "signed_kaiming_constant": (k.signed_range, k.signed_at, False),
+        **{name: getattr(k, name) for name in ("hashes", "scan", "low_histogram", "tie_limit", "write_code",
+                                               "hash_write_code", "count_free", "write_free")},
+    }
 
 
 def kernels() -> Optional[dict]:
@@ -181,7 +60,7 @@ def kernels() -> Optional[dict]:
             found = _state.get("kernels", False)
             if found is False:
                 try:
-                    found = _compile()
+                    found = _load()
                 except ImportError:
                     found = None
                 _state["kernels"] = found
@@ -212,6 +91,21 @@ def _pool(threads: int) -> Optional[ThreadPoolExecutor]:
     return pool
 
 
+def _slices(n: int) -> list:
+    threads = max(1, min(torch.get_num_threads(), n // _MIN_PARALLEL))
+    bounds = [n * t // threads for t in range(threads + 1)]
+    return list(zip(bounds[:-1], bounds[1:]))
+
+
+def _map(n: int, body) -> list:
+    """``[body(start, stop) for each slice]`` of ``[0, n)``, the slices run on the pool."""
+    slices = _slices(n)
+    pool = _pool(len(slices))
+    if pool is None:
+        return [body(a, b) for a, b in slices]
+    return [future.result() for future in [pool.submit(body, a, b) for a, b in slices]]
+
+
 def _parallel(n: int, body) -> None:
     """``body(start, stop)`` over ``[0, n)`` in as many slices as torch has threads."""
     threads = max(1, min(torch.get_num_threads(), n // _MIN_PARALLEL))
@@ -235,13 +129,13 @@ def values(key: tuple, numel: int, rule: str, factor: float, dtype: torch.dtype,
     out = torch.empty(numel if positions is None else positions.numel(), dtype=dtype if wide else torch.float32)
     arr = out.numpy()
     k0, k1, k2 = (np.uint32(w) for w in key)
-    table, factor = k["table"], float(factor)
-    in_range, at = k[rule]
+    in_range, at, tabled = k[rule]
+    extra = (float(factor), k["table"]) if tabled else (float(factor),)
     if positions is None:
-        _parallel(arr.shape[0], lambda a, b: in_range(arr, a, b, k0, k1, k2, factor, table))
+        _parallel(arr.shape[0], lambda a, b: in_range(arr, a, b, k0, k1, k2, *extra))
     else:
         pos = positions.to(torch.int64).contiguous().numpy()
-        _parallel(arr.shape[0], lambda a, b: at(arr, pos, a, b, k0, k1, k2, factor, table))
+        _parallel(arr.shape[0], lambda a, b: at(arr, pos, a, b, k0, k1, k2, *extra))
     return out if wide else out.to(dtype)  # float32 -> bfloat16/float16 once, as the torch path
 
 
@@ -352,3 +246,41 @@ def _tie(h: np.ndarray, value: int, need: int, equal: int, k: dict) -> tuple[int
     if need >= equal:
         return value, h.shape[0]
     return value, int(k["tie_limit"](h, np.uint32(value), need))
+
+
+def code_from_keys(key: tuple, numel: int, t1: int, t2: int) -> tuple:
+    """``(code, n_pruned, n_locked)``: the int8 code (flat) of a layer whose freeze keys are ``(t1, t2)``
+    (``pattern.freeze_keys``: element i, with key ``h * 2**32 + i``, is pruned if key < t1, locked if
+    t1 <= key < t2), in one pass that hashes, compares and writes; no selection."""
+    k = kernels()
+    k0, k1, k2 = (np.uint32(w) for w in key)
+    halves = [np.uint32(t >> 32) for t in (t1, t2)], [np.uint32(t & 0xFFFFFFFF) for t in (t1, t2)]
+    (th1, th2), (tl1, tl2) = halves
+    code = torch.empty(numel, dtype=torch.int8)
+    arr = code.numpy()
+    fn = k["hash_write_code"]
+    counts = _map(numel, lambda a, b: fn(arr, a, b, k0, k1, k2, th1, tl1, th2, tl2))
+    return code, sum(c[0] for c in counts), sum(c[1] for c in counts)
+
+
+def free_positions(code: torch.Tensor) -> torch.Tensor:
+    """The row-major positions (int64) of a contiguous CPU int8 code's free (0) entries, in order:
+    ``(code.reshape(-1) == 0).nonzero().squeeze(1)``, in two passes on the pool."""
+    k = kernels()
+    arr = code.reshape(-1).numpy()
+    slices = _slices(arr.shape[0])
+    count = k["count_free"]
+    pool = _pool(len(slices))
+    counts = [count(arr, a, b) for a, b in slices] if pool is None else [
+        f.result() for f in [pool.submit(count, arr, a, b) for a, b in slices]]
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    out = torch.empty(int(offsets[-1]), dtype=torch.int64)
+    res = out.numpy()
+    write = k["write_free"]
+    if pool is None:
+        for (a, b), offset in zip(slices, offsets):
+            write(arr, a, b, res, offset)
+    else:
+        for f in [pool.submit(write, arr, a, b, res, offset) for (a, b), offset in zip(slices, offsets)]:
+            f.result()
+    return out

@@ -430,7 +430,9 @@ def _rebuild_model(model: nn.Module, config: dict, packed: torch.Tensor, state: 
     except ValueError as err:
         raise TicketError(f"{CONFIG_NAME}: {err}") from err
     try:
-        freeze_for_ticket(model, freeze_config)
+        keys = {row["name"]: tuple(row["freeze_keys"]) for row in config["layers"]
+                if isinstance(row.get("freeze_keys"), list) and len(row["freeze_keys"]) == 2}
+        freeze_for_ticket(model, freeze_config, keys)
     except (TypeError, ValueError) as err:
         raise TicketMismatchError(f"the ticket's freeze settings do not fit {describe_architecture(arch)}: "
                                   f"{err}") from err
