@@ -44,8 +44,7 @@ def cpu_name() -> str:
 def breakdown(path: str) -> dict:
     """Seconds per phase of one ``load_ticket`` (wrapping the loader's steps)."""
     from timm_fslt import frozen
-    from timm_fslt.regen import pattern
-    from timm_fslt.ticket import io
+    from timm_fslt.ticket import loading as io
     import timm_fslt
 
     spent = collections.defaultdict(float)
@@ -64,8 +63,9 @@ def breakdown(path: str) -> dict:
         setattr(module, name, timed)
         patched.append((module, name, original))
 
+    from timm_fslt.ticket import io as ticket_io
     for module, name, label in [
-            (io, "read_ticket", "read files"), (io, "build_for_check", "meta build (count)"),
+            (ticket_io, "read_ticket", "read files"), (io, "build_for_check", "meta build (count)"),
             (io, "check_timm_builds", "meta build (timm's config.json)"), (io, "build_architecture", "build"),
             (io, "check_digests", "digests"), (io, "_apply_mask", "mask bits"), (io, "_load_state", "state"),
             (frozen, "random_weight", "regenerate weights"), (frozen.freezing, "frozen_code", "regenerate codes"),

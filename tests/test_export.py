@@ -101,6 +101,16 @@ def eager(model, x):
         return model(x)
 
 
+def same_outputs(name, got, want):
+    """Bit-identical outputs; for "seq" within 1e-6: the LSTM and attention kernels a recorded graph
+    (or TorchScript) runs may round differently from eager torch's on some CPUs (3.4e-8 measured on an
+    AMD EPYC; equal on an Intel Xeon) -- the masked products inside are the same bits either way
+    (the conv and linear models' outputs, compared exactly, show it)."""
+    if name == "seq":
+        return torch.allclose(got, want, rtol=0, atol=1e-6)
+    return torch.equal(got, want)
+
+
 def state_of(model):
     """Scores, masks and buffers: what an export must leave as it was."""
     return {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()} | {
@@ -184,8 +194,8 @@ def test_torch_export_gives_the_frozen_models_outputs(models, name):
     before = state_of(model)
     program = torch.export.export(model, (x,))
     exported = program.module()
-    assert torch.equal(exported(x), want)
-    assert torch.equal(exported(x2), want2)  # a graph, not a recorded constant output
+    assert same_outputs(name, exported(x), want)
+    assert same_outputs(name, exported(x2), want2)  # a graph, not a recorded constant output
     code = program.graph_module.code
     assert "_MaskedWeight" not in code and "index_select" not in code  # the plain product only
     assert_unchanged(model, before)
@@ -196,8 +206,8 @@ def test_torch_export_strict_gives_the_frozen_models_outputs(models, name):
     model, x, x2 = models[name]
     want, want2 = eager(model, x), eager(model, x2)
     exported = torch.export.export(model, (x,), strict=True).module()
-    assert torch.equal(exported(x), want)
-    assert torch.equal(exported(x2), want2)
+    assert same_outputs(name, exported(x), want)
+    assert same_outputs(name, exported(x2), want2)
 
 
 def test_search_runs_on_after_an_export():
@@ -220,8 +230,8 @@ def test_jit_trace_gives_the_frozen_models_outputs(models, name):
     want, want2 = eager(model, x), eager(model, x2)
     before = state_of(model)
     traced = torch.jit.trace(model, (x,))
-    assert torch.equal(traced(x), want)
-    assert torch.equal(traced(x2), want2)
+    assert same_outputs(name, traced(x), want)
+    assert same_outputs(name, traced(x2), want2)
     assert_unchanged(model, before)
 
 
@@ -245,8 +255,8 @@ def test_jit_script_of_the_materialized_model(models, name):
     model, x, x2 = models[name]
     want, want2 = eager(model, x), eager(model, x2)
     scripted = torch.jit.script(timm_fslt.materialize(model))
-    assert torch.equal(scripted(x), want)
-    assert torch.equal(scripted(x2), want2)
+    assert same_outputs(name, scripted(x), want)
+    assert same_outputs(name, scripted(x2), want2)
 
 
 # -- ONNX -----------------------------------------------------------------------------------------

@@ -41,13 +41,15 @@ the plain product with its current mask, refusing masks that may be out of date;
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from timm_fslt.nn import recompute
+from timm_fslt.nn.free_index import _free_index_of, _free_shapes, _FreeIndex, free_entries
+from timm_fslt.nn.optimizer_state import upgrade_optimizer_state  # noqa: F401  (registers its hooks)
 from timm_fslt.nn.functional import masked_weight, script_refusal, stale_refusal, traced_masked_weight
 from timm_fslt.regen import pattern as freezing
 from timm_fslt.regen.topk import keys_topk_mask, magnitude_keys
@@ -74,75 +76,6 @@ def _count_optimizer_step(optimizer, args, kwargs) -> None:
 
 
 register_optimizer_step_post_hook(_count_optimizer_step)
-
-
-def upgrade_optimizer_state(optimizer) -> int:
-    """View optimizer state written when scores were 1-D (timm_fslt 0.2) in the scores' row shape.
-
-    A momentum buffer or moment estimate of shape ``(n,)`` for a parameter of shape ``(1, n)``
-    (elementwise the same values) becomes a ``(1, n)`` view of itself; nothing else changes.
-    Without it the optimizer's first step would fail broadcasting ``(n,)`` against ``(1, n)``.
-    Runs by itself before an optimizer's first step and after every later ``load_state_dict``
-    (process-wide hooks, below); returns how many state tensors it reshaped.
-    """
-    changed = 0
-    for group in optimizer.param_groups:
-        for param in group["params"]:
-            state = optimizer.state.get(param)
-            if not state or param.dim() != 2 or param.shape[0] != 1:
-                continue
-            for key, value in state.items():
-                if isinstance(value, torch.Tensor) and value.dim() == 1 and value.shape[0] == param.shape[1]:
-                    state[key] = value.view(param.shape)
-                    changed += 1
-    return changed
-
-
-def _first_step_of_optimizer(optimizer, args, kwargs) -> None:
-    # One dict lookup per step; on an optimizer's first step, its state (possibly just loaded from
-    # an old checkpoint) is upgraded, and so is every state it loads later.
-    if "_timm_fslt_state_hook" not in optimizer.__dict__:
-        try:
-            handle = optimizer.register_load_state_dict_post_hook(upgrade_optimizer_state)
-        except AttributeError:  # (a subclass that skipped Optimizer.__init__: upgraded at its first step only)
-            handle = None
-        optimizer._timm_fslt_state_hook = handle
-        upgrade_optimizer_state(optimizer)
-
-
-register_optimizer_step_pre_hook(_first_step_of_optimizer)
-
-
-def _free_shapes(n_free: int) -> tuple:
-    """The shapes a layer's scores may have: the row ``(1, n_free)`` (what FrozenSupermask makes)
-    or 1-D ``(n_free,)`` (timm_fslt 0.2's, or a tensor put in place by other code)."""
-    return ((1, n_free), (n_free,))
-
-
-def free_entries(weight_shaped: torch.Tensor, frozen: torch.Tensor) -> torch.Tensor:
-    """The entries of a weight-shaped tensor at the free positions of ``frozen``, row-major."""
-    return weight_shaped.reshape(-1)[frozen.reshape(-1).to(weight_shaped.device) == freezing.FREE]
-
-
-class _FreeIndex(NamedTuple):
-    """What a refresh needs to know about one layer's frozen code (cached)."""
-
-    frozen: torch.Tensor  # the code this was computed from (identity = validity)
-    version: int  # its version counter then
-    index: Optional[torch.Tensor]  # int32 flat (row-major) positions of the free weights; None: all free
-    n_free: int
-    n_locked: int
-
-
-def _free_index_of(frozen: torch.Tensor, positions: torch.Tensor, n_locked: Optional[int] = None) -> _FreeIndex:
-    """The ``_FreeIndex`` of a frozen code whose free entries are at the row-major ``positions``
-    (and which has ``n_locked`` locked entries: counted if None)."""
-    numel, n_free = frozen.numel(), positions.numel()
-    # int32 (layers have < 2**31 weights): half the memory of int64 indices
-    index = None if n_free == numel else positions.to(device=frozen.device, dtype=torch.int32)
-    if n_locked is None:  # (the code is -1, 0 or +1: its sum is locked - pruned, pruned + locked = numel - n_free)
-        n_locked = (int(frozen.sum(dtype=torch.int64)) + numel - n_free) // 2
-    return _FreeIndex(frozen, frozen._version, index, n_free, n_locked)
 
 
 class FrozenSupermask(nn.Module):
@@ -439,17 +372,22 @@ class SupermaskGroup:
         return counts
 
     @torch.no_grad()
-    def set_selected(self, selected: list) -> None:
+    def set_selected(self, selected: list, written: bool = False) -> None:
         """Set every mask from per-layer bool vectors of the selected free weights (row-major), as a
         refresh that selected them would; the scores must be ones this group's selection maps to
-        exactly these bits (``load_ticket`` writes such scores), which the caller guarantees."""
+        exactly these bits (``load_ticket`` writes such scores), which the caller guarantees.
+        ``written``: the masks already hold these bits (only scales and bookkeeping follow)."""
         frees = [layer.free_index() for layer in self.layers]
-        self._apply_selected(frees, selected)
+        if written:
+            for layer, free in zip(self.layers, frees):
+                layer._mask_ready = (layer.mask, layer.mask._version, free)
+        self._apply_selected(frees, selected, written)
 
-    def _apply_selected(self, frees: list, selected) -> None:
+    def _apply_selected(self, frees: list, selected, written: bool = False) -> None:
         layers = self.layers
         for layer, free, sel in zip(layers, frees, selected):
-            layer._write_mask(sel, free)
+            if not written:
+                layer._write_mask(sel, free)
             if self.scale_mode == "static":
                 layer._set_scale(1.0 / math.sqrt(max(1.0 - self.sparsity, 1e-12)))
             elif self.scale_mode == "dynamic":

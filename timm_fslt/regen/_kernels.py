@@ -203,3 +203,12 @@ def write_free(code, start, stop, out, offset):
             f += int64(code[j] == 0)
         out[m:m + f] = buf[:f]
         m += f
+
+
+@njit(nogil=True, cache=True)
+def apply_bits(mask, index, selected, scores, start, stop):
+    # a ticket's bits into one layer: mask[index[f]] = bit f; scores 1.0 where set, 0.5 elsewhere
+    for f in range(start, stop):
+        bit = selected[f]
+        mask[index[f]] = bit
+        scores[f] = 1.0 if bit else 0.5

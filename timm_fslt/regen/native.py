@@ -1,24 +1,33 @@
-"""Compiled CPU kernels for regeneration: the same bits as ``rng``'s torch ops, 10-20x faster.
+"""Compiled CPU kernels for regeneration: the same bits as ``rng``'s torch ops, several times faster.
 
 Generator version 2 is integer arithmetic (``timm_fslt.regen.rng``'s docstring is the
 specification), so a compiled loop reproduces it exactly: every element's hash
-``mix(mix(mix(lo ^ k0) ^ hi ^ k1) + k2)`` in unsigned 64-bit variables (the products of
-32-bit values and 32-bit constants fit, and are reduced mod 2**32 as the spec says), the
-normal's fixed-point Horner scheme in signed 64-bit (arithmetic right shifts, as torch's),
-and the one float64 multiplication and float32 rounding of the value.  The torch version
-runs about 35 tensor ops per chunk of 2**18 elements; here one pass computes and stores
-each value, on ``torch.get_num_threads()`` threads (numba ``nogil`` kernels on a thread pool
-of this module: no numba threading layer, so nothing here conflicts with torch's OpenMP,
-forks badly, or refuses concurrent callers).
+``mix(mix(mix(lo ^ k0) ^ k1) + k2)`` in unsigned 32-bit arithmetic (which wraps mod 2**32, as
+the spec's products do; the index's high word is 0 below 2**32 elements), the normal's
+fixed-point Horner scheme in signed 64-bit (arithmetic right shifts, as torch's), and the one
+float64 multiplication and float32 rounding of each value.  The torch path runs about 35
+tensor ops per chunk; here one pass computes and stores each value.
 
-Used on the CPU for generator version 2 when numba is installed (a dependency of
-timm_fslt) unless ``TIMM_FSLT_KERNELS=torch``; the torch path stays for GPUs, version 1,
-and machines without numba.  ``tests/test_native.py`` checks both paths against each other
-and against the NumPy reference decoder, across ATen CPU capabilities and thread counts.
+What is compiled (``regen/_kernels.py``, numba ``nogil`` functions run on a thread pool of this
+module with ``torch.get_num_threads()`` threads: no numba threading layer, so nothing here
+competes with torch's OpenMP, breaks after ``fork`` or refuses concurrent callers):
 
-The kernels compile on first use (about 5-10 s once; numba caches the machine code next to
-this file, so later processes load it in well under a second); importing this module
-imports nothing heavy: numba is imported when a kernel is first needed.
+* weights, initial scores and regenerated tables (``values``, for ``init.random_weight`` and
+  ``init.regenerated_table``);
+* freezing codes by rank (``frozen_code``: hashes, then each rank's hash found among the ~16 sqrt(n)
+  hashes of a bracket, exact fallback a radix select; ties to the lowest index), and from a
+  ticket's freeze keys in one elementwise pass (``code_from_keys``);
+* the free positions of a code, and a ticket's mask bits written into a layer (``load_ticket``).
+
+Used on the CPU for generator version 2 when numba is installed (a dependency of timm_fslt)
+unless ``TIMM_FSLT_KERNELS=torch``; the torch path stays for GPUs, version 1, layers of 2**32
+elements or more and machines without numba.  ``tests/test_native.py`` checks both paths
+against each other and against the NumPy reference decoder, across ATen CPU capabilities and
+thread counts, ties included.
+
+The first kernel call of a process costs about 0.7 s (numba's code generator starts, and loads
+the machine code numba cached in ``__pycache__`` on first use; compiling them all takes about
+10 s once per installation); importing this module imports nothing heavy.
 """
 from __future__ import annotations
 
@@ -46,7 +55,7 @@ def _load():
         "kaiming_normal": (k.normal_range, k.normal_at, True),
         "signed_kaiming_constant": (k.signed_range, k.signed_at, False),
         **{name: getattr(k, name) for name in ("hashes", "scan", "low_histogram", "tie_limit", "write_code",
-                                               "hash_write_code", "count_free", "write_free")},
+                                               "hash_write_code", "count_free", "write_free", "apply_bits")},
     }
 
 
@@ -284,3 +293,15 @@ def free_positions(code: torch.Tensor) -> torch.Tensor:
         for f in [pool.submit(write, arr, a, b, res, offset) for (a, b), offset in zip(slices, offsets)]:
             f.result()
     return out
+
+
+def apply_bits(mask: torch.Tensor, index: torch.Tensor, selected: torch.Tensor, scores: torch.Tensor) -> None:
+    """``mask.view(-1)[index] = selected`` and ``scores = where(selected, 1.0, 0.5)`` for contiguous CPU
+    tensors (bool mask, int32 index, bool selected, float32 scores, one entry per free weight), in one
+    pass on the pool; both tensors' version counters are bumped as an in-place torch write would."""
+    k = kernels()
+    m, i, sel, sc = mask.view(-1).numpy(), index.numpy(), selected.numpy(), scores.view(-1).numpy()
+    fn = k["apply_bits"]
+    _parallel(i.shape[0], lambda a, b: fn(m, i, sel, sc, a, b))
+    torch.autograd.graph.increment_version(mask)
+    torch.autograd.graph.increment_version(scores)

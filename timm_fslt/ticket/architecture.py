@@ -36,6 +36,7 @@ from torch.nn.parameter import is_lazy
 from timm_fslt.errors import ArchitectureError, TicketError
 from timm_fslt.frozen import get_config
 from timm_fslt.ticket.inference import DOWNLOAD_KWARGS, infer_timm_architecture
+from timm_fslt.ticket.meta_init import skip_meta_init
 from timm_fslt.ticket.rebuild_check import argument_hint, rebuild_problems
 # A registered builder's name: no ':' (that makes an import path) and nothing a shell or path would read.
 _NAME_RE = re.compile(r"^[A-Za-z_][\w.\-]*$")
@@ -204,64 +205,6 @@ def resolve_builder(arch: Mapping, trust_builder: bool = False) -> Callable[...,
 
 # -- building under a budget -------------------------------------------------------------------
 
-# In-place ops that only write values (never a shape or stride): on a meta tensor, which holds
-# no values, they have nothing to do.  torch still runs their meta implementations -- for the
-# random ones (normal_, uniform_: every weight init) a Python decomposition costing ~1 ms per
-# call -- so a build on the meta device spent most of its time initialising nothing.
-_VALUE_ONLY_INPLACE = frozenset({
-    "normal_", "uniform_", "bernoulli_", "exponential_", "geometric_", "log_normal_", "cauchy_", "random_",
-    "erfinv_", "fill_", "zero_", "copy_", "add_", "sub_", "mul_", "div_", "neg_", "sqrt_", "abs_",
-    "clamp_", "clamp_min_", "clamp_max_", "fmod_", "remainder_", "pow_", "exp_", "log_", "tanh_",
-})
-
-
-_INIT_PATCH = {"depth": 0, "saved": {}}
-_INIT_LOCK = threading.Lock()
-
-
-def _meta_passthrough(init):
-    def skip_meta(tensor, *args, **kwargs):
-        return tensor if isinstance(tensor, torch.Tensor) and tensor.is_meta else init(tensor, *args, **kwargs)
-    skip_meta.__wrapped__ = init
-    return skip_meta
-
-
-@contextlib.contextmanager
-def _skip_meta_init_functions():
-    """While building: ``torch.nn.init``'s in-place initialisers return a meta tensor untouched
-    (they compute fans by indexing it first, ~1 ms per layer on meta).  Real tensors, in any
-    thread, are initialised exactly as before: the wrapper passes them through."""
-    import torch.nn.init as init
-    with _INIT_LOCK:
-        if _INIT_PATCH["depth"] == 0:
-            for name in dir(init):
-                fn = getattr(init, name)
-                if name.endswith("_") and not name.startswith("_") and callable(fn):
-                    _INIT_PATCH["saved"][name] = fn
-                    setattr(init, name, _meta_passthrough(fn))
-        _INIT_PATCH["depth"] += 1
-    try:
-        yield
-    finally:
-        with _INIT_LOCK:
-            _INIT_PATCH["depth"] -= 1
-            if _INIT_PATCH["depth"] == 0:
-                for name, fn in _INIT_PATCH["saved"].items():
-                    setattr(init, name, fn)
-                _INIT_PATCH["saved"].clear()
-
-
-class _SkipMetaInit(torch.overrides.TorchFunctionMode):
-    """(torch function mode, thread-local) Return a meta tensor's value-only in-place ops at once."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if args and getattr(func, "__name__", None) in _VALUE_ONLY_INPLACE:
-            target = args[0]
-            if isinstance(target, torch.Tensor) and target.is_meta:
-                return target
-        return func(*args, **(kwargs or {}))
-
-
 class BuildBudget:
     """Stop a build once it registers more parameter/buffer elements, or runs longer, than allowed.
 
@@ -317,7 +260,7 @@ class BuildBudget:
         if parameters_on_meta:
             handles.append(_m.register_module_parameter_registration_hook(self._to_meta))
         try:
-            with _skip_meta_init_functions(), _SkipMetaInit():
+            with skip_meta_init():
                 yield self
         finally:
             for handle in handles:

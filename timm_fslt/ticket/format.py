@@ -40,6 +40,7 @@ import stat
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
+import numpy as np
 import safetensors.torch
 import torch
 
@@ -100,8 +101,11 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
 
 def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
     """Inverse of ``pack_bits``: the first ``n`` bits as a bool vector."""
-    values = packed.reshape(-1).to(torch.int32)
-    bits = ((values.unsqueeze(1) >> torch.arange(8, dtype=torch.int32)) & 1).reshape(-1)
+    if packed.device.type == "cpu" and packed.dtype == torch.uint8:  # (NumPy's unpackbits: one pass)
+        bits = torch.from_numpy(np.unpackbits(packed.reshape(-1).contiguous().numpy(), bitorder="little"))
+    else:
+        values = packed.reshape(-1).to(torch.int32)
+        bits = ((values.unsqueeze(1) >> torch.arange(8, dtype=torch.int32, device=values.device)) & 1).reshape(-1)
     if bool(bits[n:].any()):
         raise TicketChecksumError("the supermask's padding bits are not zero: the mask file is corrupted")
     return bits[:n].bool()
