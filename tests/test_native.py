@@ -100,7 +100,8 @@ def test_ties_at_the_ranks_go_to_the_lowest_index(uniform):
     for trial in range(200):
         n = int(g.integers(1, 3000))
         span = int(g.choice([1, 2, 5, 50, 70_000, 2 ** 32 - 1]))
-        h = (g.integers(0, span, n) + (0 if span == 2 ** 32 - 1 else int(g.integers(0, 2 ** 32 - span)))).astype(np.uint32)
+        base = 0 if span == 2 ** 32 - 1 else int(g.integers(0, 2 ** 32 - span))
+        h = (g.integers(0, span, n) + base).astype(np.uint32)
         n_pruned = int(g.integers(0, n + 1))
         n_locked = int(g.integers(0, n - n_pruned + 1))
         got = native.code_of_hashes(h, n_pruned, n_locked, uniform=uniform)
@@ -127,7 +128,8 @@ def test_the_native_path_equals_the_numpy_reference_decoder():
             theirs = ref.random_weight(kind, 4, "head.fc", (40, 300), str(dtype).replace("torch.", ""), 2)
             if dtype == torch.bfloat16:  # (the decoder keeps bfloat16 values in float32 arrays)
                 ours = ours.float()
-            assert np.array_equal(ours.numpy().view(np.uint8), np.ascontiguousarray(theirs).view(np.uint8)), (kind, dtype)
+            theirs = np.ascontiguousarray(theirs)
+            assert np.array_equal(ours.numpy().view(np.uint8), theirs.view(np.uint8)), (kind, dtype)
     for n_pruned, n_locked in ((0, 0), (3000, 4000), (12_000, 0), (1, 11_999)):
         ours = pattern.frozen_code(4, "head.fc", (40, 300), n_pruned, n_locked)
         assert np.array_equal(ours.numpy(), ref.frozen_code(4, "head.fc", (40, 300), n_pruned, n_locked))
@@ -174,8 +176,7 @@ print("DIGEST", h.hexdigest())
 
 def test_same_digest_with_and_without_kernels_for_every_capability_and_thread_count():
     digests = {}
-    runs = [("native", cap, threads) for cap in ("default", "avx2", "avx512") for threads in ("1", "2")]
-    runs += [("torch", "default", "2")]
+    runs = [("native", "default", "1"), ("native", "avx2", "2"), ("native", "avx512", "2"), ("torch", "default", "2")]
     for kernels, capability, threads in runs:
         env = {**os.environ, "ATEN_CPU_CAPABILITY": capability, "OUTDATED_IGNORE": "1", "THREADS": threads,
                native.ENV: kernels}
@@ -184,3 +185,50 @@ def test_same_digest_with_and_without_kernels_for_every_capability_and_thread_co
         digests[(kernels, capability, threads)] = next(
             line for line in out.stdout.splitlines() if line.startswith("DIGEST "))
     assert len(set(digests.values())) == 1, json.dumps({"/".join(k): v for k, v in digests.items()})
+
+
+def _mlp():
+    return torch.nn.Sequential(torch.nn.Linear(300, 400), torch.nn.ReLU(), torch.nn.Linear(400, 300),
+                               torch.nn.ReLU(), torch.nn.Linear(300, 10))
+
+
+def _frozen_state(model):
+    import timm_fslt
+    out = {}
+    for layer in timm_fslt.get_group(model).layers:
+        out[layer.layer_name] = (layer.frozen.clone(), layer.scores.detach().clone(), layer.mask.clone())
+    for name, buffer in model.named_buffers():
+        out[name] = buffer.clone()
+    return out
+
+
+def test_freeze_of_a_whole_model_at_once_equals_the_torch_path(torch_path):
+    import timm_fslt
+
+    def frozen():
+        torch.manual_seed(0)
+        return _frozen_state(timm_fslt.freeze(_mlp(), prune=0.3, lock=0.2, seed=5))
+    slow, fast = torch_path(frozen)
+    assert slow.keys() == fast.keys()
+    for key in slow:
+        for a, b in zip(slow[key] if isinstance(slow[key], tuple) else (slow[key],),
+                        fast[key] if isinstance(fast[key], tuple) else (fast[key],)):
+            assert same_bits(a, b), key
+
+
+def test_codes_from_freeze_keys_and_their_fallback_equal_the_rank_rule():
+    import timm_fslt
+    from timm_fslt.frozen import freeze_for_ticket, get_config
+
+    reference = timm_fslt.freeze(_mlp(), prune=0.3, lock=0.2, seed=5)
+    codes = {layer.layer_name: layer.frozen for layer in timm_fslt.get_group(reference).layers}
+    counts = {name: (int((c == -1).sum()), int((c == 1).sum())) for name, c in codes.items()}
+    good = {name: pattern.freeze_keys_of_code(5, name, code, *counts[name]) for name, code in codes.items()}
+    wrong = {name: (0, 2 ** 64 - 1) for name in codes}  # every weight "locked": the counts differ, rank rule used
+    for keys in (good, wrong, {}):
+        rebuilt = freeze_for_ticket(_mlp(), get_config(reference), keys)
+        for layer in timm_fslt.get_group(rebuilt).layers:
+            assert torch.equal(layer.frozen, codes[layer.layer_name]), layer.layer_name
+            free = layer.free_index()
+            assert torch.equal(free.index.long(), (layer.frozen.reshape(-1) == 0).nonzero().squeeze(1))
+            assert free.n_locked == counts[layer.layer_name][1]

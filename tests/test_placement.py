@@ -266,7 +266,7 @@ def test_parameters_of_masked_layers_that_scale_them_follow_batchnorm():
 def test_tickets_of_the_first_placement_rule_still_load_by_it():
     config = {"generator_version": 2, "freeze": dict(timm_fslt.FreezeConfig(prune=0.3, lock=0.3).to_dict())}
     del config["freeze"]["placement_version"]  # as written by 0.1 and 0.2
-    freeze_config = timm_fslt.frozen.ticket_freeze_config(config)
+    freeze_config = timm_fslt.ticket.loading.ticket_freeze_config(config)
     assert freeze_config.placement_version == 1
     model = timm_fslt.freeze(_Kinds(), config=freeze_config)
     kept = state_reasons(model)

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
@@ -18,6 +17,7 @@ from timm_fslt.nn.recompute import recompute_context
 from timm_fslt.nn.supermask import SCALES, SCOPES, FrozenSupermask, SupermaskGroup
 from timm_fslt.regen import native, pattern as freezing, rng
 from timm_fslt.regen.init import SCORE_INITS, WEIGHT_INITS, random_weight, regenerated_table
+from timm_fslt.regen.init import random_weights_many as init_many
 
 BATCHNORM_MODES = ("non_affine", "affine", "keep")
 BIAS_MODES = ("zero", "train", "keep")
@@ -281,8 +281,9 @@ def _freeze(model: nn.Module, config: FreezeConfig, draw_scores: bool, freeze_ke
     shapes = [tuple(p.module._parameters[p.param_name].shape) for p in targets]
     counts = freezing.frozen_counts(shapes, config.prune, config.lock, config.distribution)
     keys = freeze_keys or {}
-    supermasks = [_freeze_site(site, shape, n_pruned, n_locked, config, draw_scores, keys.get(site.key))
-                  for site, shape, (n_pruned, n_locked) in zip(targets, shapes, counts)]
+    made = _regenerate_all(targets, shapes, counts, config, keys)
+    supermasks = [_freeze_site(site, shape, n_pruned, n_locked, config, draw_scores, keys.get(site.key), pre)
+                  for site, shape, (n_pruned, n_locked), pre in zip(targets, shapes, counts, made)]
     _apply_fates(placements, config)
     model._fslt_group = SupermaskGroup(supermasks, config.sparsity, config.scope, config.scale,
                                        refresh=draw_scores)
@@ -315,24 +316,56 @@ def _place(model: nn.Module, config: FreezeConfig) -> list[Placement]:
     return placements
 
 
+def _regenerate_all(targets: list, shapes: list, counts: list, config: FreezeConfig, keys: dict) -> list:
+    """Per site, ``(weight, code, free positions)`` made for the whole model at once by the compiled
+    kernels (``regen/native.py``), or None where they do not apply (GPU, generator version 1, ...)
+    and ``_freeze_site`` makes them itself.  Codes come from a ticket's freeze keys where they give the
+    configuration's counts (else by rank, as ``pattern.frozen_code`` does); the same bits either way."""
+    made, originals = [None] * len(targets), [site.module._parameters[site.param_name] for site in targets]
+    chosen = [i for i, (p, shape) in enumerate(zip(originals, shapes))
+              if native.usable(p.device, p.dtype, math.prod(shape)) is not None]
+    if config.generator_version != 2 or len(chosen) < 2:
+        return made
+    weights = init_many(config.weight_init, config.seed,
+                        [(targets[i].key, shapes[i], originals[i].dtype) for i in chosen])
+    with_keys = [i for i in chosen if freezing.valid_keys(keys.get(targets[i].key))]
+    from_keys = dict(zip(with_keys, native.codes_from_keys_many(
+        [(rng.stream_key(config.seed, targets[i].key, "freeze"), math.prod(shapes[i]), *map(int, keys[targets[i].key]))
+         for i in with_keys])))
+    codes = []
+    for i in chosen:
+        code, n_pruned, n_locked = from_keys.get(i, (None, None, None))
+        if (n_pruned, n_locked) != tuple(counts[i]):
+            code = freezing.frozen_code(config.seed, targets[i].key, shapes[i], *counts[i], "cpu").reshape(-1)
+        codes.append(code.view(tuple(shapes[i])))
+    for i, weight, code, free in zip(chosen, weights, codes, native.free_positions_many(codes)):
+        made[i] = (weight, code, free)
+    return made
+
+
 def _freeze_site(site: Placement, shape: tuple, n_pruned: int, n_locked: int,
-                 config: FreezeConfig, draw_scores: bool = True, keys: Optional[tuple] = None) -> FrozenSupermask:
+                 config: FreezeConfig, draw_scores: bool = True, keys: Optional[tuple] = None,
+                 made: Optional[tuple] = None) -> FrozenSupermask:
     """Give one masked parameter its random weight (a buffer), its frozen code and scores
     (``draw_scores=False``: placeholder scores, for a ticket's bits to set; ``keys``: the layer's
-    freeze keys, if a ticket recorded them)."""
+    freeze keys, if a ticket recorded them; ``made``: its weight, code and free positions, if
+    ``_regenerate_all`` made them)."""
     module, pname, key = site.module, site.param_name, site.key
     original = module._parameters[pname]
     device, dtype = original.device, original.dtype
     version = config.generator_version
-    weight = random_weight(config.weight_init, config.seed, key, shape, device, dtype,
-                           generator_version=version)
-    code = freezing.frozen_code(config.seed, key, shape, n_pruned, n_locked, device, keys=keys)
-    # Scores exist for the free weights only: draw just those (same bits as the full draw).
-    # (The free positions are found once: FrozenSupermask keeps them.)
-    if native.usable(code.device, numel=code.numel()) is not None:
-        free = native.free_positions(code)
+    if made is not None:
+        weight, code, free = made
     else:
-        free = (code.reshape(-1) == freezing.FREE).nonzero().squeeze(1)
+        weight = random_weight(config.weight_init, config.seed, key, shape, device, dtype,
+                               generator_version=version)
+        code = freezing.frozen_code(config.seed, key, shape, n_pruned, n_locked, device, keys=keys)
+        # Scores exist for the free weights only: draw just those (same bits as the full draw).
+        # (The free positions are found once: FrozenSupermask keeps them.)
+        if native.usable(code.device, numel=code.numel()) is not None:
+            free = native.free_positions(code)
+        else:
+            free = (code.reshape(-1) == freezing.FREE).nonzero().squeeze(1)
     if draw_scores:
         scores = random_weight(config.score_init, config.seed, key, shape, device,
                                torch.float32, stream="score", positions=free, generator_version=version)
@@ -382,27 +415,3 @@ def _apply_fates(placements: list[Placement], config: FreezeConfig) -> None:
             param.copy_(regenerated_table(config.seed, p.name, tuple(param.shape), p.value, param.device,
                                           param.dtype, generator_version=config.generator_version))
         param.requires_grad_(p.fate == "trained")
-
-
-def ticket_freeze_config(config: dict) -> FreezeConfig:
-    """A ticket's FreezeConfig (config.json "freeze"), with the generator version it was written with.
-
-    A version-1 ticket's "freeze" has no generator_version (the field came with version
-    2): the top-level one decides.  Version 1's normal stream goes through torch's float64
-    sqrt, whose last bit differs between CPUs, so a version-1 kaiming_normal ticket may
-    rebuild other weights than it was saved with on another machine: that is warned
-    (its initial scores differ the same way, which does not matter: the mask bits are
-    stored).  Raises ValueError/TypeError for invalid fields.
-    """
-    generator = config.get("generator_version")
-    fields = dict(config["freeze"])
-    fields.setdefault("placement_version", 1)  # tickets before 0.3 used the first placement rule
-    if fields.setdefault("generator_version", generator) != generator:
-        raise ValueError(f"freeze.generator_version {fields['generator_version']!r} differs from the "
-                         f"ticket's generator_version {generator!r}")
-    if generator == 1 and fields.get("weight_init") == "kaiming_normal":
-        warnings.warn("this ticket uses generator version 1 with weight_init='kaiming_normal': version 1's normal "
-                      "stream depends on the CPU's float64 sqrt, so its weights may differ in the last bit from "
-                      "the machine that saved it; tickets saved now use generator version 2 (the same bits on "
-                      "every machine)", UserWarning, stacklevel=5)
-    return FreezeConfig(**fields)

@@ -71,6 +71,19 @@ def random_weight(kind: str, seed: int, name: str, shape: Sequence[int], device=
     return values if positions is not None else values.view(tuple(shape))
 
 
+def random_weights_many(kind: str, seed: int, layers: Sequence[tuple], stream: str = "weight") -> list:
+    """``random_weight(kind, seed, name, shape, "cpu", dtype, stream)`` (generator version 2) for every
+    ``(name, shape, dtype)`` of ``layers`` at once, with the compiled kernels (``native.usable`` must
+    hold for each): one hand-off to the thread pool for a whole model instead of one per layer."""
+    if kind not in WEIGHT_INITS:
+        raise ValueError(f"init must be one of {WEIGHT_INITS}, got {kind!r}")
+    draws = []
+    for name, shape, dtype in layers:
+        _, factor = _integer_rule(kind, _RELU_GAIN / math.sqrt(fan_in(shape)))
+        draws.append((rng.stream_key(seed, name, stream), math.prod(shape), kind, factor, dtype))
+    return [values.view(tuple(shape)) for values, (_, shape, _) in zip(native.values_many(draws), layers)]
+
+
 def _integer_rule(kind: str, std: float):
     """Version 2: ``(integer(h), factor)``, the value of hash ``h`` being ``integer(h) * factor``."""
     if kind == "kaiming_uniform":

@@ -305,3 +305,92 @@ def apply_bits(mask: torch.Tensor, index: torch.Tensor, selected: torch.Tensor, 
     _parallel(i.shape[0], lambda a, b: fn(m, i, sel, sc, a, b))
     torch.autograd.graph.increment_version(mask)
     torch.autograd.graph.increment_version(scores)
+
+
+# -- many layers at once: one hand-off to the pool for a whole model ---------------------------
+def _run_pieces(jobs: list) -> list:
+    """``jobs``: ``(numel, fn)`` with ``fn(start, stop)`` doing part of a job.  Each job is cut into
+    pieces (about two per thread for the largest), the pieces are dealt to the threads by size
+    (largest first, to the least loaded) and each thread runs its pieces in one go: one pool
+    hand-off for all jobs instead of one per layer.  Returns ``[[fn's result per piece, in
+    order] per job]``."""
+    total = sum(n for n, _ in jobs)
+    threads = max(1, min(torch.get_num_threads(), total // _MIN_PARALLEL))
+    piece = max(_MIN_PARALLEL, -(-total // (2 * threads)))
+    pieces = []  # (job, piece index, start, stop)
+    for j, (n, _) in enumerate(jobs):
+        cuts = max(1, -(-n // piece))
+        bounds = [n * c // cuts for c in range(cuts + 1)]
+        pieces += [(j, c, a, b) for c, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]
+    loads, plan = [0] * threads, [[] for _ in range(threads)]
+    for item in sorted(pieces, key=lambda p: p[3] - p[2], reverse=True):
+        t = loads.index(min(loads))
+        plan[t].append(item)
+        loads[t] += item[3] - item[2]
+    results = [[None] * max(1, -(-n // piece)) for n, _ in jobs]
+
+    def work(items):
+        for j, c, a, b in items:
+            results[j][c] = jobs[j][1](a, b)
+    pool = _pool(threads)
+    if pool is None:
+        work(plan[0])
+    else:
+        for future in [pool.submit(work, items) for items in plan if items]:
+            future.result()
+    return results
+
+
+def values_many(draws: list) -> list:
+    """``values`` for many layers at once: ``draws`` holds ``(key, numel, rule, factor, dtype)``."""
+    k = kernels()
+    outs, jobs = [], []
+    for key, numel, rule, factor, dtype in draws:
+        if numel > 1 << 32:
+            raise ValueError(f"native.values draws element indices below 2**32, got {numel} elements")
+        wide = dtype in (torch.float32, torch.float64)
+        out = torch.empty(numel, dtype=dtype if wide else torch.float32)
+        arr, (k0, k1, k2) = out.numpy(), (np.uint32(w) for w in key)
+        in_range, _, tabled = k[rule]
+        extra = (float(factor), k["table"]) if tabled else (float(factor),)
+        jobs.append((numel, lambda a, b, fn=in_range, arr=arr, k0=k0, k1=k1, k2=k2, extra=extra:
+                     fn(arr, a, b, k0, k1, k2, *extra)))
+        outs.append((out, wide, dtype))
+    _run_pieces(jobs)
+    return [out if wide else out.to(dtype) for out, wide, dtype in outs]
+
+
+def codes_from_keys_many(layers: list) -> list:
+    """``code_from_keys`` for many layers: ``layers`` holds ``(key, numel, t1, t2)``; returns
+    ``(code, n_pruned, n_locked)`` per layer."""
+    k = kernels()
+    fn = k["hash_write_code"]
+    codes, jobs = [], []
+    for key, numel, t1, t2 in layers:
+        k0, k1, k2 = (np.uint32(w) for w in key)
+        th1, th2, tl1, tl2 = (np.uint32(t1 >> 32), np.uint32(t2 >> 32), np.uint32(t1 & 0xFFFFFFFF),
+                              np.uint32(t2 & 0xFFFFFFFF))
+        code = torch.empty(numel, dtype=torch.int8)
+        arr = code.numpy()
+        jobs.append((numel, lambda a, b, arr=arr, k0=k0, k1=k1, k2=k2, th1=th1, tl1=tl1, th2=th2, tl2=tl2:
+                     fn(arr, a, b, k0, k1, k2, th1, tl1, th2, tl2)))
+        codes.append(code)
+    counts = _run_pieces(jobs)
+    return [(code, sum(c[0] for c in parts), sum(c[1] for c in parts)) for code, parts in zip(codes, counts)]
+
+
+def free_positions_many(codes: list) -> list:
+    """``free_positions`` for many contiguous CPU int8 codes (two pool hand-offs in all)."""
+    k = kernels()
+    arrays = [code.reshape(-1).numpy() for code in codes]
+    count, write = k["count_free"], k["write_free"]
+    counts = _run_pieces([(arr.shape[0], lambda a, b, arr=arr: (a, count(arr, a, b))) for arr in arrays])
+    outs, jobs = [], []
+    for arr, parts in zip(arrays, counts):
+        offsets = dict(zip((a for a, _ in parts), np.cumsum([0] + [n for _, n in parts])[:-1].tolist()))
+        out = torch.empty(sum(n for _, n in parts), dtype=torch.int64)
+        res = out.numpy()
+        jobs.append((arr.shape[0], lambda a, b, arr=arr, res=res, offsets=offsets: write(arr, a, b, res, offsets[a])))
+        outs.append(out)
+    _run_pieces(jobs)
+    return outs

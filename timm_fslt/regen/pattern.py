@@ -110,7 +110,7 @@ def frozen_code(seed: int, name: str, shape: Sequence[int], n_pruned: int, n_loc
     n_frozen = n_pruned + n_locked
     if n_frozen == 0:
         return torch.zeros(tuple(shape), dtype=torch.int8, device=device)
-    if keys is not None and native.usable(device, numel=n) is not None and _valid_keys(keys):
+    if keys is not None and native.usable(device, numel=n) is not None and valid_keys(keys):
         # ``freeze_keys`` (a ticket records them): one elementwise pass, no selection.  The code is the
         # rank rule's exactly when it has the given counts (the first n_pruned keys are those below t1,
         # the next n_locked those below t2), which is checked; other keys fall back to the rank rule.
@@ -131,7 +131,8 @@ def frozen_code(seed: int, name: str, shape: Sequence[int], n_pruned: int, n_loc
     return code.view(tuple(shape))
 
 
-def _valid_keys(keys) -> bool:
+def valid_keys(keys) -> bool:
+    """Whether ``keys`` is a pair of freeze keys ``0 <= t1 <= t2 < 2**64`` (ints)."""
     try:
         t1, t2 = keys
     except (TypeError, ValueError):

@@ -7,6 +7,7 @@ digests.  Nothing is drawn or selected that the ticket then replaces.
 """
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Mapping
 
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from timm_fslt.errors import ArchitectureError, TicketError, TicketMismatchError
-from timm_fslt.frozen import freeze_for_ticket, get_group, ticket_freeze_config
+from timm_fslt.frozen import FreezeConfig, freeze_for_ticket, get_group
 from timm_fslt.nn import modules as L
 from timm_fslt.regen import native
 from timm_fslt.report import architecture_buffers, non_regenerable_state
@@ -192,3 +193,27 @@ def _rebuild_model(model: nn.Module, config: dict, packed: torch.Tensor, state: 
     model.fslt_architecture = arch
     model.eval()
     return model
+
+
+def ticket_freeze_config(config: dict) -> FreezeConfig:
+    """A ticket's FreezeConfig (config.json "freeze"), with the generator version it was written with.
+
+    A version-1 ticket's "freeze" has no generator_version (the field came with version
+    2): the top-level one decides.  Version 1's normal stream goes through torch's float64
+    sqrt, whose last bit differs between CPUs, so a version-1 kaiming_normal ticket may
+    rebuild other weights than it was saved with on another machine: that is warned
+    (its initial scores differ the same way, which does not matter: the mask bits are
+    stored).  Raises ValueError/TypeError for invalid fields.
+    """
+    generator = config.get("generator_version")
+    fields = dict(config["freeze"])
+    fields.setdefault("placement_version", 1)  # tickets before 0.3 used the first placement rule
+    if fields.setdefault("generator_version", generator) != generator:
+        raise ValueError(f"freeze.generator_version {fields['generator_version']!r} differs from the "
+                         f"ticket's generator_version {generator!r}")
+    if generator == 1 and fields.get("weight_init") == "kaiming_normal":
+        warnings.warn("this ticket uses generator version 1 with weight_init='kaiming_normal': version 1's normal "
+                      "stream depends on the CPU's float64 sqrt, so its weights may differ in the last bit from "
+                      "the machine that saved it; tickets saved now use generator version 2 (the same bits on "
+                      "every machine)", UserWarning, stacklevel=5)
+    return FreezeConfig(**fields)
