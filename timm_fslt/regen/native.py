@@ -380,7 +380,9 @@ def codes_from_keys_many(layers: list) -> list:
 
 
 def free_positions_many(codes: list) -> list:
-    """``free_positions`` for many contiguous CPU int8 codes (two pool hand-offs in all)."""
+    """``free_positions`` for many contiguous CPU int8 codes (two pool hand-offs in all), as int32: the
+    dtype of a layer's cached free index, so the positions of all layers together cost no more memory
+    than those indexes."""
     k = kernels()
     arrays = [code.reshape(-1).numpy() for code in codes]
     count, write = k["count_free"], k["write_free"]
@@ -388,7 +390,7 @@ def free_positions_many(codes: list) -> list:
     outs, jobs = [], []
     for arr, parts in zip(arrays, counts):
         offsets = dict(zip((a for a, _ in parts), np.cumsum([0] + [n for _, n in parts])[:-1].tolist()))
-        out = torch.empty(sum(n for _, n in parts), dtype=torch.int64)
+        out = torch.empty(sum(n for _, n in parts), dtype=torch.int32)  # (layers have < 2**31 weights)
         res = out.numpy()
         jobs.append((arr.shape[0], lambda a, b, arr=arr, res=res, offsets=offsets: write(arr, a, b, res, offsets[a])))
         outs.append(out)
