@@ -19,7 +19,6 @@ import functools
 import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,18 +26,10 @@ import time
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from load_memory import _cpu as cpu_name  # noqa: E402  (the same /proc/cpuinfo reading)
+
 DEFAULT_MODELS = "resnet50,tresnet_m,nextvit_small,swinv2_tiny_window16_256,davit_tiny"
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def breakdown(path: str) -> dict:
