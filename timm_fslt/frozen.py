@@ -269,7 +269,8 @@ def freeze_for_ticket(model: nn.Module, config: FreezeConfig, freeze_keys: Optio
     scores drawn and no masks selected (a ticket's stored bits set both: ``SupermaskGroup.set_selected``).
     Until then the scores are placeholders and the masks hold the locked weights only.
     ``freeze_keys``: ``{layer name: (t1, t2)}`` as a ticket records them; a layer's code is then made
-    elementwise from them when that gives the configuration's counts (``pattern.frozen_code``)."""
+    elementwise from them (``native.codes_from_keys_many``) when that gives the configuration's
+    counts, which makes it the rank rule's code (``pattern.frozen_code``) exactly."""
     return _freeze(model, dataclasses.replace(config), draw_scores=False, freeze_keys=freeze_keys or {})
 
 
@@ -282,7 +283,7 @@ def _freeze(model: nn.Module, config: FreezeConfig, draw_scores: bool, freeze_ke
     counts = freezing.frozen_counts(shapes, config.prune, config.lock, config.distribution)
     keys = freeze_keys or {}
     made = _regenerate_all(targets, shapes, counts, config, keys)
-    supermasks = [_freeze_site(site, shape, n_pruned, n_locked, config, draw_scores, keys.get(site.key), pre)
+    supermasks = [_freeze_site(site, shape, n_pruned, n_locked, config, draw_scores, pre)
                   for site, shape, (n_pruned, n_locked), pre in zip(targets, shapes, counts, made)]
     _apply_fates(placements, config)
     model._fslt_group = SupermaskGroup(supermasks, config.sparsity, config.scope, config.scale,
@@ -318,16 +319,22 @@ def _place(model: nn.Module, config: FreezeConfig) -> list[Placement]:
 
 def _regenerate_all(targets: list, shapes: list, counts: list, config: FreezeConfig, keys: dict) -> list:
     """Per site, ``(weight, code, free positions)`` made for the whole model at once by the compiled
-    kernels (``regen/native.py``), or None where they do not apply (GPU, generator version 1, ...)
-    and ``_freeze_site`` makes them itself.  Codes come from a ticket's freeze keys where they give the
-    configuration's counts (else by rank, as ``pattern.frozen_code`` does); the same bits either way."""
+    kernels (``regen/native.py``: one hand-off to the thread pool each), or None where they do not
+    apply (GPU tensors, layers of 2**32 elements or more) and ``_freeze_site`` makes them itself.
+    Generator version 1's weights are drawn layer by layer (``random_weight``); its codes are
+    version 2's.  Codes come from a ticket's freeze keys where they give the configuration's counts
+    (else by rank, ``pattern.frozen_code``); the same bits either way."""
     made, originals = [None] * len(targets), [site.module._parameters[site.param_name] for site in targets]
     chosen = [i for i, (p, shape) in enumerate(zip(originals, shapes))
               if native.usable(p.device, p.dtype, math.prod(shape)) is not None]
-    if config.generator_version != 2 or len(chosen) < 2:
+    if not chosen:
         return made
-    weights = init_many(config.weight_init, config.seed,
-                        [(targets[i].key, shapes[i], originals[i].dtype) for i in chosen])
+    if config.generator_version == 2:
+        weights = init_many(config.weight_init, config.seed,
+                            [(targets[i].key, shapes[i], originals[i].dtype) for i in chosen])
+    else:
+        weights = [random_weight(config.weight_init, config.seed, targets[i].key, shapes[i], "cpu",
+                                 originals[i].dtype, generator_version=config.generator_version) for i in chosen]
     with_keys = [i for i in chosen if freezing.valid_keys(keys.get(targets[i].key))]
     from_keys = dict(zip(with_keys, native.codes_from_keys_many(
         [(rng.stream_key(config.seed, targets[i].key, "freeze"), math.prod(shapes[i]), *map(int, keys[targets[i].key]))
@@ -344,12 +351,10 @@ def _regenerate_all(targets: list, shapes: list, counts: list, config: FreezeCon
 
 
 def _freeze_site(site: Placement, shape: tuple, n_pruned: int, n_locked: int,
-                 config: FreezeConfig, draw_scores: bool = True, keys: Optional[tuple] = None,
-                 made: Optional[tuple] = None) -> FrozenSupermask:
+                 config: FreezeConfig, draw_scores: bool = True, made: Optional[tuple] = None) -> FrozenSupermask:
     """Give one masked parameter its random weight (a buffer), its frozen code and scores
-    (``draw_scores=False``: placeholder scores, for a ticket's bits to set; ``keys``: the layer's
-    freeze keys, if a ticket recorded them; ``made``: its weight, code and free positions, if
-    ``_regenerate_all`` made them)."""
+    (``draw_scores=False``: placeholder scores, for a ticket's bits to set; ``made``: its weight,
+    code and free positions, if ``_regenerate_all`` made them)."""
     module, pname, key = site.module, site.param_name, site.key
     original = module._parameters[pname]
     device, dtype = original.device, original.dtype
@@ -359,13 +364,10 @@ def _freeze_site(site: Placement, shape: tuple, n_pruned: int, n_locked: int,
     else:
         weight = random_weight(config.weight_init, config.seed, key, shape, device, dtype,
                                generator_version=version)
-        code = freezing.frozen_code(config.seed, key, shape, n_pruned, n_locked, device, keys=keys)
+        code = freezing.frozen_code(config.seed, key, shape, n_pruned, n_locked, device)
         # Scores exist for the free weights only: draw just those (same bits as the full draw).
         # (The free positions are found once: FrozenSupermask keeps them.)
-        if native.usable(code.device, numel=code.numel()) is not None:
-            free = native.free_positions(code)
-        else:
-            free = (code.reshape(-1) == freezing.FREE).nonzero().squeeze(1)
+        free = (code.reshape(-1) == freezing.FREE).nonzero().squeeze(1)
     if draw_scores:
         scores = random_weight(config.score_init, config.seed, key, shape, device,
                                torch.float32, stream="score", positions=free, generator_version=version)

@@ -280,10 +280,8 @@ class FrozenSupermask(nn.Module):
                 "free": free.n_free}
 
     def counts(self) -> dict:
-        free = self.free_index()
-        numel = self.frozen.numel()
-        return {"numel": numel, "pruned": numel - free.n_free - free.n_locked, "locked": free.n_locked,
-                "free": free.n_free, "kept": int(self.mask.sum())}
+        """``frozen_counts`` and ``kept``, the weights the current mask keeps."""
+        return {**self.frozen_counts(), "kept": int(self.mask.sum())}
 
     def extra_repr(self) -> str:
         return f"layer={self.layer_name!r}, shape={tuple(self.frozen.shape)}"

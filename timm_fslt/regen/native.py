@@ -16,7 +16,7 @@ competes with torch's OpenMP, breaks after ``fork`` or refuses concurrent caller
   ``init.regenerated_table``);
 * freezing codes by rank (``frozen_code``: hashes, then each rank's hash found among the ~16 sqrt(n)
   hashes of a bracket, exact fallback a radix select; ties to the lowest index), and from a
-  ticket's freeze keys in one elementwise pass (``code_from_keys``);
+  ticket's freeze keys in one elementwise pass (``codes_from_keys_many``);
 * the free positions of a code, and a ticket's mask bits written into a layer (``load_ticket``).
 
 Used on the CPU for generator version 2 when numba is installed (a dependency of timm_fslt)
@@ -117,35 +117,30 @@ def _map(n: int, body) -> list:
 
 def _parallel(n: int, body) -> None:
     """``body(start, stop)`` over ``[0, n)`` in as many slices as torch has threads."""
-    threads = max(1, min(torch.get_num_threads(), n // _MIN_PARALLEL))
-    pool = _pool(threads)
-    if pool is None:
-        body(0, n)
-        return
-    bounds = [n * t // threads for t in range(threads + 1)]
-    for future in [pool.submit(body, a, b) for a, b in zip(bounds[:-1], bounds[1:])]:
-        future.result()
+    _map(n, body)
 
 
 def values(key: tuple, numel: int, rule: str, factor: float, dtype: torch.dtype,
            positions: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``integer(h) * factor`` rounded to ``dtype`` for elements ``0 .. numel - 1`` (or at ``positions``):
     what ``init.random_weight`` and ``init.regenerated_table`` draw with generator version 2."""
-    k = kernels()
-    if (numel if positions is None or not positions.numel() else int(positions.max()) + 1) > 1 << 32:
-        raise ValueError(f"native.values draws element indices below 2**32, got {numel} elements")
-    wide = dtype in (torch.float32, torch.float64)
-    out = torch.empty(numel if positions is None else positions.numel(), dtype=dtype if wide else torch.float32)
-    arr = out.numpy()
-    k0, k1, k2 = (np.uint32(w) for w in key)
-    in_range, at, tabled = k[rule]
-    extra = (float(factor), k["table"]) if tabled else (float(factor),)
     if positions is None:
-        _parallel(arr.shape[0], lambda a, b: in_range(arr, a, b, k0, k1, k2, *extra))
-    else:
-        pos = positions.to(torch.int64).contiguous().numpy()
-        _parallel(arr.shape[0], lambda a, b: at(arr, pos, a, b, k0, k1, k2, *extra))
+        return values_many([(key, numel, rule, factor, dtype)])[0]
+    k = kernels()
+    _check_indices(int(positions.max()) + 1 if positions.numel() else 0)
+    wide = dtype in (torch.float32, torch.float64)
+    out = torch.empty(positions.numel(), dtype=dtype if wide else torch.float32)
+    arr, pos = out.numpy(), positions.to(torch.int64).contiguous().numpy()
+    k0, k1, k2 = (np.uint32(w) for w in key)
+    _, at, tabled = k[rule]
+    extra = (float(factor), k["table"]) if tabled else (float(factor),)
+    _parallel(arr.shape[0], lambda a, b: at(arr, pos, a, b, k0, k1, k2, *extra))
     return out if wide else out.to(dtype)  # float32 -> bfloat16/float16 once, as the torch path
+
+
+def _check_indices(stop: int) -> None:
+    if stop > 1 << 32:  # (the kernels leave out the element index's high word)
+        raise ValueError(f"native.values draws element indices below 2**32, got indices up to {stop - 1}")
 
 
 def _rank_value(h: np.ndarray, hist: np.ndarray, rank: int, k: dict) -> tuple[int, int]:
@@ -257,44 +252,6 @@ def _tie(h: np.ndarray, value: int, need: int, equal: int, k: dict) -> tuple[int
     return value, int(k["tie_limit"](h, np.uint32(value), need))
 
 
-def code_from_keys(key: tuple, numel: int, t1: int, t2: int) -> tuple:
-    """``(code, n_pruned, n_locked)``: the int8 code (flat) of a layer whose freeze keys are ``(t1, t2)``
-    (``pattern.freeze_keys``: element i, with key ``h * 2**32 + i``, is pruned if key < t1, locked if
-    t1 <= key < t2), in one pass that hashes, compares and writes; no selection."""
-    k = kernels()
-    k0, k1, k2 = (np.uint32(w) for w in key)
-    halves = [np.uint32(t >> 32) for t in (t1, t2)], [np.uint32(t & 0xFFFFFFFF) for t in (t1, t2)]
-    (th1, th2), (tl1, tl2) = halves
-    code = torch.empty(numel, dtype=torch.int8)
-    arr = code.numpy()
-    fn = k["hash_write_code"]
-    counts = _map(numel, lambda a, b: fn(arr, a, b, k0, k1, k2, th1, tl1, th2, tl2))
-    return code, sum(c[0] for c in counts), sum(c[1] for c in counts)
-
-
-def free_positions(code: torch.Tensor) -> torch.Tensor:
-    """The row-major positions (int64) of a contiguous CPU int8 code's free (0) entries, in order:
-    ``(code.reshape(-1) == 0).nonzero().squeeze(1)``, in two passes on the pool."""
-    k = kernels()
-    arr = code.reshape(-1).numpy()
-    slices = _slices(arr.shape[0])
-    count = k["count_free"]
-    pool = _pool(len(slices))
-    counts = [count(arr, a, b) for a, b in slices] if pool is None else [
-        f.result() for f in [pool.submit(count, arr, a, b) for a, b in slices]]
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-    out = torch.empty(int(offsets[-1]), dtype=torch.int64)
-    res = out.numpy()
-    write = k["write_free"]
-    if pool is None:
-        for (a, b), offset in zip(slices, offsets):
-            write(arr, a, b, res, offset)
-    else:
-        for f in [pool.submit(write, arr, a, b, res, offset) for (a, b), offset in zip(slices, offsets)]:
-            f.result()
-    return out
-
-
 def apply_bits(mask: torch.Tensor, index: torch.Tensor, selected: torch.Tensor, scores: torch.Tensor) -> None:
     """``mask.view(-1)[index] = selected`` and ``scores = where(selected, 1.0, 0.5)`` for contiguous CPU
     tensors (bool mask, int32 index, bool selected, float32 scores, one entry per free weight), in one
@@ -346,8 +303,7 @@ def values_many(draws: list) -> list:
     k = kernels()
     outs, jobs = [], []
     for key, numel, rule, factor, dtype in draws:
-        if numel > 1 << 32:
-            raise ValueError(f"native.values draws element indices below 2**32, got {numel} elements")
+        _check_indices(numel)
         wide = dtype in (torch.float32, torch.float64)
         out = torch.empty(numel, dtype=dtype if wide else torch.float32)
         arr, (k0, k1, k2) = out.numpy(), (np.uint32(w) for w in key)
@@ -361,8 +317,10 @@ def values_many(draws: list) -> list:
 
 
 def codes_from_keys_many(layers: list) -> list:
-    """``code_from_keys`` for many layers: ``layers`` holds ``(key, numel, t1, t2)``; returns
-    ``(code, n_pruned, n_locked)`` per layer."""
+    """``(code, n_pruned, n_locked)`` for each ``(key, numel, t1, t2)`` of ``layers``: the int8 code (flat)
+    of a layer whose freeze keys are ``(t1, t2)`` (``pattern.freeze_keys``: element i, with key
+    ``h * 2**32 + i``, is pruned if key < t1, locked if t1 <= key < t2), in one pass that hashes,
+    compares and writes; no selection."""
     k = kernels()
     fn = k["hash_write_code"]
     codes, jobs = [], []
@@ -380,7 +338,8 @@ def codes_from_keys_many(layers: list) -> list:
 
 
 def free_positions_many(codes: list) -> list:
-    """``free_positions`` for many contiguous CPU int8 codes (two pool hand-offs in all), as int32: the
+    """The row-major positions of the free (0) entries of each contiguous CPU int8 code, in order --
+    ``(code.reshape(-1) == 0).nonzero().squeeze(1)`` -- in two pool hand-offs in all, as int32: the
     dtype of a layer's cached free index, so the positions of all layers together cost no more memory
     than those indexes."""
     k = kernels()

@@ -10,7 +10,7 @@ counter-based generator so the pattern regenerates from the seed alone.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -94,7 +94,7 @@ def frozen_counts(shapes: Sequence[tuple[int, ...]], prune: float, lock: float,
 
 
 def frozen_code(seed: int, name: str, shape: Sequence[int], n_pruned: int, n_locked: int,
-                device=None, keys: Optional[tuple] = None) -> torch.Tensor:
+                device=None) -> torch.Tensor:
     """Ternary int8 code (-1 pruned, +1 locked, 0 free) with exactly the given counts.
 
     Positions are ranked by their 32-bit hash (index breaks ties), which is a
@@ -110,13 +110,6 @@ def frozen_code(seed: int, name: str, shape: Sequence[int], n_pruned: int, n_loc
     n_frozen = n_pruned + n_locked
     if n_frozen == 0:
         return torch.zeros(tuple(shape), dtype=torch.int8, device=device)
-    if keys is not None and native.usable(device, numel=n) is not None and valid_keys(keys):
-        # ``freeze_keys`` (a ticket records them): one elementwise pass, no selection.  The code is the
-        # rank rule's exactly when it has the given counts (the first n_pruned keys are those below t1,
-        # the next n_locked those below t2), which is checked; other keys fall back to the rank rule.
-        code, pruned, locked = native.code_from_keys(rng.stream_key(seed, name, "freeze"), n, *map(int, keys))
-        if (pruned, locked) == (n_pruned, n_locked):
-            return code.view(tuple(shape))
     if native.usable(device, numel=n) is not None:  # the same code, compiled: a radix select (regen/native.py)
         code = native.frozen_code(rng.stream_key(seed, name, "freeze"), n, n_pruned, n_locked)
         return code.view(tuple(shape))

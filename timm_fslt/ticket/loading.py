@@ -19,8 +19,8 @@ from timm_fslt.frozen import FreezeConfig, freeze_for_ticket, get_group
 from timm_fslt.nn import modules as L
 from timm_fslt.regen import native
 from timm_fslt.report import architecture_buffers, non_regenerable_state
-from timm_fslt.ticket.architecture import (_ConstructorError, build_architecture, build_for_check, count_elements,
-                                           describe_architecture, resolve_builder)
+from timm_fslt.ticket.architecture import (build_architecture, build_for_check, count_elements, describe_architecture,
+                                           resolve_builder)
 from timm_fslt.ticket.format import CONFIG_NAME, STATE_NAME, unpack_bits
 from timm_fslt.ticket.integrity import check_digests, check_layers, check_regenerated
 from timm_fslt.ticket.timm_config import apply_data_config, check_built, check_timm_builds
@@ -43,7 +43,7 @@ def _apply_mask(model: nn.Module, config: dict, packed: torch.Tensor) -> None:
     selected = list(unpack_bits(packed, sum(sizes)).split(sizes))
     counts = group.selected_counts()
     stored = [int(sel.sum()) for sel in selected]
-    if (sum(stored) if group.scope == "global" else stored) != (counts[0] if group.scope == "global" else counts):
+    if (stored if group.scope == "layerwise" else [sum(stored)]) != counts:
         first = next((row["name"] for row, n, k in zip(config["layers"], stored, counts) if n != k),
                      config["layers"][0]["name"] if config["layers"] else None)
         kept_stored = sum(n + r["locked"] for n, r in zip(stored, config["layers"]))
@@ -96,7 +96,6 @@ def _load_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
         target.copy_(value)
 
 
-
 def _empty_parameters(model: nn.Module) -> list:
     """Give every meta parameter (``parameters_on_meta``) uninitialised CPU memory, shared
     parameters staying shared; returns ``(module, name)`` of each, for ``_unwritten``."""
@@ -135,21 +134,15 @@ def rebuild(config: dict, packed: torch.Tensor, state: Mapping[str, torch.Tensor
     # Every parameter of the rebuilt model is overwritten -- regenerated, set to its constant, or
     # loaded from the stored state -- so the build need not initialise them: its parameters are
     # made on the meta device (the constructor's random init costs nothing there; buffers are
-    # real, they can be the architecture's own values) and then given empty memory.  If some
-    # parameter was not overwritten after all, or the constructor cannot build that way, the
-    # model is built again the ordinary way.
-    try:
-        model = build_architecture(arch, trust_builder=trust_builder, max_params=max_params,
-                                   max_seconds=max_seconds, parameters_on_meta=True)
-    except ArchitectureError as err:
-        if not isinstance(err, _ConstructorError):
-            raise
-        model = None
-    if model is not None:
-        sites = _empty_parameters(model)
-        model = _rebuild_model(model, config, packed, state, arch)
-        if not _unwritten(sites):
-            return model
+    # real, they can be the architecture's own values) and then given empty memory.  A constructor
+    # that cannot build that way is built the ordinary way by build_for_check (nothing to empty
+    # then); if some parameter was not overwritten after all, the model is built again that way.
+    model = build_for_check(arch, trust_builder=trust_builder, max_params=max_params, max_seconds=max_seconds,
+                            values=True)
+    sites = _empty_parameters(model)
+    model = _rebuild_model(model, config, packed, state, arch)
+    if not _unwritten(sites):
+        return model
     model = build_architecture(arch, trust_builder=trust_builder, max_params=max_params, max_seconds=max_seconds)
     return _rebuild_model(model, config, packed, state, arch)
 
