@@ -26,7 +26,7 @@ What it measures, all in this one process unless said otherwise:
 * regeneration -- ``timm_fslt.freeze`` of a fresh timm ResNet-50 (and the CIFAR
   ResNet-18): random weights, scores and frozen codes from the seed.
 
-Prints Markdown tables (and ``--json PATH`` writes the numbers).  ``--device cuda``
+Prints Markdown tables (and ``--json PATH`` writes the numbers).  ``--device cuda[:N]``
 runs the same measurements on a GPU (with synchronisation around every timing).
 """
 from __future__ import annotations
@@ -35,6 +35,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -84,6 +85,24 @@ def batch(model_name: str, size: int, channels_last: bool = False, device: str =
     return x.to(device), y.to(device)
 
 
+def parse_device(text: str) -> str:
+    """--device: ``cpu``, ``cuda`` (taken as ``cuda:0``) or ``cuda:N``; anything else is refused."""
+    match = re.fullmatch(r"cpu|cuda(?::(\d+))?", text.strip())
+    if match is None:
+        raise argparse.ArgumentTypeError(f"expected cpu, cuda or cuda:N (N a device index), got {text!r}")
+    return "cpu" if text.strip() == "cpu" else f"cuda:{int(match.group(1) or 0)}"
+
+
+def init_device(device: str) -> None:
+    """Make ``device`` the current CUDA device and initialise CUDA on it (the caching allocator,
+    before any memory-statistics call: ``reset_peak_memory_stats`` on an uninitialised device fails)."""
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+        torch.cuda.init()
+        torch.empty(1, device=device)  # the allocator of this device is set up
+        torch.cuda.synchronize(device)
+
+
 def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize(device)
@@ -102,11 +121,11 @@ def step(model, opt, x, y, autocast: bool = False, recompute: bool = False) -> N
     opt.step()
 
 
-def machine() -> dict:
+def machine(device: str = "cpu") -> dict:
     info = {"python": platform.python_version(), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpus": os.cpu_count()}
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
+    if torch.cuda.is_available():  # the measured device's name (on a CPU run, the current one's)
+        info["gpu"] = torch.cuda.get_device_name(device if device.startswith("cuda") else None)
     try:
         import timm
         info["timm"] = timm.__version__
@@ -173,6 +192,7 @@ def memory_child(model_name: str, config: str, size: int, steps: int, autocast: 
 
     cuda = device.startswith("cuda")
     if cuda:
+        init_device(device)  # before the statistics calls, which fail on an uninitialised device
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     else:
@@ -319,7 +339,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--freeze-models", default="resnet18_cifar,resnet50")
     parser.add_argument("--skip", default="", help=f"comma-separated sections to skip, from {SECTIONS}")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda[:i]")
+    parser.add_argument("--device", default="cpu", type=parse_device,
+                        help="cpu (default), cuda (= cuda:0) or cuda:N; every CUDA call uses that device")
     parser.add_argument("--autocast", action="store_true", help="bf16 autocast in every step")
     parser.add_argument("--channels-last", action="store_true", help="channels_last models and inputs")
     parser.add_argument("--recompute", action="store_true",
@@ -332,8 +353,14 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.device != "cpu" and not (args.device.startswith("cuda") and torch.cuda.is_available()):
-        parser.error(f"--device: expected cpu or an available cuda device, got {args.device!r}")
+    if args.device != "cpu":
+        if not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: CUDA is not available on this machine")
+        index, count = int(args.device.split(":")[1]), torch.cuda.device_count()
+        if index >= count:
+            parser.error(f"--device {args.device}: this machine has {count} CUDA device(s) (cuda:0 to "
+                         f"cuda:{count - 1})")
+        init_device(args.device)
     if args.memory_child:
         model_name, config, size, steps = args.memory_child
         memory_child(model_name, config, int(size), int(steps), args.autocast, args.device, args.recompute)
@@ -360,7 +387,7 @@ def main(argv=None) -> dict:
 
     import timm_fslt  # noqa: F401  (registers conv6 / resnet18_cifar)
 
-    results = {"machine": machine(), "load_start": loadavg(),
+    results = {"machine": machine(args.device), "load_start": loadavg(),
                "options": {"autocast": args.autocast, "channels_last": args.channels_last,
                            "recompute": args.recompute,
                            "device": args.device, "threads": args.threads,

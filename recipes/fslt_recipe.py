@@ -44,7 +44,7 @@ TRAIN_KEYS = {name: name for name in (
     "limit_train_batches", "limit_eval_batches", "resume", "overwrite", "keep_checkpoints",
     "checkpoint_every_steps", "stop_after",
     "log_with", "log_every", "progress", "save_ticket", "push_to_hub", "hub_private", "cpu", "check_finite",
-    "check_sync_every", "recompute_weights")}
+    "check_sync_every", "recompute_weights", "deterministic")}
 TRAIN_KEYS["grad_accum"] = "grad_accum_steps"
 
 
@@ -165,6 +165,10 @@ def _optimisation_options(g) -> None:
     g.add_argument("--bf16", dest="mixed_precision", action="store_const", const="bf16")
     g.add_argument("--fp16", dest="mixed_precision", action="store_const", const="fp16")
     g.add_argument("--cpu", action="store_true", help="run on the CPU even if a GPU is present")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic CUDA algorithms, no cuDNN benchmarking, no TF32 (and CUBLAS_WORKSPACE_CONFIG="
+                        ":4096:8 if unset): a resumed GPU run is then bit-identical. Slower; an op without a "
+                        "deterministic CUDA implementation raises. No effect on the CPU's results")
 
 
 def _data_options(g, image: bool) -> None:
@@ -281,8 +285,10 @@ def check_settings(s: dict) -> None:
             raise RecipeError(f"--{str(err)}") from None
     if not isinstance(s["model_kwargs"], dict):
         raise RecipeError(f"--model-kwargs must be a mapping, got {s['model_kwargs']!r}")
-    try:  # --resume '' or 'Fallback', --checkpoint-every-steps 0 fail here, before any data is read
-        TrainConfig(resume=s["resume"], checkpoint_every_steps=s["checkpoint_every_steps"])
+    try:  # --resume '' or 'Fallback', --checkpoint-every-steps 0, a preset's deterministic: 'on' fail here,
+        # before any data is read
+        TrainConfig(resume=s["resume"], checkpoint_every_steps=s["checkpoint_every_steps"],
+                    deterministic=s["deterministic"])
     except ValueError as err:
         raise RecipeError(_as_option(str(err))) from None
     # A bad ACCELERATE_MIXED_PRECISION / ACCELERATE_GRADIENT_ACCUMULATION_STEPS (the launcher's flag or config

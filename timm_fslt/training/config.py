@@ -2,11 +2,14 @@
 the names of what a run writes into its output_dir."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Iterator, Mapping, Optional, Sequence, Union
+
+import torch
 
 from timm_fslt.training.records import jsonable
 
@@ -38,6 +41,13 @@ VOLATILE_FIELDS = ("check_finite", "check_sync_every", "recompute_weights", "out
                    "keep_checkpoints", "checkpoint_every_steps", "stop_after", "log_with", "project_name", "progress",
                    "log_every",
                    "save_ticket", "push_to_hub", "hub_private", "num_workers", "cpu", "architecture", "dataset_ids")
+# TrainConfig fields added after checkpoints were written without them, and the value such runs had:
+# their checkpoints resume as if they recorded it (``deterministic`` changes CUDA arithmetic, so it
+# is part of the identity, not volatile).
+IDENTITY_DEFAULTS = {"deterministic": False}
+# cuBLAS is deterministic only with a fixed workspace (CUDA >= 10.2); torch accepts :4096:8 or :16:8.
+CUBLAS_WORKSPACE_ENV = "CUBLAS_WORKSPACE_CONFIG"
+CUBLAS_WORKSPACE_DETERMINISTIC = ":4096:8"
 
 
 @dataclass
@@ -72,6 +82,10 @@ class TrainConfig:
     ``mixed_precision``: None takes what ``accelerate launch`` says (its ``--mixed_precision``
     or config file, passed on as ACCELERATE_MIXED_PRECISION; "no" without a launcher); a value
     overrides the launcher.  Checkpoints and results.json record the precision in effect.
+    ``deterministic``: run inside ``deterministic_mode`` (deterministic algorithms, no cuDNN
+    benchmarking, no TF32, CUBLAS_WORKSPACE_CONFIG=:4096:8 if unset), so that on CUDA a resumed
+    run is bit-identical too; slower, and an op without a deterministic CUDA implementation raises.
+    Part of the run's identity: a resume must use the same setting.
     """
 
     output_dir: str = "runs/fslt"
@@ -111,6 +125,7 @@ class TrainConfig:
     check_finite: bool = True
     check_sync_every: int = 0
     recompute_weights: bool = False
+    deterministic: bool = False
 
     def __post_init__(self):
         self.log_with = tuple(self.log_with or ())
@@ -154,7 +169,7 @@ class TrainConfig:
             raise ValueError(f"limit_train_batches ({self.limit_train_batches}) must be a multiple of "
                              f"grad_accum_steps ({self.grad_accum_steps}) so each epoch ends on an optimizer step")
         for name in ("nesterov", "overwrite", "progress", "save_ticket", "hub_private", "cpu", "check_finite",
-                     "recompute_weights"):
+                     "recompute_weights", "deterministic"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.data_config is not None and not isinstance(self.data_config, dict):
@@ -250,6 +265,93 @@ def check_precision_on_device(precision: str, device_type: str, cpu_setting: boo
              if _env_flag(LAUNCHER_CPU_ENV) else "no GPU on this machine")
     raise RunConfigError(f"{wanted} cannot run on the CPU ({where}): Accelerate has no fp16 autocast there and "
                          "would train in fp32 while recording fp16; use bf16 or no (--mixed-precision bf16|no)")
+
+
+# -- deterministic mode (TrainConfig.deterministic, --deterministic) ----------------------------
+_UNREADABLE = object()
+
+
+def _read(get):
+    try:
+        return get()
+    except RuntimeError:  # torch >= 2.9: a legacy TF32 read once the new API set the backends apart
+        return _UNREADABLE
+
+
+def _fp32_precision_nodes() -> list:
+    """torch >= 2.9's TF32 settings ('ieee', 'tf32', or 'none': the parent's), parents first
+    (setting a parent sets its children); empty on older torch."""
+    b = torch.backends
+    nodes = (b, b.mkldnn, b.cudnn, getattr(b.cudnn, "conv", None), getattr(b.cudnn, "rnn", None), b.cuda.matmul)
+    return [n for n in nodes if n is not None and hasattr(n, "fp32_precision")]
+
+
+def set_deterministic_flags() -> None:
+    """The settings of ``deterministic_mode``, without saving anything (also to re-apply them after
+    Accelerate turned TF32 matmuls on for a dynamo backend)."""
+    b = torch.backends
+    torch.use_deterministic_algorithms(True, warn_only=False)
+    b.cudnn.deterministic, b.cudnn.benchmark = True, False
+    b.cuda.matmul.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")  # the same; else torch >= 2.9 may refuse to read it back
+    b.cudnn.allow_tf32 = False
+    # torch >= 2.9: allow_tf32=False leaves convolutions at 'none', which inherits a parent's 'tf32'
+    # (set through the new API); only then is the operator itself set (mixing the APIs needlessly
+    # makes torch refuse later legacy reads).
+    for chain in ((getattr(b.cudnn, "conv", None), b.cudnn, b), (getattr(b.cudnn, "rnn", None), b.cudnn, b),
+                  (b.cuda.matmul, b)):
+        if chain[0] is None or not all(hasattr(n, "fp32_precision") for n in chain):
+            continue
+        inherited = next((n.fp32_precision for n in chain if n.fp32_precision != "none"), "none")
+        if inherited not in ("none", "ieee"):
+            chain[0].fp32_precision = "ieee"
+
+
+@contextlib.contextmanager
+def deterministic_mode(enabled: bool = True) -> Iterator[None]:
+    """Deterministic CUDA training inside the block; every global setting it changes is restored on
+    exit, also when the block raises.  ``enabled=False``: changes nothing.
+
+    Sets ``torch.use_deterministic_algorithms(True, warn_only=False)`` (an op without a
+    deterministic implementation raises), ``cudnn.deterministic = True``, ``cudnn.benchmark =
+    False``, TF32 off for matmuls and cuDNN (``allow_tf32 = False``; on torch >= 2.9 also the
+    per-operator ``fp32_precision``), and CUBLAS_WORKSPACE_CONFIG=:4096:8 if it is unset (then
+    removed again on exit).  cuBLAS reads that variable when the process first uses it: enter
+    this before the first CUDA matmul, or export it before starting Python.  On the CPU none of
+    this changes a result.
+    """
+    if not enabled:
+        yield
+        return
+    b, nodes = torch.backends, _fp32_precision_nodes()
+    saved = {"algorithms": (torch.are_deterministic_algorithms_enabled(),
+                            torch.is_deterministic_algorithms_warn_only_enabled()),
+             "cudnn": (b.cudnn.deterministic, b.cudnn.benchmark),
+             "matmul_precision": _read(torch.get_float32_matmul_precision),
+             "matmul_tf32": _read(lambda: b.cuda.matmul.allow_tf32), "cudnn_tf32": _read(lambda: b.cudnn.allow_tf32),
+             "fp32_precision": [n.fp32_precision for n in nodes]}
+    env = os.environ.get(CUBLAS_WORKSPACE_ENV)
+    try:
+        if not env:
+            os.environ[CUBLAS_WORKSPACE_ENV] = CUBLAS_WORKSPACE_DETERMINISTIC
+        set_deterministic_flags()
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved["algorithms"][0], warn_only=saved["algorithms"][1])
+        b.cudnn.deterministic, b.cudnn.benchmark = saved["cudnn"]
+        for value, restore in ((saved["matmul_precision"], torch.set_float32_matmul_precision),
+                               (saved["matmul_tf32"], lambda v: setattr(b.cuda.matmul, "allow_tf32", v)),
+                               (saved["cudnn_tf32"], lambda v: setattr(b.cudnn, "allow_tf32", v))):
+            if value is not _UNREADABLE:
+                restore(value)
+        for node, value in zip(nodes, saved["fp32_precision"]):
+            node.fp32_precision = value
+        if nodes and saved["matmul_precision"] == "medium":
+            torch.set_float32_matmul_precision("medium")  # bf16 matmuls: no new-API spelling, so last
+        if env is None:
+            os.environ.pop(CUBLAS_WORKSPACE_ENV, None)
+        elif not env:
+            os.environ[CUBLAS_WORKSPACE_ENV] = env
 
 
 class DataError(ValueError):

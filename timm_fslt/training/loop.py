@@ -54,8 +54,8 @@ from timm_fslt.frozen import is_frozen, recompute_masked_weights
 from timm_fslt.ticket.architecture import resolve_architecture
 from timm_fslt.training.checkpoint import save_checkpoint
 from timm_fslt.training.config import (CHECKPOINTS_DIR, METRICS_FILE, RESULTS_FILE, VOLATILE_FIELDS, RunConfigError,
-                                       TrainConfig, check_precision_on_device, resolve_grad_accum,
-                                       resolve_mixed_precision)
+                                       TrainConfig, check_precision_on_device, deterministic_mode,
+                                       resolve_grad_accum, resolve_mixed_precision, set_deterministic_flags)
 from timm_fslt.training.data import epoch_seed
 from timm_fslt.training.outputs import current_sparsity, save_outputs, size_results
 from timm_fslt.training.records import flat_hparams, jsonable, write_json_atomic
@@ -94,8 +94,14 @@ def train(model: nn.Module, train_set, val_set, test_set=None, config: Optional[
     ``timm_fslt.create_model`` (it records it) or set ``config.architecture``; this
     is checked before training.  Bad settings raise ``RunConfigError`` (a
     ValueError), ``FileExistsError`` or ``FileNotFoundError`` before anything trains.
+    ``config.deterministic``: runs inside ``deterministic_mode`` (its settings restored on return or error).
     """
     config = dataclasses.replace(config or TrainConfig())  # revalidate a caller-modified config
+    with deterministic_mode(config.deterministic):
+        return _train(model, train_set, val_set, test_set, config, task, run_info)
+
+
+def _train(model: nn.Module, train_set, val_set, test_set, config: TrainConfig, task, run_info) -> dict:
     accum, accum_note = resolve_grad_accum(config.grad_accum_steps)  # None: the launcher's
     config = dataclasses.replace(config, grad_accum_steps=accum)
     task = task or ClassificationTask(config.label_smoothing)
@@ -193,6 +199,8 @@ def _make_accelerator(config: TrainConfig, output_dir: str, frozen: bool,
                       "--num_processes N <recipe> --cpu")
     check_precision_on_device(accelerator.mixed_precision, accelerator.device.type, config.cpu,
                               config.mixed_precision)
+    if config.deterministic:  # Accelerate turns TF32 matmuls on for a dynamo backend without mixed precision
+        set_deterministic_flags()
     for line in (note, accum_note):
         if line:
             accelerator.print(line)

@@ -12,9 +12,9 @@ from torch import nn
 
 from timm_fslt.training.checkpoint import (CheckpointInfo, inspect_checkpoint, list_checkpoints,
                                            read_latest_pointer)
-from timm_fslt.training.config import (CHECKPOINT_PREFIX, CHECKPOINTS_DIR, LATEST_FILE, RESULTS_FILE,
-                                       RESUME_MODES, RUN_CONFIG_FILE, CheckpointError, RunConfigError,
-                                       TrainConfig)
+from timm_fslt.training.config import (CHECKPOINT_PREFIX, CHECKPOINTS_DIR, IDENTITY_DEFAULTS, LATEST_FILE,
+                                       RESULTS_FILE, RESUME_MODES, RUN_CONFIG_FILE, CheckpointError,
+                                       RunConfigError, TrainConfig)
 from timm_fslt.training.sync import decided_by_main
 
 
@@ -58,7 +58,7 @@ def choose_resume(config: TrainConfig, output_dir: str, identity: dict) -> tuple
         resume_from = _named_checkpoint(mode)
     with open(os.path.join(resume_from, RUN_CONFIG_FILE), encoding="utf-8") as f:
         stored = json.load(f)
-    diffs = _config_differences(stored.get("identity", {}), identity)
+    diffs = _config_differences(_with_identity_defaults(stored.get("identity", {})), identity)
     if diffs:
         raise RunConfigError(f"resume: the checkpoint {resume_from!r} belongs to a different configuration: "
                              + "; ".join(diffs) + ". Resume with the same settings, or use a new output dir.")
@@ -118,6 +118,13 @@ def _named_checkpoint(folder) -> str:
     if not info.valid:
         raise CheckpointError(f"resume: checkpoint {resume_from!r} is invalid: {info.problem}")
     return resume_from
+
+
+def _with_identity_defaults(stored):
+    """A checkpoint's identity with the fields it predates (``IDENTITY_DEFAULTS``) at the value its run had."""
+    if isinstance(stored, dict) and isinstance(stored.get("train"), dict):
+        return {**stored, "train": {**IDENTITY_DEFAULTS, **stored["train"]}}
+    return stored
 
 
 def _config_differences(stored, current, prefix="") -> list[str]:
