@@ -15,17 +15,43 @@ from typing import Optional
 import torch
 
 
-def masked_product(weight: torch.Tensor, mask: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
-    """``W * mask * scale`` with one weight-sized allocation (no autograd)."""
+def masked_product(weight: torch.Tensor, mask: torch.Tensor, scale: Optional[torch.Tensor],
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``W * mask * scale`` with one weight-sized allocation (no autograd), or none: into ``out``."""
     if weight.device.type == "cpu":
         # The product's own buffer is the only weight-sized allocation: the mask
         # is widened into it (uint8 -> float is vectorized), then multiplied in
         # place.  ``weight * mask`` would first make a float copy of the mask (CPU
         # kernels do not mix dtypes) and run a slow unvectorized loop.
-        out = mask.view(torch.uint8).to(weight.dtype).mul_(weight)
+        wide = mask.view(torch.uint8)
+        out = wide.to(weight.dtype) if out is None else out.copy_(wide)
+        out.mul_(weight)
     else:  # GPU kernels cast inside the kernel: one pass, no copy
-        out = torch.mul(weight, mask)
+        out = torch.mul(weight, mask, out=out)
     return out if scale is None else out.mul_(scale)
+
+
+def _use_count(tensor: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+
+
+_IDLE = _use_count(torch.empty(1))  # a tensor's storage held by that tensor alone (and the probe)
+
+
+def product_buffer(layer, weight: torch.Tensor) -> torch.Tensor:
+    """Memory for this step's ``W * mask * scale`` of ``layer``: last step's, if nothing holds it any
+    more (no autograd graph saved it, nobody kept the weight it was returned as), else a new one,
+    kept for the next step.  Writing the same memory every step instead of fresh memory makes the
+    CPU convolutions that read it measurably faster (benchmarks/README.md, "step time")."""
+    kept = layer.__dict__.get("_product")
+    if kept is not None:
+        buffer = kept
+        if (buffer.shape == weight.shape and buffer.stride() == weight.stride() and buffer.dtype == weight.dtype
+                and buffer.device == weight.device and _use_count(buffer) == _IDLE):
+            return buffer
+    buffer = torch.empty_like(weight)
+    layer.__dict__["_product"] = buffer
+    return buffer
 
 
 _SIGN_CHUNK = 1 << 20  # elements of sign(s) alive at once in the backward
@@ -68,31 +94,41 @@ class _MaskedWeight(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, scores, mask, scale, index):
-        ctx.save_for_backward(weight, scores, scale, index)
-        return masked_product(weight, mask, scale)
+    def forward(ctx, weight, scores, mask, scale, index, free_weight, buffer):
+        ctx.save_for_backward(weight, scores, scale, index, free_weight)
+        if buffer is None:
+            return masked_product(weight, mask, scale)
+        # (an alias: the buffer itself never gets an autograd history; its version counter is shared,
+        # so a graph that saved last step's product would refuse a rewritten one)
+        return masked_product(weight, mask, scale, out=buffer).detach()
 
     @staticmethod
     def backward(ctx, grad):
         if not ctx.needs_input_grad[1]:
-            return None, None, None, None, None
-        weight, scores, scale, index = ctx.saved_tensors
+            return None, None, None, None, None, None, None
+        weight, scores, scale, index, free_weight = ctx.saved_tensors
         if index is None:  # every weight is free: elementwise, then flattened like the scores
             grad_scores = torch.mul(grad, weight).reshape(-1)
         else:  # (grad * W)[free] == grad[free] * W[free], bit for bit, at F instead of N elements
-            grad_scores = _free_values(grad, index).mul_(_free_values(weight, index))
+            grad_scores = _free_values(grad, index).mul_(
+                free_weight if free_weight is not None else _free_values(weight, index))
         if scale is not None:
             grad_scores.mul_(scale)
-        _mul_sign_(grad_scores, scores.reshape(-1))
-        return None, grad_scores.to(scores.dtype).view(scores.shape), None, None, None
+        if grad_scores.device.type == "cpu":
+            _mul_sign_(grad_scores, scores.reshape(-1))
+        else:  # (one kernel: the chunks only keep the CPU's memory peak down)
+            grad_scores.mul_(torch.sign(scores.reshape(-1)))
+        return None, grad_scores.to(scores.dtype).view(scores.shape), None, None, None, None, None
 
 
 def masked_weight(weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
-                  scale: Optional[torch.Tensor], index: Optional[torch.Tensor]) -> torch.Tensor:
+                  scale: Optional[torch.Tensor], index: Optional[torch.Tensor],
+                  free_weight: Optional[torch.Tensor] = None, buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``W * mask * scale`` whose gradient reaches the free ``scores`` (int32 positions ``index``;
     None: every weight is free; ``scores``: one per free weight, e.g. 1-D or a ``(1, n)`` row) by
-    the straight-through estimator."""
-    return _MaskedWeight.apply(weight, scores, mask, scale, index)
+    the straight-through estimator.  ``free_weight``: ``W`` at ``index``, if the caller keeps it
+    (else the backward gathers it); ``buffer``: memory for the product (``product_buffer``)."""
+    return _MaskedWeight.apply(weight, scores, mask, scale, index, free_weight, buffer)
 
 
 def traced_masked_weight(weight: torch.Tensor, mask: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:

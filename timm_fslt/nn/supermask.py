@@ -27,16 +27,13 @@ optimizer or ``load_state_dict`` writes them) at the next forward and recomputes
 every mask at once: one selection for the whole model in ``global`` scope, one
 per layer in ``layerwise`` scope.  No extra call is needed in a training loop.
 
-Cost per optimizer step (what keeps a search step as cheap as weight training):
-the free scores are the parameter itself (nothing to gather),
-the selection over them is linear time (``timm_fslt.regen.topk``), and each layer's
-mask is updated by writing its free positions only (locked and pruned positions
-never change).  The forward adds one elementwise product per layer; the backward
-gathers the weight gradient and the weight at the free positions (through a cached
-int32 index) and multiplies them there; masks are bool and frozen codes int8.
-(That product and its backward: ``timm_fslt.nn.functional``; keeping no copy of it
-for the backward: ``timm_fslt.nn.recompute``.)  Under torch.export / torch.jit.trace a layer records
-the plain product with its current mask, refusing masks that may be out of date; torch.jit.script is refused.
+Cost per optimizer step: the free scores are the parameter itself (nothing to gather), the
+selection over them is linear time (``regen/topk.py``; on GPUs by default without reading anything
+back to the host: ``nn/sync_free.py``), and a mask update writes the free positions only.  The
+forward adds one elementwise product per layer, the backward works at the free weights only
+(int32 index; their weights cached on GPUs): ``nn/functional.py``, ``nn/recompute.py``.
+Under torch.export / torch.jit.trace a layer records the plain product with its current mask,
+refusing masks that may be out of date; torch.jit.script is refused.
 """
 from __future__ import annotations
 
@@ -48,11 +45,13 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from timm_fslt.nn import recompute
-from timm_fslt.nn.free_index import _free_index_of, _free_shapes, _FreeIndex, free_entries
+from timm_fslt.nn.free_index import _free_index_of, _free_shapes, _FreeIndex, free_entries, legacy_scores
+from timm_fslt.nn.free_index import STEP_CACHES, cached_free_values, long_index, moved_caches, weight_shaped
 from timm_fslt.nn.optimizer_state import upgrade_optimizer_state  # noqa: F401  (registers its hooks)
-from timm_fslt.nn.functional import masked_weight, script_refusal, stale_refusal, traced_masked_weight
+from timm_fslt.nn.functional import masked_weight, product_buffer, script_refusal, stale_refusal, traced_masked_weight
+from timm_fslt.nn.sync_free import NonfiniteWatch, ScaleTable, nonfinite_error
 from timm_fslt.regen import pattern as freezing
-from timm_fslt.regen.topk import keys_topk_mask, magnitude_keys
+from timm_fslt.regen.topk import keys_topk_mask, magnitude_keys, segment_sums, segments_topk_mask
 
 SCOPES = ("global", "layerwise")
 SCALES = (None, "static", "dynamic")
@@ -148,7 +147,11 @@ class FrozenSupermask(nn.Module):
         scale = None if group is not None and group.scale_mode is None else self.scale.to(weight.dtype)
         # (compiled code reads the index the last refresh cached: refreshes run eagerly)
         index = (self._free if compiling else self.free_index()).index
-        out = masked_weight(weight, self.scores, self.mask, scale, index)
+        plain = not compiling and group is not None and not recompute.is_recording()
+        free_weight = cached_free_values(self, weight, index) if plain and index is not None \
+            and group.caches_free_weights(weight) else None
+        buffer = product_buffer(self, weight) if plain and group.keeps_products(weight) else None
+        out = masked_weight(weight, self.scores, self.mask, scale, index, free_weight, buffer)
         if not compiling and recompute.is_recording():  # inside recompute_masked_weights
             recompute.record(group, out, weight, self.scores, self.mask, scale, index, self.layer_name)
         return out
@@ -169,8 +172,8 @@ class FrozenSupermask(nn.Module):
             and seen._version == self._seen_version
 
     # Version counters restart in a copy (deepcopy, pickle): it carries over "current" (or -1), not a number.
-    def __getstate__(self):
-        state = super().__getstate__()
+    def __getstate__(self):  # (without the step caches: they are remade from the tensors)
+        state = {k: v for k, v in super().__getstate__().items() if k not in STEP_CACHES}
         if "_seen_version" in state:
             current = self.__dict__.get("_seen_scores") is self.scores and self._masks_current()
             state["_seen_version"] = "current" if current else -1
@@ -181,25 +184,21 @@ class FrozenSupermask(nn.Module):
         if self.__dict__.get("_seen_version") == "current":
             self._seen_version = self.scores._version
 
+    def _apply(self, fn, recurse=True):
+        # .to(), .cuda(), .half(), clones: the code, mask and index keep their values, so the caches
+        # move with them instead of being rebuilt (and compiled code, which reads them, sees the
+        # moved ones); a refresh that was current stays current.
+        before = (self.frozen, self.mask, self._free, self._mask_ready, self._masks_current())
+        out = super()._apply(fn, recurse)
+        moved_caches(self, fn, *before)
+        return out
+
     def __prepare_scriptable__(self):  # torch.jit.script calls this first: refuse at once
         raise RuntimeError(script_refusal(self.layer_name))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
                               unexpected_keys, error_msgs):
-        # Older state dicts: (a) from before scores were stored for the free weights only, in the
-        # weight's shape: keep their free entries; (b) timm_fslt 0.2's 1-D free scores: the same
-        # values as this row.  Nothing is lost either way; any other shape is torch's size mismatch.
-        key = prefix + "scores"
-        scores, frozen = state_dict.get(key), state_dict.get(prefix + "frozen", self.frozen)
-        if (isinstance(scores, torch.Tensor) and isinstance(frozen, torch.Tensor)
-                and scores.shape != self.scores.shape):
-            n_free = int((frozen == freezing.FREE).sum())
-            if tuple(scores.shape) == tuple(frozen.shape) and tuple(scores.shape) not in _free_shapes(n_free):
-                scores = free_entries(scores, frozen)
-            if tuple(scores.shape) in _free_shapes(n_free) or scores.dim() == 1:
-                # (a 1-D tensor of another size as a row too: torch then names both sizes)
-                state_dict[key] = scores.reshape(self.scores.shape if scores.numel() == self.scores.numel()
-                                                 else (1, -1))
+        legacy_scores(state_dict, prefix + "scores", state_dict.get(prefix + "frozen", self.frozen), self.scores.shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
         self.invalidate()  # (assign=True replaces the scores unseen: an export before a forward refuses)
@@ -234,14 +233,7 @@ class FrozenSupermask(nn.Module):
 
     def scores_like_weight(self, fill: float = 0.0) -> torch.Tensor:
         """The scores in the weight's shape (a new tensor): ``fill`` at pruned and locked positions."""
-        free = self.free_index()
-        out = torch.full(tuple(self.frozen.shape), fill, dtype=self.scores.dtype, device=self.scores.device)
-        flat, scores = out.view(-1), self.scores.detach().reshape(-1)
-        if free.index is None:
-            flat.copy_(scores)
-        else:
-            flat.index_copy_(0, free.index.to(device=out.device, dtype=torch.int64), scores)
-        return out
+        return weight_shaped(self.scores.detach(), self.frozen, self.free_index().index, fill)
 
     def _write_mask(self, selected: torch.Tensor, free: _FreeIndex) -> None:
         """Set the mask: locked weights, plus the free weights flagged in ``selected``."""
@@ -254,12 +246,11 @@ class FrozenSupermask(nn.Module):
                 # Pruned and locked positions only change with the frozen code (or if
                 # someone wrote the mask), so this runs once, not every step.
                 torch.eq(self.frozen, freezing.LOCKED, out=mask)
-            index = free.index.to(device=mask.device, dtype=torch.int64)  # index_copy_ wants int64
+            index = long_index(self, free.index, mask.device)  # index_copy_ wants int64
             if mask.is_contiguous():
                 mask.view(-1).index_copy_(0, index, selected.to(mask.device))
             else:  # e.g. channels_last: the index is row-major
-                flat = mask.reshape(-1).index_copy_(0, index, selected.to(mask.device))
-                mask.copy_(flat.view(mask.shape))
+                mask.copy_(mask.reshape(-1).index_copy_(0, index, selected.to(mask.device)).view(mask.shape))
         self._mask_ready = (mask, mask._version, free)
 
     def _set_scale(self, value: float) -> None:
@@ -322,7 +313,21 @@ class SupermaskGroup:
         total = sum(layer.numel + layer.removed_numel for layer in self.layers)
         return freezing.round_half_up((1.0 - self.sparsity) * total)
 
-    check_finite = True  # refuse NaN/Inf scores (one max() over the free scores per step)
+    check_finite = True  # refuse NaN/Inf scores (one max() over the free scores per step; sync-free: late)
+    # Device options (None: the device decides).  sync_free: select without reading anything back
+    # (nn/sync_free.py; not on the CPU, where reading costs nothing and the sampled bracket is faster).
+    # cache_free_weights: keep W at the free positions for the backward (scores-sized; not on the CPU).
+    # keep_products: write W * mask into last step's memory when nothing holds it (nn/functional.py;
+    # on the CPU only: a GPU's caching allocator hands back the same memory anyway).
+    sync_free: Optional[bool] = None
+    cache_free_weights: Optional[bool] = None
+    keep_products: Optional[bool] = None
+
+    def caches_free_weights(self, weight: torch.Tensor) -> bool:
+        return self.cache_free_weights if self.cache_free_weights is not None else weight.device.type != "cpu"
+
+    def keeps_products(self, weight: torch.Tensor) -> bool:
+        return self.keep_products if self.keep_products is not None else weight.device.type == "cpu"
 
     @torch.no_grad()
     def refresh(self, force: bool = False) -> None:
@@ -337,22 +342,29 @@ class SupermaskGroup:
         flat = torch.empty(sum(sizes), dtype=torch.float32, device=device)
         for layer, free, part in zip(layers, frees, flat.split(sizes)):
             layer._write_magnitudes(part, free)
-        # |s| as int32 bits: NaN and Inf are exactly the patterns >= 0x7F800000, so one
-        # max() (no temporary) checks them all.
-        if self.check_finite and flat.numel() and int(flat.view(torch.int32).max()) >= 0x7F800000:
-            bad = [layer.layer_name for layer, part in zip(layers, flat.split(sizes))
-                   if not bool(torch.isfinite(part).all())]
-            raise FloatingPointError(
-                f"non-finite (NaN or Inf) scores in layer(s) {', '.join(bad)}: the mask cannot be chosen. "
-                "Lower the learning rate or resume from a checkpoint; set "
-                "timm_fslt.get_group(model).check_finite = False to skip this check")
+        sync_free = self.sync_free if self.sync_free is not None else flat.device.type != "cpu"
+        watch = self.__dict__.setdefault("_nonfinite", NonfiniteWatch())
+        # |s| as int32 bits: NaN and Inf are exactly the patterns >= 0x7F800000 (one max() checks them)
+        if self.check_finite and (watch.seen() if sync_free else
+                                  flat.numel() and int(flat.view(torch.int32).max()) >= 0x7F800000):
+            watch.reset()
+            raise nonfinite_error(layers)
         keys = magnitude_keys(flat)
         counts = self.selected_counts(frees)
-        if self.scope == "global":
+        kept = counts if self.scope == "layerwise" else None  # (global scope: counted per layer if needed)
+        if sync_free:
+            mask, nonfinite = segments_topk_mask(keys, sizes if self.scope == "layerwise" else [keys.numel()],
+                                                 counts)
+            if self.check_finite:
+                watch.add(nonfinite)  # read at a later refresh, once it has reached the host
+            selected = mask.split(sizes)
+            if kept is None and self.scale_mode == "dynamic":
+                kept = segment_sums(mask, sizes)
+        elif self.scope == "global":
             selected = keys_topk_mask(keys, counts[0]).split(sizes)
         else:
             selected = [keys_topk_mask(part, k) for part, k in zip(keys.split(sizes), counts)]
-        self._apply_selected(frees, selected)
+        self._apply_selected(frees, selected, kept=kept)
 
     def selected_counts(self, frees: Optional[list] = None) -> list[int]:
         """How many free weights the selection keeps: ``[k]`` for the whole model in global scope,
@@ -381,17 +393,25 @@ class SupermaskGroup:
                 layer._mask_ready = (layer.mask, layer.mask._version, free)
         self._apply_selected(frees, selected, written)
 
-    def _apply_selected(self, frees: list, selected, written: bool = False) -> None:
+    def _apply_selected(self, frees: list, selected, written: bool = False, kept=None) -> None:
+        """``kept``: each layer's number of selected free weights, if known (a list, or a device
+        tensor: the dynamic scales are then looked up on the device, ``nn/sync_free.py``)."""
         layers = self.layers
-        for layer, free, sel in zip(layers, frees, selected):
+        if self.scale_mode == "dynamic" and isinstance(kept, torch.Tensor):
+            scales = self.__dict__.setdefault("_scale_table", ScaleTable()).lookup(layers, frees, kept)
+            torch._foreach_copy_([layer.scale for layer in layers], list(scales.to(layers[0].scale.dtype).unbind()))
+        for i, (layer, free, sel) in enumerate(zip(layers, frees, selected)):
             if not written:
                 layer._write_mask(sel, free)
             if self.scale_mode == "static":
                 layer._set_scale(1.0 / math.sqrt(max(1.0 - self.sparsity, 1e-12)))
             elif self.scale_mode == "dynamic":
-                kept = free.n_locked + int(torch.count_nonzero(sel)) + layer.removed_kept
-                density = kept / max(layer.numel + layer.removed_numel, 1)
-                layer._set_scale(1.0 / math.sqrt(max(density, 1e-12)))
+                if isinstance(kept, torch.Tensor):
+                    layer._scale_value = None  # (written above, on the device)
+                else:
+                    n = kept[i] if kept is not None else int(torch.count_nonzero(sel))
+                    density = (free.n_locked + n + layer.removed_kept) / max(layer.numel + layer.removed_numel, 1)
+                    layer._set_scale(1.0 / math.sqrt(max(density, 1e-12)))
             else:
                 layer._set_scale(1.0)
             # (into __dict__: Module.__setattr__ costs more; the tensor for _masks_current: torch.export has fakes)

@@ -24,6 +24,7 @@ one: ``magnitude_keys``), and the k-th largest key is found (``kth_largest``):
 """
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -122,3 +123,82 @@ def keys_topk_mask(keys: torch.Tensor, k: int) -> torch.Tensor:
     ties = keys == kth
     keep_ties = torch.cumsum(ties, 0, dtype=torch.int32) <= k - n_above
     return (keys > kth).logical_or_(ties.logical_and_(keep_ties))
+
+
+# -- without reading anything back: a segmented radix select ---------------------------------------
+#
+# The selection above reads counts and the threshold back to the host (cheap on the CPU, a stall of
+# the stream on a GPU).  ``segments_topk_mask`` gives the same bits with every count kept on the
+# device: the k-th largest key of each segment is found digit by digit (11, 10 and 10 bits: the keys
+# have 31), each digit from a histogram of the keys that share the digits found so far, and the ties
+# at the threshold are kept lowest index first through a running count.  Every step is a fixed
+# number of whole-tensor operations, whatever the data, and all segments (one per layer in
+# layerwise scope) are selected together.
+_DIGITS = ((20, 11), (10, 10), (0, 10))  # (shift, width): bits 30..20, 19..10, 9..0
+# keys at or above this (the bit patterns of +inf and NaN) fall into the first digit's top bins
+_NONFINITE_DIGIT = 0x7F800000 >> 20
+
+
+def segments_topk_mask(keys: torch.Tensor, sizes: list, ks: list) -> tuple:
+    """``keys_topk_mask`` of each segment, without a host synchronisation.
+
+    ``keys``: 1-D int32 keys in ``[0, 2**31)`` (``magnitude_keys``), the segments back to back
+    (``sizes``, Python ints summing to ``keys.numel()``); ``ks``: how many to keep in each
+    (``0 <= k <= size``).  Returns ``(mask, nonfinite)``: the bool mask (exactly ``ks[j]`` marked
+    in segment ``j``: the largest keys, ties lowest index first) and a device int64 tensor with
+    each segment's number of keys of +inf or NaN magnitudes (read it when convenient)."""
+    n, s = keys.numel(), len(sizes)
+    if keys.dim() != 1 or keys.dtype != torch.int32:
+        raise ValueError(f"keys must be a 1-D int32 tensor, got {keys.dtype} of shape {tuple(keys.shape)}")
+    if sum(sizes) != n or len(ks) != s or any(not 0 <= k <= m for k, m in zip(ks, sizes)):
+        raise ValueError(f"sizes must sum to {n} and each k lie in [0, size], got sizes={sizes} ks={ks}")
+    device = keys.device
+    need = torch.tensor(ks, dtype=torch.int64, device=device)
+    segment = None  # segment number of every key (only with more than one segment)
+    if s > 1:
+        segment = torch.repeat_interleave(torch.arange(s, dtype=torch.int32, device=device),
+                                          torch.tensor(sizes, device=device), output_size=n)
+    prefix = torch.zeros(s, dtype=torch.int32, device=device)  # the threshold's digits found so far
+    nonfinite = None
+    for step, (shift, width) in enumerate(_DIGITS):
+        bins = 1 << width
+        digit = keys >> shift
+        if step:
+            digit &= bins - 1
+            # only the keys that share the threshold's higher digits take part
+            here = (keys >> (shift + width)) == (prefix if segment is None else prefix.index_select(0, segment))
+            weight = here.to(torch.int32)
+        else:
+            weight = torch.ones((), dtype=torch.int32, device=device).expand(n)
+        if segment is not None:
+            digit += segment * bins
+        hist = torch.zeros(s * bins, dtype=torch.int32, device=device).index_add_(0, digit, weight).view(s, bins)
+        if not step:
+            nonfinite = hist[:, _NONFINITE_DIGIT:].sum(1)
+        # at_least[j, d]: keys of segment j (still taking part) whose digit is d or more
+        at_least = hist.flip(1).cumsum(1, dtype=torch.int64).flip(1)
+        chosen = (at_least >= need[:, None]).sum(1) - 1  # the largest d with at_least >= need
+        above = torch.nn.functional.pad(at_least, (0, 1)).gather(1, (chosen + 1)[:, None]).squeeze(1)
+        need = need - above
+        prefix = prefix * bins + chosen.to(torch.int32)
+    threshold = prefix if segment is None else prefix.index_select(0, segment)
+    mask = keys > threshold
+    ties = keys == threshold
+    # each tie's rank among its segment's ties (1, 2, ...): a running count, less the segment's start
+    rank = torch.cumsum(ties, 0, dtype=torch.int32)
+    if segment is not None:
+        starts = torch.tensor([0] + list(itertools.accumulate(sizes))[:-1], dtype=torch.int64, device=device)
+        before = torch.nn.functional.pad(rank, (1, 0)).index_select(0, starts)
+        rank -= before.index_select(0, segment)
+        need = need.index_select(0, segment)
+    mask |= ties.logical_and_(rank <= need)
+    return mask, nonfinite
+
+
+def segment_sums(mask: torch.Tensor, sizes: list) -> torch.Tensor:
+    """How many entries of each segment of the 1-D bool ``mask`` are set (int64, on its device,
+    without a host synchronisation)."""
+    ends = torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.int64, device=mask.device)
+    running = torch.nn.functional.pad(torch.cumsum(mask, 0, dtype=torch.int64), (1, 0))
+    at = running.index_select(0, ends)
+    return at - torch.nn.functional.pad(at, (1, 0))[:-1]
