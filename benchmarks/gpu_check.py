@@ -8,6 +8,11 @@
    float64 multiplication, so they must be identical).
 2. Times an SGD step of the frozen model against the same dense model (Conv6 and
    CIFAR ResNet-18 at batch 128 in float32 and bfloat16 autocast, ResNet-50 at batch 64).
+3. Counts the host synchronisations of one frozen step (and of the dense step) with
+   ``torch.cuda.set_sync_debug_mode("warn")``: the sync-free refresh (issue #19) should add none.
+4. Trains copies of each frozen model for a few steps with the sync-free refresh (the GPU
+   default) and with the synchronous one, in both scopes and with dynamic scales, and compares
+   every mask and scale: they must be identical.
 Prints one summary line (and the mismatching layers, if any); exit status 1 on a
 mismatch.  Without a CUDA device it prints "no CUDA device" and exits 0.
 """
@@ -18,6 +23,7 @@ import copy
 import hashlib
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -82,13 +88,61 @@ def step_time(model, shape, batch, device, autocast: bool, steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def format_summary(n_compared: int, mismatches: list[str], timings: dict) -> str:
+def _sgd_step(model, x, y, opt) -> None:
+    F.cross_entropy(model(x).float(), y).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def syncs_per_step(model, shape, batch, device) -> int:
+    """Host synchronisations torch reports during one SGD step (after two warm-up steps)."""
+    x = torch.randn(batch, *shape, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9)
+    for _ in range(2):
+        _sgd_step(model, x, y, opt)
+    torch.cuda.synchronize(device)
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _sgd_step(model, x, y, opt)
+            model(x)  # (the refresh of this step's scores runs in the next forward)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message).lower() for w in caught)
+
+
+def sync_free_mismatches(arch: dict, shape, device, steps: int = 3) -> list[str]:
+    """Layers whose masks or scales differ between the sync-free and the synchronous refresh."""
+    out = []
+    for scope in ("global", "layerwise"):
+        base = timm_fslt.freeze(build(arch, device), prune=0.35, lock=0.35, scope=scope, scale="dynamic")
+        twins = {flag: copy.deepcopy(base) for flag in (True, False)}
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(8, *shape, device=device, generator=g)
+        y = torch.randint(0, 10, (8,), device=device, generator=g)
+        for flag, model in twins.items():
+            timm_fslt.get_group(model).sync_free = flag
+            opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0, momentum=0.9)
+            for _ in range(steps):
+                _sgd_step(model, x, y, opt)
+            model(x)
+        for a, b in zip(*(timm_fslt.get_group(twins[flag]).layers for flag in (True, False))):
+            if not (torch.equal(a.mask, b.mask) and torch.equal(a.scale, b.scale)):
+                out.append(f"{arch['timm']}/{scope}/{a.layer_name}")
+    return out
+
+
+def format_summary(n_compared: int, mismatches: list[str], timings: dict, syncs: dict = None) -> str:
     """One line: digest verdict, then frozen/dense step time per model and precision."""
     verdict = (f"all {n_compared} CUDA digests equal the CPU's" if not mismatches else
                f"{len(mismatches)} of {n_compared} CUDA digests DIFFER from the CPU's (first: {mismatches[0]})")
     steps = "; ".join(f"{k} frozen {f * 1e3:.1f} ms / dense {d * 1e3:.1f} ms ({f / d:.2f}x)"
                       for k, (f, d) in timings.items())
-    return f"gpu_check: {verdict}" + (f"; step time {steps}" if steps else "")
+    counted = "; ".join(f"{k} frozen {f} / dense {d}" for k, (f, d) in (syncs or {}).items())
+    return (f"gpu_check: {verdict}" + (f"; step time {steps}" if steps else "")
+            + (f"; host syncs per step {counted}" if counted else ""))
 
 
 def main(argv=None) -> int:
@@ -100,7 +154,7 @@ def main(argv=None) -> int:
         print("gpu_check: no CUDA device (torch.cuda.is_available() is False); nothing checked")
         return 0
     cuda = torch.device("cuda")
-    mismatches, n_compared, timings = [], 0, {}
+    mismatches, n_compared, timings, syncs = [], 0, {}, {}
     for name in args.models:
         arch, shape, batch = MODELS[name]
         for init in INITS:
@@ -113,11 +167,16 @@ def main(argv=None) -> int:
             key = f"{name} b{batch} {'bf16' if autocast else 'fp32'}"
             timings[key] = (step_time(frozen, shape, batch, cuda, autocast, args.steps),
                             step_time(dense, shape, batch, cuda, autocast, args.steps))
+            if not autocast:
+                syncs[name] = (syncs_per_step(frozen, shape, batch, cuda), syncs_per_step(dense, shape, batch, cuda))
             del dense, frozen
             torch.cuda.empty_cache()
+        sync_free = sync_free_mismatches(arch, shape, cuda)
+        n_compared += 1
+        mismatches += [f"sync-free refresh differs: {key}" for key in sync_free]
     for key in mismatches[:20]:
         print(f"  differs: {key}")
-    print(format_summary(n_compared, mismatches, timings))
+    print(format_summary(n_compared, mismatches, timings, syncs))
     return 1 if mismatches else 0
 
 

@@ -90,3 +90,12 @@ def killed_at(at_batch: int):
 def layer_scores(model) -> dict:
     """{layer name: a copy of its scores} of a frozen model."""
     return {layer.layer_name: layer.scores.detach().clone() for layer in timm_fslt.get_group(model).layers}
+
+
+def four_class_images(n=48, seed=0):
+    """A tiny 4-class image set (3x32x32) whose classes differ in mean brightness: learnable in a few steps."""
+    from torch.utils.data import TensorDataset
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    x = torch.randn(n, 3, 32, 32, generator=g) * 0.5 + y.view(-1, 1, 1, 1).float() * 0.3
+    return TensorDataset(x, y)

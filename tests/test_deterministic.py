@@ -12,12 +12,11 @@ import sys
 
 import pytest
 import torch
-from torch.utils.data import TensorDataset
 
 import helpers
 import timm_fslt
 from fixtures_data import recipes_dir
-from helpers import layer_scores
+from helpers import four_class_images, layer_scores
 from timm_fslt.training import ClassificationTask, RunConfigError, TrainConfig, deterministic_mode, train
 from timm_fslt.training.config import CUBLAS_WORKSPACE_ENV
 
@@ -157,14 +156,7 @@ def test_a_presets_bad_value_fails_before_any_data_is_read(tmp_path):
 
 
 # -- a training run ----------------------------------------------------------------------
-def _data(n=48, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 4
-    x = torch.randn(n, 3, 32, 32, generator=g) * 0.5 + y.view(-1, 1, 1, 1).float() * 0.3
-    return TensorDataset(x, y)
-
-
-TRAIN, VAL, TEST = _data(48, 0), _data(16, 1), _data(16, 2)
+TRAIN, VAL, TEST = four_class_images(48, 0), four_class_images(16, 1), four_class_images(16, 2)
 
 
 def _model():

@@ -414,6 +414,13 @@ def test_gpu_check_digests_compare_and_summary():
         12, ["fc/scores"], {})
 
 
+def test_gpu_check_sync_free_comparison_runs_and_agrees_on_the_cpu():
+    gpu_check, _ = _gpu_check()
+    assert gpu_check.sync_free_mismatches(ARCH, (1, 8, 8), torch.device("cpu"), steps=2) == []
+    line = gpu_check.format_summary(3, [], {}, {"conv6": (0, 2)})
+    assert line.endswith("; host syncs per step conv6 frozen 0 / dense 2")
+
+
 def test_gpu_check_without_cuda_exits_0_with_one_clear_line():
     _, path = _gpu_check()
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OUTDATED_IGNORE": "1"}

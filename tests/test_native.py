@@ -170,6 +170,21 @@ for kind in init.WEIGHT_INITS:
     for dtype in (torch.float32, torch.bfloat16):
         h.update(init.random_weight(kind, 7, "w", (300, 200, 3), "cpu", dtype).view(-1).view(torch.uint8).numpy())
 h.update(pattern.frozen_code(7, "w", (300, 200, 3), 60_000, 50_000).numpy())
+# the scores' gradient: one fused pass with the kernels, index_select and products on the torch path
+from timm_fslt.nn.functional import masked_weight
+g = torch.Generator().manual_seed(3)
+# (integers times a power of two: torch.randn's own bits differ between CPU kernel paths)
+w, grad = (torch.randint(-2 ** 20, 2 ** 20, (300, 400), generator=g).float() * 2.0 ** -17 for _ in range(2))
+grad[::7] = 0.0
+grad[1::9] = -0.0
+index = torch.randperm(120_000, generator=g)[:50_000].sort().values.to(torch.int32)
+scores = torch.randint(-1000, 1000, (1, 50_000), generator=g).float()
+scores[0, ::5] = 0.0
+scores.requires_grad_(True)
+for scale in (None, torch.tensor(1.25)):
+    scores.grad = None
+    masked_weight(w, scores, torch.ones(300, 400, dtype=torch.bool), scale, index).backward(grad)
+    h.update(scores.grad.view(-1).view(torch.uint8).numpy())
 print("DIGEST", h.hexdigest())
 """
 
@@ -232,3 +247,26 @@ def test_codes_from_freeze_keys_and_their_fallback_equal_the_rank_rule():
             free = layer.free_index()
             assert torch.equal(free.index.long(), (layer.frozen.reshape(-1) == 0).nonzero().squeeze(1))
             assert free.n_locked == counts[layer.layer_name][1]
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_the_fused_score_gradient_equals_the_torch_path_bit_for_bit(scaled):
+    from timm_fslt.nn import functional
+    g = torch.Generator().manual_seed(11)
+    n, f = 200_000, 90_000  # (large enough for the pool: two slices on two threads)
+    grad, weight = torch.randn(n, generator=g), torch.randn(n, generator=g)
+    grad[::7], grad[1::11], grad[5], weight[3] = 0.0, -0.0, float("inf"), 1e-39  # zeros, inf, a subnormal
+    weight[::13] = float("nan")
+    index = torch.randperm(n, generator=g)[:f].sort().values.to(torch.int32)
+    scores = torch.randn(f, generator=g)
+    scores[::5], scores[::9], scores[::17] = 0.0, -0.0, float("nan")  # torch.sign: 0 for all three
+    scale = torch.tensor(1.3779) if scaled else None
+    fused = native.free_gradient(grad, weight, index, scores, scale)
+    expected = functional._free_values(grad, index).mul_(functional._free_values(weight, index))
+    if scale is not None:
+        expected.mul_(scale)
+    functional._mul_sign_(expected, scores)
+    assert fused is not None and torch.equal(fused.view(torch.int32), expected.view(torch.int32))
+    # what it leaves to the torch path: other dtypes, strided gradients
+    assert native.free_gradient(grad.double(), weight.double(), index, scores, scale) is None
+    assert native.free_gradient(grad.view(400, 500).t(), weight, index, scores, scale) is None

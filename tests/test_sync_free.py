@@ -171,10 +171,13 @@ def _step_kernels(model, params, x, y):
 
 
 @pytest.mark.parametrize("scope,scale", CONFIGS)
-def test_kernels_per_step_stay_within_the_budget(scope, scale):
-    """The README's budget (section "GPU hot path"): over dense weight training, at most 12 kernels
-    per masked layer (10 without a scale; on the CPU: one of them widens the mask, one converts the
-    index, one gathers the free weights) and 90 per step for the whole model's selection."""
+def test_kernels_per_step_stay_within_the_budget(scope, scale, monkeypatch):
+    """The README's budget (section "GPU hot path"): over dense weight training, at most 9 kernels
+    per masked layer (11 with a scale) and 90 per step for the whole model's selection, counted on
+    the path a GPU runs (cached free weights, torch ops in the backward; two of the kernels, the
+    mask widening and the index conversion, are the CPU's only)."""
+    from timm_fslt.regen import native
+    monkeypatch.setattr(native, "free_gradient", lambda *args: None)  # (a numba pass: no ATen op to count)
     torch.set_num_threads(1)
     x, y = torch.randn(4, 16), torch.randint(0, 10, (4,))
 
@@ -184,11 +187,12 @@ def test_kernels_per_step_stay_within_the_budget(scope, scale):
     extra = {}
     for depth in (3, 6):
         model = timm_fslt.freeze(net(depth), prune=0.3, lock=0.3, scope=scope, scale=scale, bias="train")
-        timm_fslt.get_group(model).sync_free = True
+        group = timm_fslt.get_group(model)
+        group.sync_free = group.cache_free_weights = True
         dense = net(depth)
         extra[depth] = _step_kernels(model, trainable(model), x, y) - _step_kernels(dense, dense.parameters(), x, y)
     per_layer = (extra[6] - extra[3]) / 3
-    assert per_layer <= (10 if scale is None else 12), extra
+    assert per_layer <= (9 if scale is None else 11), extra
     assert extra[3] - 3 * per_layer <= 90, extra
 
 

@@ -12,7 +12,7 @@ from torch.utils.data import TensorDataset
 import timm
 import timm_fslt
 import helpers
-from helpers import killed_at, layer_scores, read_jsonl
+from helpers import four_class_images, killed_at, layer_scores, read_jsonl
 from timm_fslt.training import (ClassificationTask, RunConfigError, TrainConfig, build_optimizer, check_masks_in_sync,
                                 latest_checkpoint, mask_digest, train)
 
@@ -20,14 +20,7 @@ from timm_fslt.training import (ClassificationTask, RunConfigError, TrainConfig,
 fresh_accelerate_state = pytest.fixture(autouse=True)(helpers.one_thread_fresh_accelerate)
 
 
-def _data(n=48, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    y = torch.arange(n) % 4
-    x = torch.randn(n, 3, 32, 32, generator=g) * 0.5 + y.view(-1, 1, 1, 1).float() * 0.3
-    return TensorDataset(x, y)
-
-
-TRAIN, VAL, TEST = _data(48, 0), _data(16, 1), _data(16, 2)
+TRAIN, VAL, TEST = four_class_images(48, 0), four_class_images(16, 1), four_class_images(16, 2)
 
 
 def _model(prune=0.3, lock=0.2, sparsity=None, seed=3):
@@ -283,8 +276,37 @@ def test_nonfinite_scores_are_named_when_the_loss_blows_up(tmp_path):
 def test_the_finite_check_can_be_turned_off(tmp_path):
     x, y = TRAIN.tensors
     poisoned = TensorDataset(torch.where(torch.arange(len(x)).view(-1, 1, 1, 1) == 3, float("nan"), x), y)
-    config = _config(tmp_path / "off", check_finite=False, epochs=1, limit_train_batches=1)
-    train(_model(), poisoned, VAL, config=config)  # runs to the end, however meaningless
+    config = _config(tmp_path / "off", check_finite=False, epochs=1)
+    model = _model()
+    train(model, poisoned, VAL, config=config)  # runs to the end, however meaningless
+    # (the scores went NaN after the poisoned batch: the group's own check is off too)
+    assert not timm_fslt.get_group(model).check_finite
+    assert any(not bool(torch.isfinite(layer.scores).all()) for layer in timm_fslt.get_group(model).layers)
+
+
+def test_off_the_cpu_the_loss_check_runs_on_the_running_sum_at_log_steps():
+    from types import SimpleNamespace
+    from timm_fslt.training.state import TrainState, check_running_loss
+
+    class DeviceSum:  # a running loss sum held by a GPU (reading it is what the check defers)
+        device = torch.device("cuda")
+
+        def __init__(self, value):
+            self.value = value
+
+        def __float__(self):
+            return self.value
+
+        def detach(self):
+            return torch.tensor(self.value)
+    state, model = TrainState(), _model()
+    state.global_step = 7
+    on = SimpleNamespace(check_finite=True)
+    check_running_loss(on, DeviceSum(12.5), model, state)  # finite: nothing
+    check_running_loss(on, torch.tensor(float("nan")), model, state)  # CPU: each step was checked already
+    check_running_loss(SimpleNamespace(check_finite=False), DeviceSum(float("nan")), model, state)
+    with pytest.raises(FloatingPointError, match=r"running loss sum is nan by step 7: every trainable tensor"):
+        check_running_loss(on, DeviceSum(float("nan")), model, state)
 
 
 def _autocast_probe(model):

@@ -14,6 +14,8 @@ from typing import Optional
 
 import torch
 
+from timm_fslt.regen import native
+
 
 def masked_product(weight: torch.Tensor, mask: torch.Tensor, scale: Optional[torch.Tensor],
                    out: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -110,6 +112,10 @@ class _MaskedWeight(torch.autograd.Function):
         if index is None:  # every weight is free: elementwise, then flattened like the scores
             grad_scores = torch.mul(grad, weight).reshape(-1)
         else:  # (grad * W)[free] == grad[free] * W[free], bit for bit, at F instead of N elements
+            fused = None if free_weight is not None or torch.compiler.is_compiling() else \
+                native.free_gradient(grad, weight, index, scores, scale)
+            if fused is not None:  # the same products in one pass over the free weights (CPU, float32)
+                return None, fused.view(scores.shape), None, None, None, None, None
             grad_scores = _free_values(grad, index).mul_(
                 free_weight if free_weight is not None else _free_values(weight, index))
         if scale is not None:

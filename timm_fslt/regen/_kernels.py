@@ -212,3 +212,20 @@ def apply_bits(mask, index, selected, scores, start, stop):
         bit = selected[f]
         mask[index[f]] = bit
         scores[f] = 1.0 if bit else 0.5
+
+
+@njit(nogil=True, cache=True)
+def free_gradient(grad, weight, index, scores, scale, scaled, out, start, stop):
+    # the scores' gradient of the straight-through estimator at the free positions, in one pass:
+    # ((grad[j] * weight[j]) * scale) * sign(score), j = index[f] -- float32 products in torch's order
+    # (torch.sign: +1, -1, and 0 for zeros and NaN: (s > 0) - (s < 0), branch-free so the loop vectorises)
+    factor = scale if scaled else np.float32(1.0)
+    zero = np.float32(0.0)
+    for f in range(start, stop):
+        j = index[f]
+        s = scores[f]
+        sign = np.float32(s > zero) - np.float32(s < zero)
+        v = grad[j] * weight[j]
+        if scaled:
+            v = v * factor
+        out[f] = v * sign

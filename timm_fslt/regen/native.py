@@ -55,7 +55,8 @@ def _load():
         "kaiming_normal": (k.normal_range, k.normal_at, True),
         "signed_kaiming_constant": (k.signed_range, k.signed_at, False),
         **{name: getattr(k, name) for name in ("hashes", "scan", "low_histogram", "tie_limit", "write_code",
-                                               "hash_write_code", "count_free", "write_free", "apply_bits")},
+                                               "hash_write_code", "count_free", "write_free", "apply_bits",
+                                               "free_gradient")},
     }
 
 
@@ -262,6 +263,24 @@ def apply_bits(mask: torch.Tensor, index: torch.Tensor, selected: torch.Tensor, 
     _parallel(i.shape[0], lambda a, b: fn(m, i, sel, sc, a, b))
     torch.autograd.graph.increment_version(mask)
     torch.autograd.graph.increment_version(scores)
+
+
+def free_gradient(grad: torch.Tensor, weight: torch.Tensor, index: torch.Tensor, scores: torch.Tensor,
+                  scale: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``grad[index] * weight[index] * scale * sign(scores)`` (1-D, float32) in one pass, the bits of
+    the torch path (``nn/functional.py``), or None where the kernel does not apply: it takes
+    contiguous float32 CPU tensors, an int32 index, and a float32 scale of one element."""
+    k = kernels()
+    if (k is None or grad.device.type != "cpu" or not all(
+            t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in (grad, weight, scores))
+            or index.dtype != torch.int32 or (scale is not None and (scale.numel() != 1 or scale.dtype != torch.float32))):
+        return None
+    out = torch.empty(index.numel(), dtype=torch.float32)
+    g, w, i, s, o = (t.reshape(-1).numpy() for t in (grad.detach(), weight.detach(), index, scores.detach(), out))
+    factor = np.float32(scale.detach().reshape(1).numpy()[0] if scale is not None else 1.0)  # (no .item(): no sync op)
+    fn = k["free_gradient"]
+    _parallel(i.shape[0], lambda a, b: fn(g, w, i, s, factor, scale is not None, o, a, b))
+    return out
 
 
 # -- many layers at once: one hand-off to the pool for a whole model ---------------------------

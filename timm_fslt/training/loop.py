@@ -23,13 +23,12 @@ the ticket land in ``output_dir``.
 A ``task`` tells the loop what a batch is: ``ClassificationTask`` (image batches
 ``(x, y)``) or ``NodeClassificationTask`` (the whole graph, full-graph training).
 
-This module is the loop itself; its parts live next to it: ``config`` (TrainConfig,
-errors), ``tasks``, ``state`` (progress, optimizer, best model), ``checkpoint`` and
-``resume``, ``sync`` (agreement across processes), ``tracking`` (metrics.jsonl) and
-``outputs`` (ticket or model file).  ``train`` is a sequence of named steps: check the
-settings, build the accelerator, decide the resume, build and prepare loaders and
-optimizer, load or start the state, then run epochs (train pass, validation, checkpoint)
-and finish (test the best model, save the ticket and results.json).
+Its parts live next to it: ``config``, ``tasks``, ``state`` (progress, optimizer, best model),
+``checkpoint``, ``resume``, ``sync`` (across processes), ``tracking`` and ``outputs``.  ``train``
+is a sequence of named steps: check the settings, build the accelerator, decide the resume,
+prepare loaders and optimizer, load or start the state, run epochs (train, validate, checkpoint),
+finish (test the best model, save the ticket and results.json).  On a GPU no step reads a value
+back except at log steps (``log_every``), where the loss checks run (``state.check_running_loss``).
 """
 from __future__ import annotations
 
@@ -50,7 +49,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from timm_fslt.frozen import is_frozen, recompute_masked_weights
+from timm_fslt.frozen import get_group, is_frozen, recompute_masked_weights
 from timm_fslt.ticket.architecture import resolve_architecture
 from timm_fslt.training.checkpoint import save_checkpoint
 from timm_fslt.training.config import (CHECKPOINTS_DIR, METRICS_FILE, RESULTS_FILE, VOLATILE_FIELDS, RunConfigError,
@@ -61,8 +60,8 @@ from timm_fslt.training.outputs import current_sparsity, save_outputs, size_resu
 from timm_fslt.training.records import flat_hparams, jsonable, write_json_atomic
 from timm_fslt.training.resume import decide_resume, load_checkpoint
 from timm_fslt.training.loaders import batch_sizes, build_loaders
-from timm_fslt.training.state import (TrainState, build_optimizer, build_scheduler, model_fingerprint,
-                                      nonfinite_message, restore, snapshot, static_keys)
+from timm_fslt.training.state import (TrainState, build_optimizer, build_scheduler, check_running_loss,
+                                      model_fingerprint, nonfinite_message, restore, snapshot, static_keys)
 from timm_fslt.training.sync import (average_batchnorm_stats, batchnorm_digests, batchnorm_vector,
                                      check_masks_in_sync, load_batchnorm_vector)
 from timm_fslt.training.tasks import ClassificationTask
@@ -76,9 +75,8 @@ def train(model: nn.Module, train_set, val_set, test_set=None, config: Optional[
 
     Args:
         model: a ``timm_fslt.freeze``-d model or an ordinary one (weight training).
-        train_set, val_set, test_set: torch Datasets (the loop builds the loaders,
-            with a seeded per-epoch order) or ready DataLoaders.  ``test_set`` may be
-            None (no final test evaluation).
+        train_set, val_set, test_set: torch Datasets (the loop builds the loaders, with a seeded
+            per-epoch order) or ready DataLoaders.  ``test_set`` may be None (no final test).
         config: ``TrainConfig``.
         task: ``ClassificationTask()`` (default) or ``NodeClassificationTask(...)``.
         run_info: what else identifies the run (model name, data source, method...);
@@ -86,9 +84,8 @@ def train(model: nn.Module, train_set, val_set, test_set=None, config: Optional[
 
     Returns the results dict that is also written to ``output_dir/results.json``:
     ``accuracy`` ({"val", "test"}), ``best_epoch``, ``sparsity``, ``size_report``,
-    ``wall_time_s``, ``history`` (per epoch), ``mask_digests`` (one per process),
-    ``ticket_dir``/``hub_url`` when saved.  With ``stop_after`` set and epochs
-    left, returns early with ``completed=False`` and writes no results.json.
+    ``wall_time_s``, ``history`` (per epoch), ``mask_digests`` (one per process), ``ticket_dir``/``hub_url``
+    when saved.  With ``stop_after`` set and epochs left, returns early with ``completed=False``.
 
     A frozen model's ticket needs its architecture: build the model with
     ``timm_fslt.create_model`` (it records it) or set ``config.architecture``; this
@@ -232,6 +229,8 @@ def _prepare(accelerator, model: nn.Module, config: TrainConfig, task, loaders: 
     prepared = accelerator.prepare(model, optimizer, *loaders)
     model, optimizer, train_loader, val_loader = prepared[:4]
     unwrapped = accelerator.unwrap_model(model)
+    if is_frozen(unwrapped):  # (TrainConfig(check_finite=False) turns off the scores' check too)
+        get_group(unwrapped).check_finite = config.check_finite
     return _Run(config=config, task=task, accelerator=accelerator, model=model, unwrapped=unwrapped,
                 optimizer=optimizer, scheduler=scheduler, train_loader=train_loader, val_loader=val_loader,
                 test_loader=prepared[4] if len(loaders) == 3 else None, output_dir=output_dir,
@@ -314,10 +313,11 @@ def _train_pass(run: _Run, state: TrainState, epoch: int) -> tuple[float, float]
         loss_sum += loss.detach().double()
         n_batches += 1
         if accelerator.sync_gradients:  # an optimizer step happened (the last of grad_accum_steps)
-            _after_optimizer_step(run, state, loss, bar)
+            _after_optimizer_step(run, state, loss, bar, loss_sum)
             every = run.config.checkpoint_every_steps
             if every and state.global_step % every == 0 and n_batches < total:
                 _save_mid_epoch(run, state, n_batches, loss_sum)
+    check_running_loss(run.config, loss_sum, run.unwrapped, state)
     lr = run.optimizer.param_groups[0]["lr"]
     run.scheduler.step(epoch + 1)  # timm's scheduler: the learning rate of the next epoch
     totals = accelerator.reduce(torch.stack([loss_sum, torch.tensor(
@@ -344,7 +344,7 @@ def _train_step(run: _Run, state: TrainState, batch, epoch: int) -> torch.Tensor
     with run.accelerator.accumulate(run.model):
         with run.forward_context():
             loss = run.task.loss(run.model, batch)
-        if run.config.check_finite and not bool(torch.isfinite(loss.detach())):
+        if run.config.check_finite and loss.device.type == "cpu" and not bool(torch.isfinite(loss.detach())):
             raise FloatingPointError(nonfinite_message(run.unwrapped, loss, state, epoch))
         run.accelerator.backward(loss)
         run.optimizer.step()
@@ -352,11 +352,12 @@ def _train_step(run: _Run, state: TrainState, batch, epoch: int) -> torch.Tensor
     return loss
 
 
-def _after_optimizer_step(run: _Run, state: TrainState, loss: torch.Tensor, bar) -> None:
+def _after_optimizer_step(run: _Run, state: TrainState, loss: torch.Tensor, bar, loss_sum: torch.Tensor) -> None:
     config = run.config
     state.global_step += 1
     if state.global_step % config.log_every == 0:
         value = float(loss.detach())
+        check_running_loss(config, loss_sum, run.unwrapped, state)
         bar.set_postfix(loss=f"{value:.4f}")
         run.accelerator.log({"train/step_loss": value, "lr": run.optimizer.param_groups[0]["lr"]},
                             step=state.global_step)

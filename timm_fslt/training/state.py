@@ -2,6 +2,7 @@
 (``TrainState``), the optimizer and its per-epoch schedule (timm's), and the best model's state."""
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -115,11 +116,21 @@ def restore(model: nn.Module, state: dict, static: set) -> None:
                            f"unexpected {sorted(result.unexpected_keys)}")
 
 
-def nonfinite_message(model: nn.Module, loss: torch.Tensor, state, epoch: int) -> str:
+def check_running_loss(config, loss_sum: torch.Tensor, model: nn.Module, state) -> None:
+    """Off the CPU, the loss check of every step runs here instead, where the host reads a value
+    anyway (log steps, the epoch's end): the epoch's running loss sum is non-finite from the first
+    non-finite loss on, so nothing is missed, only reported up to ``log_every`` steps later."""
+    if config.check_finite and loss_sum.device.type != "cpu" and not math.isfinite(float(loss_sum)):
+        raise FloatingPointError(nonfinite_message(model, loss_sum, state, None))
+
+
+def nonfinite_message(model: nn.Module, loss: torch.Tensor, state, epoch: Optional[int]) -> str:
     bad = [name for name, p in model.named_parameters()
            if p.requires_grad and not bool(torch.isfinite(p.detach()).all())]
     where = (f"non-finite values in {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}" if bad else
              "every trainable tensor is finite, so the inputs or the learning rate are the likely cause")
-    return (f"loss is {float(loss.detach())} at step {state.global_step + 1} (epoch {epoch + 1}): {where}. "
+    at = (f"loss is {float(loss.detach())} at step {state.global_step + 1} (epoch {epoch + 1})" if epoch is not None
+          else f"the epoch's running loss sum is {float(loss.detach())} by step {state.global_step}")
+    return (f"{at}: {where}. "
             "Lower the learning rate or check the data; resume from the last checkpoint with --resume. "
             "(TrainConfig(check_finite=False) turns this check off.)")

@@ -33,17 +33,21 @@ class ClassificationTask:
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader, accelerator, desc: str = "eval", progress: bool = True) -> dict:
-        correct, total, loss_sum = 0, 0, 0.0
+        # (counts and the loss sum stay on the device and are read once at the end: the same float64
+        # additions in the same order as Python floats would do, without a host read per batch)
+        correct = torch.zeros((), dtype=torch.int64, device=accelerator.device)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=accelerator.device)
+        total = 0
         for x, y in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True,
                          disable=not (progress and accelerator.is_main_process)):
             logits = model(x).float()
             losses = F.cross_entropy(logits, y, reduction="none")
             # gather_for_metrics drops the samples repeated to even out the last batch.
             pred, y, losses = accelerator.gather_for_metrics((logits.argmax(-1), y, losses))
-            correct += int((pred == y).sum())
-            total += int(y.numel())
-            loss_sum += float(losses.double().sum())
-        return {"acc": correct / max(total, 1), "loss": loss_sum / max(total, 1), "n": total}
+            correct += (pred == y).sum()
+            total += y.numel()
+            loss_sum += losses.double().sum()
+        return {"acc": int(correct) / max(total, 1), "loss": float(loss_sum) / max(total, 1), "n": total}
 
 
 class NodeClassificationTask:
