@@ -292,3 +292,17 @@ def test_kept_products_are_never_written_while_something_holds_them():
     twin(x1)
     twin(x1)  # (nothing holds the first forward's product: the second writes the same memory)
     assert layer.__dict__["_product"] is first
+
+
+def test_compiled_model_follows_a_loaded_state_dict():
+    """load_state_dict replaces scores and codes' values: the eager refresh before the compiled
+    forward re-reads them (the state of another seed gives that seed's outputs)."""
+    model = timm_fslt.freeze(small_net(), prune=0.3, lock=0.3, seed=10)
+    other = timm_fslt.freeze(small_net(seed=1), prune=0.3, lock=0.3, seed=11)
+    x = torch.randn(2, 3, 8, 8)
+    run = torch.compile(model, backend="aot_eager")
+    torch._dynamo.reset()
+    run(x)
+    model.load_state_dict(other.state_dict())
+    torch.testing.assert_close(run(x), other(x), rtol=0, atol=0)
+    assert all(torch.equal(a, b) for a, b in zip(masks(model), masks(other)))
