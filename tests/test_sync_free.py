@@ -306,3 +306,21 @@ def test_compiled_model_follows_a_loaded_state_dict():
     model.load_state_dict(other.state_dict())
     torch.testing.assert_close(run(x), other(x), rtol=0, atol=0)
     assert all(torch.equal(a, b) for a, b in zip(masks(model), masks(other)))
+
+
+def test_the_sync_free_state_is_not_copied_with_the_model():
+    """The group's device state (a pending non-finite count, the scale table; on CUDA a pinned copy
+    and an event, which do not pickle) is made afresh in a copy instead of copied."""
+    model = timm_fslt.freeze(small_net(), prune=0.3, lock=0.3, scope="global", scale="dynamic", seed=12)
+    group = timm_fslt.get_group(model)
+    group.sync_free = True
+    timm_fslt.refresh_masks(model)
+    assert {"_nonfinite", "_scale_table"} <= set(group.__dict__)
+    twin = copy.deepcopy(model)  # (as timm's ModelEmaV2 does; torch pickles parametrized models only by state_dict)
+    other = timm_fslt.get_group(twin)
+    assert not {"_nonfinite", "_scale_table"} & set(other.__dict__)
+    assert other.sync_free and all(torch.equal(a, b) for a, b in zip(masks(model), masks(twin)))
+    timm_fslt.refresh_masks(twin)  # (made again on first use)
+    assert {"_nonfinite", "_scale_table"} <= set(other.__dict__)
+    assert all(torch.equal(a, b) for a, b in zip(masks(model), masks(twin)))
+    assert all(torch.equal(a.scale, b.scale) for a, b in zip(group.layers, other.layers))

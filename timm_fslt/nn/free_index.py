@@ -85,9 +85,9 @@ def cached_free_values(layer, weight: torch.Tensor, index: torch.Tensor) -> torc
 def moved_caches(layer, fn, frozen, mask, free: Optional[_FreeIndex], ready: Optional[tuple], current: bool) -> None:
     """After ``layer._apply(fn)``: its free index (``fn`` applied, if it was valid and stays an int32
     tensor of its shape), its record of the written mask and of its last refresh, carried over to the
-    new tensors; the cached free weights dropped (the weight is not the layer's own: it moves next)."""
-    layer.__dict__.pop("_free_weight", None)
-    layer.__dict__.pop("_long_index", None)
+    new tensors; the step caches dropped (the weight is not the layer's own: it moves next)."""
+    for name in STEP_CACHES:
+        layer.__dict__.pop(name, None)
     if free is None or free.frozen is not frozen or free.version != frozen._version or layer.frozen is frozen:
         return
     index = None if free.index is None else fn(free.index)

@@ -45,9 +45,8 @@ def product_buffer(layer, weight: torch.Tensor) -> torch.Tensor:
     more (no autograd graph saved it, nobody kept the weight it was returned as), else a new one,
     kept for the next step.  Writing the same memory every step instead of fresh memory makes the
     CPU convolutions that read it measurably faster (benchmarks/README.md, "step time")."""
-    kept = layer.__dict__.get("_product")
-    if kept is not None:
-        buffer = kept
+    buffer = layer.__dict__.get("_product")
+    if buffer is not None:
         if (buffer.shape == weight.shape and buffer.stride() == weight.stride() and buffer.dtype == weight.dtype
                 and buffer.device == weight.device and _use_count(buffer) == _IDLE):
             return buffer

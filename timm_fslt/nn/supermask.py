@@ -49,7 +49,7 @@ from timm_fslt.nn.free_index import _free_index_of, _free_shapes, _FreeIndex, fr
 from timm_fslt.nn.free_index import STEP_CACHES, cached_free_values, long_index, moved_caches, weight_shaped
 from timm_fslt.nn.optimizer_state import upgrade_optimizer_state  # noqa: F401  (registers its hooks)
 from timm_fslt.nn.functional import masked_weight, product_buffer, script_refusal, stale_refusal, traced_masked_weight
-from timm_fslt.nn.sync_free import NonfiniteWatch, ScaleTable, nonfinite_error
+from timm_fslt.nn.sync_free import SyncFreeState, dynamic_scale, nonfinite_error
 from timm_fslt.regen import pattern as freezing
 from timm_fslt.regen.topk import keys_topk_mask, magnitude_keys, segment_sums, segments_topk_mask
 
@@ -278,7 +278,7 @@ class FrozenSupermask(nn.Module):
         return f"layer={self.layer_name!r}, shape={tuple(self.frozen.shape)}"
 
 
-class SupermaskGroup:
+class SupermaskGroup(SyncFreeState):
     """All ``FrozenSupermask``s of one model and the rule that turns scores into masks."""
 
     def __init__(self, layers: list[FrozenSupermask], sparsity: float, scope: str,
@@ -343,7 +343,7 @@ class SupermaskGroup:
         for layer, free, part in zip(layers, frees, flat.split(sizes)):
             layer._write_magnitudes(part, free)
         sync_free = self.sync_free if self.sync_free is not None else flat.device.type != "cpu"
-        watch = self.__dict__.setdefault("_nonfinite", NonfiniteWatch())
+        watch = self.nonfinite_watch
         # |s| as int32 bits: NaN and Inf are exactly the patterns >= 0x7F800000 (one max() checks them)
         if self.check_finite and (watch.seen() if sync_free else
                                   flat.numel() and int(flat.view(torch.int32).max()) >= 0x7F800000):
@@ -398,7 +398,7 @@ class SupermaskGroup:
         tensor: the dynamic scales are then looked up on the device, ``nn/sync_free.py``)."""
         layers = self.layers
         if self.scale_mode == "dynamic" and isinstance(kept, torch.Tensor):
-            scales = self.__dict__.setdefault("_scale_table", ScaleTable()).lookup(layers, frees, kept)
+            scales = self.scale_table.lookup(layers, frees, kept)
             torch._foreach_copy_([layer.scale for layer in layers], list(scales.to(layers[0].scale.dtype).unbind()))
         for i, (layer, free, sel) in enumerate(zip(layers, frees, selected)):
             if not written:
@@ -410,8 +410,8 @@ class SupermaskGroup:
                     layer._scale_value = None  # (written above, on the device)
                 else:
                     n = kept[i] if kept is not None else int(torch.count_nonzero(sel))
-                    density = (free.n_locked + n + layer.removed_kept) / max(layer.numel + layer.removed_numel, 1)
-                    layer._set_scale(1.0 / math.sqrt(max(density, 1e-12)))
+                    layer._set_scale(dynamic_scale(free.n_locked + n + layer.removed_kept,
+                                                   layer.numel + layer.removed_numel))
             else:
                 layer._set_scale(1.0)
             # (into __dict__: Module.__setattr__ costs more; the tensor for _masks_current: torch.export has fakes)

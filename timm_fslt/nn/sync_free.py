@@ -32,6 +32,11 @@ def scale_values(base: int, n_free: int, total: int) -> np.ndarray:
     return np.divide(1.0, density, out=density).astype(np.float32)
 
 
+def dynamic_scale(kept: int, total: int) -> float:
+    """The dynamic scale of a layer keeping ``kept`` of its ``total`` weights (one entry of ``scale_values``)."""
+    return float(scale_values(kept, 0, total)[0])
+
+
 class ScaleTable:
     """Every layer's dynamic scale for every count of kept free weights, back to back on one device."""
 
@@ -86,6 +91,31 @@ class NonfiniteWatch:
 
     def reset(self) -> None:
         self._total = self._host = self._event = None
+
+
+class SyncFreeState:
+    """What the sync-free refresh keeps on a ``SupermaskGroup`` between refreshes (device tensors, a
+    CUDA event): made on first use, never copied or pickled with the group (CUDA events do not pickle;
+    a copy starts afresh)."""
+
+    _STATE = ("_nonfinite", "_scale_table")
+
+    @property
+    def nonfinite_watch(self) -> NonfiniteWatch:
+        watch = self.__dict__.get("_nonfinite")
+        if watch is None:
+            watch = self.__dict__["_nonfinite"] = NonfiniteWatch()
+        return watch
+
+    @property
+    def scale_table(self) -> ScaleTable:
+        table = self.__dict__.get("_scale_table")
+        if table is None:
+            table = self.__dict__["_scale_table"] = ScaleTable()
+        return table
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k not in self._STATE}
 
 
 def nonfinite_error(layers: list) -> FloatingPointError:

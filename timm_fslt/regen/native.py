@@ -271,7 +271,7 @@ def free_gradient(grad: torch.Tensor, weight: torch.Tensor, index: torch.Tensor,
     the torch path (``nn/functional.py``), or None where the kernel does not apply: it takes
     contiguous float32 CPU tensors, an int32 index, and a float32 scale of one element."""
     k = kernels()
-    if (k is None or grad.device.type != "cpu" or not all(
+    if (k is None or not all(
             t.dtype == torch.float32 and t.is_contiguous() and t.device.type == "cpu" for t in (grad, weight, scores))
             or index.dtype != torch.int32 or (scale is not None and (scale.numel() != 1 or scale.dtype != torch.float32))):
         return None

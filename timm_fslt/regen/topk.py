@@ -24,6 +24,7 @@ one: ``magnitude_keys``), and the k-th largest key is found (``kth_largest``):
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -153,11 +154,10 @@ def segments_topk_mask(keys: torch.Tensor, sizes: list, ks: list) -> tuple:
     if sum(sizes) != n or len(ks) != s or any(not 0 <= k <= m for k, m in zip(ks, sizes)):
         raise ValueError(f"sizes must sum to {n} and each k lie in [0, size], got sizes={sizes} ks={ks}")
     device = keys.device
-    need = torch.tensor(ks, dtype=torch.int64, device=device)
+    need, counts, starts = _segment_constants(tuple(sizes), tuple(ks), device)
     segment = None  # segment number of every key (only with more than one segment)
     if s > 1:
-        segment = torch.repeat_interleave(torch.arange(s, dtype=torch.int32, device=device),
-                                          torch.tensor(sizes, device=device), output_size=n)
+        segment = torch.repeat_interleave(torch.arange(s, dtype=torch.int32, device=device), counts, output_size=n)
     prefix = torch.zeros(s, dtype=torch.int32, device=device)  # the threshold's digits found so far
     nonfinite = None
     for step, (shift, width) in enumerate(_DIGITS):
@@ -187,7 +187,6 @@ def segments_topk_mask(keys: torch.Tensor, sizes: list, ks: list) -> tuple:
     # each tie's rank among its segment's ties (1, 2, ...): a running count, less the segment's start
     rank = torch.cumsum(ties, 0, dtype=torch.int32)
     if segment is not None:
-        starts = torch.tensor([0] + list(itertools.accumulate(sizes))[:-1], dtype=torch.int64, device=device)
         before = torch.nn.functional.pad(rank, (1, 0)).index_select(0, starts)
         rank -= before.index_select(0, segment)
         need = need.index_select(0, segment)
@@ -195,10 +194,23 @@ def segments_topk_mask(keys: torch.Tensor, sizes: list, ks: list) -> tuple:
     return mask, nonfinite
 
 
+@functools.lru_cache(maxsize=16)
+def _segment_constants(sizes: tuple, ks: tuple, device: torch.device) -> tuple:
+    """``(ks, sizes, starts)`` as int64 device tensors: the same every step of a model, so copied to
+    the device once (callers never write them)."""
+    starts = [0] + list(itertools.accumulate(sizes))[:-1]
+    return tuple(torch.tensor(values, dtype=torch.int64, device=device) for values in (ks, sizes, starts))
+
+
+@functools.lru_cache(maxsize=16)
+def _segment_ends(sizes: tuple, device: torch.device) -> torch.Tensor:
+    return torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.int64, device=device)
+
+
 def segment_sums(mask: torch.Tensor, sizes: list) -> torch.Tensor:
     """How many entries of each segment of the 1-D bool ``mask`` are set (int64, on its device,
     without a host synchronisation)."""
-    ends = torch.tensor(list(itertools.accumulate(sizes)), dtype=torch.int64, device=mask.device)
+    ends = _segment_ends(tuple(sizes), mask.device)
     running = torch.nn.functional.pad(torch.cumsum(mask, 0, dtype=torch.int64), (1, 0))
     at = running.index_select(0, ends)
     return at - torch.nn.functional.pad(at, (1, 0))[:-1]
