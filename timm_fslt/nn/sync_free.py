@@ -100,19 +100,19 @@ class SyncFreeState:
 
     _STATE = ("_nonfinite", "_scale_table")
 
+    def _made(self, name: str, make):
+        found = self.__dict__.get(name)
+        if found is None:
+            found = self.__dict__[name] = make()
+        return found
+
     @property
     def nonfinite_watch(self) -> NonfiniteWatch:
-        watch = self.__dict__.get("_nonfinite")
-        if watch is None:
-            watch = self.__dict__["_nonfinite"] = NonfiniteWatch()
-        return watch
+        return self._made("_nonfinite", NonfiniteWatch)
 
     @property
     def scale_table(self) -> ScaleTable:
-        table = self.__dict__.get("_scale_table")
-        if table is None:
-            table = self.__dict__["_scale_table"] = ScaleTable()
-        return table
+        return self._made("_scale_table", ScaleTable)
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k not in self._STATE}
