@@ -1,14 +1,16 @@
-"""What the CPU step changes of issue #19 buy, measured in one process, interleaved.
+"""What the CPU step changes of issues #19 and #17 buy, measured in one process, interleaved.
 
     python benchmarks/step_variants.py                  # timm resnet18 at 32 px, batch 128, 30 rounds
     python benchmarks/step_variants.py --model conv6 --rounds 12
 
-Four configurations of ``step_time.py`` visited in rotating order every round: dense weight training,
-and the frozen step (prune 0.35, lock 0.35) three ways: ``fresh`` (a new ``W * mask`` every step and
+Five configurations of ``step_time.py`` visited in rotating order every round: dense weight training,
+and the frozen step (prune 0.35, lock 0.35) four ways: ``fresh`` (a new ``W * mask`` every step and
 the backward gathering ``grad[free]`` and ``W[free]`` with torch ops: before #19), ``kept`` (the product
-written into last step's memory, ``SupermaskGroup.keep_products``) and ``fused`` (kept, and the scores'
-gradient in one compiled pass, ``native.free_gradient``: today's CPU default).  Prints the median (and
-quartiles) of the per-round ratios against dense and between the variants.
+written into last step's memory, ``SupermaskGroup.keep_products``), ``fused`` (kept, and the scores'
+gradient in one compiled pass, ``native.free_gradient``; masks by the generic torch refresh) and
+``compiled`` (fused, and the masks selected and written by the compiled two-pass refresh,
+``nn/cpu_refresh.py``: today's CPU default).  Prints the median (and quartiles) of the per-round
+ratios against dense and between the variants.
 """
 from __future__ import annotations
 
@@ -37,17 +39,18 @@ def main(argv=None) -> None:
     x, y = st.batch(args.model, batch)
     fused_gradient = native.free_gradient
     runs = {}
-    for kind in ("dense", "fresh", "kept", "fused"):
+    for kind in ("dense", "fresh", "kept", "fused", "compiled"):
         model, opt = st.build(args.model, "dense" if kind == "dense" else "frozen")
         if kind != "dense":
             group = timm_fslt.get_group(model)
             group.keep_products, group.cache_free_weights = kind != "fresh", False
+            group.compiled_refresh = kind == "compiled"
         runs[kind] = (model, opt)
     kinds = list(runs)
     times = {kind: [] for kind in kinds}
     for r in range(args.rounds + 2):  # (the first two rounds warm up)
-        for kind in kinds[r % 4:] + kinds[:r % 4]:
-            native.free_gradient = fused_gradient if kind == "fused" else (lambda *a: None)
+        for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
+            native.free_gradient = fused_gradient if kind in ("fused", "compiled") else (lambda *a: None)
             start = time.perf_counter()
             st.step(*runs[kind], x, y)
             if r >= 2:
@@ -57,7 +60,8 @@ def main(argv=None) -> None:
           f"dense step median {statistics.median(times['dense']):.3f} s")
     for label, num, den in (("fresh/dense", "fresh", "dense"), ("kept/dense", "kept", "dense"),
                             ("fused/dense", "fused", "dense"), ("kept/fresh", "kept", "fresh"),
-                            ("fused/kept", "fused", "kept")):
+                            ("compiled/dense", "compiled", "dense"), ("fused/kept", "fused", "kept"),
+                            ("compiled/fused", "compiled", "fused")):
         ratios = [a / b for a, b in zip(times[num], times[den])]
         q = statistics.quantiles(ratios, n=4)
         print(f"  {label}: median {statistics.median(ratios):.3f} (quartiles {q[0]:.3f}-{q[2]:.3f})")

@@ -27,13 +27,11 @@ optimizer or ``load_state_dict`` writes them) at the next forward and recomputes
 every mask at once: one selection for the whole model in ``global`` scope, one
 per layer in ``layerwise`` scope.  No extra call is needed in a training loop.
 
-Cost per optimizer step: the free scores are the parameter itself (nothing to gather), the
-selection over them is linear time (``regen/topk.py``; on GPUs by default without reading anything
-back to the host: ``nn/sync_free.py``), and a mask update writes the free positions only.  The
-forward adds one elementwise product per layer, the backward works at the free weights only
-(int32 index; their weights cached on GPUs): ``nn/functional.py``, ``nn/recompute.py``.
-Under torch.export / torch.jit.trace a layer records the plain product with its current mask,
-refusing masks that may be out of date; torch.jit.script is refused.
+Per optimizer step: a linear-time selection over the free scores, writing the free positions only
+(CPU: two compiled passes, ``nn/cpu_refresh.py``; GPUs: nothing read back, ``nn/sync_free.py``;
+else ``regen/topk.py``), one product per layer in the forward, the backward at the free weights
+only (``nn/functional.py``, ``nn/recompute.py``).  torch.export / torch.jit.trace record the plain
+product with the current mask (refusing stale masks); torch.jit.script is refused.
 """
 from __future__ import annotations
 
@@ -44,7 +42,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from timm_fslt.nn import recompute
+from timm_fslt.nn import cpu_refresh, recompute
 from timm_fslt.nn.free_index import _free_index_of, _free_shapes, _FreeIndex, free_entries, legacy_scores
 from timm_fslt.nn.free_index import STEP_CACHES, cached_free_values, long_index, moved_caches, weight_shaped
 from timm_fslt.nn.optimizer_state import upgrade_optimizer_state  # noqa: F401  (registers its hooks)
@@ -319,7 +317,9 @@ class SupermaskGroup(SyncFreeState):
     # cache_free_weights: keep W at the free positions for the backward (scores-sized; not on the CPU).
     # keep_products: write W * mask into last step's memory when nothing holds it (nn/functional.py;
     # on the CPU only: a GPU's caching allocator hands back the same memory anyway).
+    # compiled_refresh: False turns off the CPU's compiled selection and mask write (nn/cpu_refresh.py).
     sync_free: Optional[bool] = None
+    compiled_refresh: Optional[bool] = None
     cache_free_weights: Optional[bool] = None
     keep_products: Optional[bool] = None
 
@@ -334,12 +334,13 @@ class SupermaskGroup(SyncFreeState):
         """Recompute every mask from the current scores (no-op when nothing changed)."""
         if not force and not self.is_stale():
             return
-        layers = self.layers
-        frees = [layer.free_index() for layer in layers]
-        sizes = [free.n_free for free in frees]
-        device = layers[0].scores.device if layers else None
-        # |s| of every free weight, back to back (float32: the selection's key order).
-        flat = torch.empty(sum(sizes), dtype=torch.float32, device=device)
+        layers, frees = self.layers, [layer.free_index() for layer in self.layers]
+        counts = self.selected_counts(frees)
+        kept = cpu_refresh.refresh(self, layers, frees, counts)  # (the CPU's compiled path, if it applies)
+        if kept is not None:
+            return self._apply_selected(frees, [None] * len(layers), written=True, kept=kept)
+        sizes, device = [free.n_free for free in frees], (layers[0].scores.device if layers else None)
+        flat = torch.empty(sum(sizes), dtype=torch.float32, device=device)  # |s| of every free weight
         for layer, free, part in zip(layers, frees, flat.split(sizes)):
             layer._write_magnitudes(part, free)
         sync_free = self.sync_free if self.sync_free is not None else flat.device.type != "cpu"
@@ -350,7 +351,6 @@ class SupermaskGroup(SyncFreeState):
             watch.reset()
             raise nonfinite_error(layers)
         keys = magnitude_keys(flat)
-        counts = self.selected_counts(frees)
         kept = counts if self.scope == "layerwise" else None  # (global scope: counted per layer if needed)
         if sync_free:
             mask, nonfinite = segments_topk_mask(keys, sizes if self.scope == "layerwise" else [keys.numel()],

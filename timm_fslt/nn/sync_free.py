@@ -22,6 +22,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from timm_fslt.regen.cpu_select import BandState
+
 
 def scale_values(base: int, n_free: int, total: int) -> np.ndarray:
     """float32 ``1 / sqrt(max((base + c) / total, 1e-12))`` for every ``c`` in ``0..n_free``, as the
@@ -94,11 +96,11 @@ class NonfiniteWatch:
 
 
 class SyncFreeState:
-    """What the sync-free refresh keeps on a ``SupermaskGroup`` between refreshes (device tensors, a
-    CUDA event): made on first use, never copied or pickled with the group (CUDA events do not pickle;
-    a copy starts afresh)."""
+    """What refreshes keep on a ``SupermaskGroup`` for the next one (the sync-free refresh's device
+    tensors and CUDA event, the CPU refresh's bands): made on first use, never copied or pickled with
+    the group (CUDA events do not pickle; a copy starts afresh)."""
 
-    _STATE = ("_nonfinite", "_scale_table")
+    _STATE = ("_nonfinite", "_scale_table", "_bands")
 
     def _made(self, name: str, make):
         found = self.__dict__.get(name)
@@ -113,6 +115,10 @@ class SyncFreeState:
     @property
     def scale_table(self) -> ScaleTable:
         return self._made("_scale_table", ScaleTable)
+
+    @property
+    def band_state(self) -> BandState:
+        return self._made("_bands", BandState)
 
     def __getstate__(self):
         return {k: v for k, v in self.__dict__.items() if k not in self._STATE}

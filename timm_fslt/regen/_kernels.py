@@ -229,3 +229,66 @@ def free_gradient(grad, weight, index, scores, scale, scaled, out, start, stop):
         if scaled:
             v = v * factor
         out[f] = v * sign
+
+
+
+
+# -- the CPU mask refresh (regen/cpu_select.py): integer logic on the scores' float32 bits ---------
+# Each kernel loops over a slice from 0 (an index known to be non-negative lets LLVM drop numba's
+# negative-index handling and vectorise), with int32 counts (a layer has fewer than 2**31 weights).
+@njit(inline="always")
+def score_key(b):  # the ordered key of |score|: its bits without the sign, every NaN 0x7F800001
+    key = b & np.int32(0x7FFFFFFF)
+    return key if key < np.int32(0x7F800001) else np.int32(0x7F800001)
+
+
+@njit(nogil=True, cache=True)
+def band_count(bits, start, stop, lo, hi):
+    # (the largest key, how many keys are above hi, how many lie in [lo, hi]), in one vectorised pass
+    b = bits[start:stop]
+    top, above, inside = np.int32(0), np.int32(0), np.int32(0)
+    width = np.uint32(hi - lo)  # (lo <= key <= hi  <=>  key - lo <= hi - lo, unsigned)
+    for f in range(b.shape[0]):
+        key = score_key(b[f])
+        top = top if top > key else key
+        above += np.int32(key > hi)
+        inside += np.int32(np.uint32(key - lo) <= width)
+    return top, above, inside
+
+
+@njit(nogil=True, cache=True)
+def band_keys(bits, start, stop, lo, hi, out):
+    # the keys in [lo, hi], in order, into out (which holds exactly as many: band_count's)
+    b = bits[start:stop]
+    width = np.uint32(hi - lo)
+    m = 0
+    for f in range(b.shape[0]):
+        key = score_key(b[f])
+        if np.uint32(key - lo) <= width:  # (rare: a predictable branch)
+            out[m] = key
+            m += 1
+
+
+@njit(nogil=True, cache=True)
+def write_selected(bits, mask, index, start, stop, kth, last_tie):
+    # mask[index[f]] = key f selected: above kth, or equal to it at f - start <= last_tie (the ties
+    # kept, lowest index first); mask is the bool mask's bytes.  Returns how many were selected.
+    b, at = bits[start:stop], index[start:stop]
+    n = np.int32(0)
+    for f in range(b.shape[0]):
+        key = score_key(b[f])
+        bit = np.uint8(key > kth) | (np.uint8(key == kth) & np.uint8(f <= last_tie))
+        mask[np.uint32(at[f])] = bit
+        n += np.int32(bit)
+    return n
+
+
+@njit(nogil=True, cache=True)
+def tie_position(bits, value, need):  # (where the need-th key equal to value is, or -1; how many were seen)
+    seen = 0
+    for f in range(bits.shape[0]):
+        if score_key(bits[f]) == value:
+            seen += 1
+            if seen == need:
+                return f, seen
+    return -1, seen

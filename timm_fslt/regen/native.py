@@ -56,7 +56,8 @@ def _load():
         "signed_kaiming_constant": (k.signed_range, k.signed_at, False),
         **{name: getattr(k, name) for name in ("hashes", "scan", "low_histogram", "tie_limit", "write_code",
                                                "hash_write_code", "count_free", "write_free", "apply_bits",
-                                               "free_gradient")},
+                                               "free_gradient", "band_count", "band_keys", "write_selected",
+                                               "tie_position")},
     }
 
 
@@ -284,14 +285,14 @@ def free_gradient(grad: torch.Tensor, weight: torch.Tensor, index: torch.Tensor,
 
 
 # -- many layers at once: one hand-off to the pool for a whole model ---------------------------
-def _run_pieces(jobs: list) -> list:
+def run_pieces(jobs: list, threads: Optional[int] = None) -> list:
     """``jobs``: ``(numel, fn)`` with ``fn(start, stop)`` doing part of a job.  Each job is cut into
     pieces (about two per thread for the largest), the pieces are dealt to the threads by size
     (largest first, to the least loaded) and each thread runs its pieces in one go: one pool
     hand-off for all jobs instead of one per layer.  Returns ``[[fn's result per piece, in
     order] per job]``."""
     total = sum(n for n, _ in jobs)
-    threads = max(1, min(torch.get_num_threads(), total // _MIN_PARALLEL))
+    threads = max(1, min(threads or torch.get_num_threads(), total // _MIN_PARALLEL))
     piece = max(_MIN_PARALLEL, -(-total // (2 * threads)))
     pieces = []  # (job, piece index, start, stop)
     for j, (n, _) in enumerate(jobs):
@@ -331,7 +332,7 @@ def values_many(draws: list) -> list:
         jobs.append((numel, lambda a, b, fn=in_range, arr=arr, k0=k0, k1=k1, k2=k2, extra=extra:
                      fn(arr, a, b, k0, k1, k2, *extra)))
         outs.append((out, wide, dtype))
-    _run_pieces(jobs)
+    run_pieces(jobs)
     return [out if wide else out.to(dtype) for out, wide, dtype in outs]
 
 
@@ -352,7 +353,7 @@ def codes_from_keys_many(layers: list) -> list:
         jobs.append((numel, lambda a, b, arr=arr, k0=k0, k1=k1, k2=k2, th1=th1, tl1=tl1, th2=th2, tl2=tl2:
                      fn(arr, a, b, k0, k1, k2, th1, tl1, th2, tl2)))
         codes.append(code)
-    counts = _run_pieces(jobs)
+    counts = run_pieces(jobs)
     return [(code, sum(c[0] for c in parts), sum(c[1] for c in parts)) for code, parts in zip(codes, counts)]
 
 
@@ -364,7 +365,7 @@ def free_positions_many(codes: list) -> list:
     k = kernels()
     arrays = [code.reshape(-1).numpy() for code in codes]
     count, write = k["count_free"], k["write_free"]
-    counts = _run_pieces([(arr.shape[0], lambda a, b, arr=arr: (a, count(arr, a, b))) for arr in arrays])
+    counts = run_pieces([(arr.shape[0], lambda a, b, arr=arr: (a, count(arr, a, b))) for arr in arrays])
     outs, jobs = [], []
     for arr, parts in zip(arrays, counts):
         offsets = dict(zip((a for a, _ in parts), np.cumsum([0] + [n for _, n in parts])[:-1].tolist()))
@@ -372,5 +373,5 @@ def free_positions_many(codes: list) -> list:
         res = out.numpy()
         jobs.append((arr.shape[0], lambda a, b, arr=arr, res=res, offsets=offsets: write(arr, a, b, res, offsets[a])))
         outs.append(out)
-    _run_pieces(jobs)
+    run_pieces(jobs)
     return outs

@@ -1,0 +1,196 @@
+"""The CPU refresh's compiled selection and mask write (``regen/cpu_select.py``, ``nn/cpu_refresh.py``).
+
+Checked against a full stable sort of the score magnitudes (``regen_reference``, no code of the
+selection shared), and against the generic torch refresh over training steps, for every scope and
+scale, with the band both hit and missed, ties at the threshold, non-finite scores, and across
+thread counts and ATen CPU kernel paths.
+"""
+import copy
+import os
+import random
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import timm_fslt
+from timm_fslt.regen import cpu_select, native
+
+from helpers import masks, trainable
+from regen_reference import reference_topk_mask
+
+pytestmark = pytest.mark.skipif(native.kernels() is None, reason="the compiled kernels are off")
+
+CONFIGS = [(scope, scale) for scope in ("global", "layerwise") for scale in (None, "static", "dynamic")]
+
+
+def _scores(rng, kind, n):
+    if kind == "normal":
+        return torch.randn(n, generator=rng)
+    if kind == "ties":  # a few values, both signs: long runs of equal magnitudes at every threshold
+        return (torch.randint(-3, 4, (n,), generator=rng) * 0.25).float()
+    if kind == "subnormal":
+        return torch.randn(n, generator=rng) * 1e-40
+    special = torch.tensor([0.0, -0.0, 1.0, -1.0, float("inf"), -float("inf"), float("nan")])
+    return special[torch.randint(0, 7, (n,), generator=rng)]
+
+
+def _select(parts, ks, scope_global, state, check_finite=True):
+    """Masks (free entries only: every position is free here) from the compiled path."""
+    layers = [(p.view(torch.int32).numpy(), np.zeros(p.numel(), dtype=np.uint8),
+               np.arange(p.numel(), dtype=np.int32)) for p in parts]
+    n = len(parts)
+    segments = [(0, n, ks[0])] if scope_global else [(i, i + 1, k) for i, k in enumerate(ks)]
+    kept = cpu_select.select_and_write(layers, segments, state, check_finite)
+    return kept, [torch.from_numpy(mask.view(bool)) for _, mask, _ in layers]
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "subnormal", "special"])
+@pytest.mark.parametrize("scope_global", [True, False])
+def test_selection_equals_a_stable_sort(kind, scope_global):
+    rng, pick = torch.Generator().manual_seed(7), random.Random(8)
+    state = cpu_select.BandState()
+    for _ in range(12):
+        sizes = [pick.choice([1, 2, 50, 3000, 40_000, 70_000]) for _ in range(pick.randint(1, 4))]
+        parts = [_scores(rng, kind, m) for m in sizes]
+        total = sum(sizes)
+        ks = [pick.randint(0, total)] if scope_global else [pick.randint(0, m) for m in sizes]
+        for step in range(3):  # the same segments again, the scores moved a little: the band is used
+            kept, got = _select(parts, ks, scope_global, state, check_finite=False)
+            magnitudes = [p.abs() for p in parts]
+            if scope_global:
+                expected = reference_topk_mask(torch.cat(magnitudes), ks[0]).split(sizes)
+            else:
+                expected = [reference_topk_mask(mag, k) for mag, k in zip(magnitudes, ks)]
+            for g, e in zip(got, expected):
+                assert torch.equal(g, e), (kind, sizes, ks, step)
+            assert kept == [int(e.sum()) for e in expected]
+            parts = [p * (1 + 1e-4 * torch.randn(p.shape, generator=rng)) if kind == "normal" else p for p in parts]
+    assert state.hits > 0 and (kind != "normal" or state.misses > 0)
+
+
+def test_the_band_is_hit_after_small_steps_and_missed_after_a_large_one():
+    rng = torch.Generator().manual_seed(3)
+    parts = [torch.randn(200_000, generator=rng), torch.randn(100_000, generator=rng) * 3]
+    state = cpu_select.BandState()
+    _select(parts, [150_000], True, state)
+    assert (state.hits, state.misses) == (0, 1)  # no band yet: found over the whole segment
+    for _ in range(3):
+        parts = [p + 1e-3 * torch.randn(p.shape, generator=rng) for p in parts]
+        _, got = _select(parts, [150_000], True, state)
+    assert (state.hits, state.misses) == (3, 1)
+    parts = [p * 10 if i == 0 else p for i, p in enumerate(parts)]  # the threshold jumps far outside
+    _, got = _select(parts, [150_000], True, state)
+    assert (state.hits, state.misses) == (3, 2)
+    expected = reference_topk_mask(torch.cat([p.abs() for p in parts]), 150_000).split([200_000, 100_000])
+    assert all(torch.equal(g, e) for g, e in zip(got, expected))
+
+
+def test_non_finite_scores_write_nothing():
+    parts = [torch.randn(5000), torch.randn(30_000)]
+    parts[1][123] = float("nan")
+    layers = [(p.view(torch.int32).numpy(), np.full(p.numel(), 7, dtype=np.uint8),
+               np.arange(p.numel(), dtype=np.int32)) for p in parts]
+    assert cpu_select.select_and_write(layers, [(0, 2, 1000)], cpu_select.BandState(), True) is None
+    assert all((mask == 7).all() for _, mask, _ in layers)
+    parts[1][123] = -float("inf")
+    assert cpu_select.select_and_write(layers, [(0, 2, 1000)], cpu_select.BandState(), True) is None
+
+
+def small_net():
+    return nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 64, 3, padding=1),
+                         nn.ReLU(), nn.Conv2d(64, 64, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
+                         nn.Flatten(), nn.Linear(256, 10))
+
+
+@pytest.mark.parametrize("scope,scale", CONFIGS)
+def test_training_gives_the_generic_refresh_masks_scales_and_gradients(scope, scale):
+    torch.set_num_threads(1)
+    base = timm_fslt.freeze(small_net(), prune=0.3, lock=0.3, scope=scope, scale=scale, seed=5)
+    twin = copy.deepcopy(base)
+    timm_fslt.get_group(twin).compiled_refresh = False
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,))
+    opts = [torch.optim.SGD(trainable(m), lr=1.0, momentum=0.9) for m in (base, twin)]
+    first = masks(base)
+    for _ in range(5):
+        for model, opt in zip((base, twin), opts):
+            F.cross_entropy(model(x), y).backward()
+        for a, b in zip(timm_fslt.get_group(base).layers, timm_fslt.get_group(twin).layers):
+            assert torch.equal(a.mask, b.mask) and torch.equal(a.scale, b.scale)
+            assert torch.equal(a.scores.grad, b.scores.grad)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()
+    group = timm_fslt.get_group(base)
+    assert group.band_state.hits + group.band_state.misses >= 5  # the compiled path ran every refresh
+    assert "_bands" not in timm_fslt.get_group(twin).__dict__  # and the generic one never did
+    assert any(not torch.equal(a, b) for a, b in zip(first, masks(base)))  # the masks did move
+
+
+def test_a_mask_written_by_someone_else_is_rebuilt():
+    model = timm_fslt.freeze(small_net(), prune=0.3, lock=0.3, seed=2)
+    group = timm_fslt.get_group(model)
+    expected = masks(model)
+    layer = group.layers[1]
+    version = layer.mask._version
+    with torch.no_grad():
+        layer.mask.fill_(True)
+    group.refresh(force=True)
+    assert layer.mask._version > version + 1  # written (and its version counter bumped)
+    assert all(torch.equal(a, b) for a, b in zip(masks(model), expected))
+
+
+def test_layouts_the_compiled_path_does_not_take_fall_back():
+    torch.set_num_threads(1)
+    model = timm_fslt.freeze(small_net(), prune=0.3, lock=0.3, seed=4)
+    twin = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    x = torch.randn(2, 3, 8, 8)
+    for m in (model, twin):
+        F.cross_entropy(m(x), torch.tensor([1, 2])).backward()
+        with torch.no_grad():
+            for p in trainable(m):
+                p.sub_(p.grad)
+        m(x)
+    assert not timm_fslt.get_group(twin).layers[1].mask.is_contiguous()
+    assert timm_fslt.get_group(twin).band_state.hits + timm_fslt.get_group(twin).band_state.misses == 0
+    assert all(torch.equal(a, b) for a, b in zip(masks(model), masks(twin)))
+
+
+_CHILD = textwrap.dedent("""
+    import copy, hashlib, torch, torch.nn.functional as F
+    import timm_fslt
+    torch.manual_seed(0)
+    torch.set_num_threads(int(__import__("os").environ["THREADS"]))
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3), torch.nn.ReLU(), torch.nn.Conv2d(64, 256, 3),
+                              torch.nn.Flatten(), torch.nn.LazyLinear(10))
+    net(torch.randn(1, 3, 8, 8))
+    model = timm_fslt.freeze(net, prune=0.3, lock=0.3, seed=9)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0, momentum=0.9)
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    digest = hashlib.sha256()
+    for _ in range(4):
+        F.cross_entropy(model(x), y).backward(); opt.step(); opt.zero_grad()
+        timm_fslt.get_group(model).refresh()
+        for layer in timm_fslt.get_group(model).layers:
+            digest.update(layer.mask.numpy().tobytes())
+    print(digest.hexdigest(), timm_fslt.get_group(model).band_state.hits)
+""")
+
+
+def test_masks_are_the_same_across_cpu_kernel_paths_and_thread_counts():
+    seen = set()
+    for capability, threads in (("default", "1"), ("avx2", "2"), (None, "2")):
+        env = {**os.environ, "OUTDATED_IGNORE": "1", "THREADS": threads}
+        if capability:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        digest, hits = out.stdout.split()
+        assert int(hits) >= 1
+        seen.add(digest)
+    assert len(seen) == 1

@@ -1,0 +1,52 @@
+"""A ``SupermaskGroup``'s refresh on the CPU through the compiled two-pass selection
+(``regen/cpu_select.py``): the same masks, scales and bookkeeping as the generic path of
+``SupermaskGroup.refresh``, without its per-layer buffers and copies.
+
+It applies when every layer's scores are contiguous float32 CPU tensors with one entry per free
+weight, its mask is a contiguous CPU tensor, its free index is int32 (some weights are frozen),
+the group is not asked to run sync-free, ``SupermaskGroup.compiled_refresh`` is not False and the
+compiled kernels are on (``regen/native.py``); otherwise the generic path runs.
+"""
+from __future__ import annotations
+
+import torch
+
+from timm_fslt.nn.sync_free import nonfinite_error
+from timm_fslt.regen import cpu_select, native
+from timm_fslt.regen import pattern as freezing
+
+
+def _applies(group, layers: list, frees: list) -> bool:
+    if group.sync_free or group.compiled_refresh is False or not layers or native.kernels() is None:
+        return False
+    for layer, free in zip(layers, frees):
+        scores, mask, index = layer.scores, layer.mask, free.index
+        if (index is None or index.dtype != torch.int32 or scores.dtype != torch.float32
+                or scores.device.type != "cpu" or mask.device.type != "cpu" or not scores.is_contiguous()
+                or not mask.is_contiguous() or scores.numel() != free.n_free or index.device.type != "cpu"):
+            return False
+    return True
+
+
+@torch.no_grad()
+def refresh(group, layers: list, frees: list, counts: list):
+    """Select and write every mask; returns the kept free weights per layer, None if the compiled
+    path does not apply, or raises the group's non-finite error (nothing written)."""
+    if not _applies(group, layers, frees):
+        return None
+    for layer, free in zip(layers, frees):
+        mask, ready = layer.mask, layer._mask_ready
+        if ready is None or ready[0] is not mask or ready[1] != mask._version or ready[2] is not free:
+            torch.eq(layer.frozen, freezing.LOCKED, out=mask)  # (pruned and locked positions: once)
+    n = len(layers)
+    segments = [(0, n, counts[0])] if group.scope == "global" else [(i, i + 1, c) for i, c in enumerate(counts)]
+    arrays = [(layer.scores.detach().view(-1).view(torch.int32).numpy(), layer.mask.view(-1).view(torch.uint8).numpy(),
+               free.index.numpy()) for layer, free in zip(layers, frees)]
+    kept = cpu_select.select_and_write(arrays, segments, group.band_state, group.check_finite)
+    if kept is None:
+        raise nonfinite_error(layers)
+    for layer, free in zip(layers, frees):
+        mask = layer.mask
+        torch.autograd.graph.increment_version(mask)  # (written through NumPy: as an in-place op would)
+        layer._mask_ready = (mask, mask._version, free)
+    return kept
