@@ -8,7 +8,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "timm_fslt"
 # Lowest first. A module may import its own floor and the ones below; pruning/ and ticket/
 # share a floor, and only ticket/ may import pruning/ (a compacted ticket re-applies its cuts).
 FLOORS = [
-    ("errors", "version", "atomic", "reference_decoder", "models"),
+    ("errors", "version", "atomic", "entropy", "reference_decoder", "models"),
     ("regen",),
     ("nn",),
     ("frozen",),

@@ -197,10 +197,12 @@ def test_create_model_records_the_timm_name_and_kwargs_but_not_download_options(
 # -- the file format ------------------------------------------------------------------------
 
 @pytest.mark.parametrize("which", ["resnet", "conv6_ticket", "gin_ticket"])
-def test_supermask_file_is_ceil_free_over_8_bytes_plus_its_header(which, request):
+def test_a_raw_supermask_file_is_ceil_free_over_8_bytes_plus_its_header(which, request, tmp_path):
     t = request.getfixturevalue(which)
     free = timm_fslt.size_report(t.model).free
-    path = t.dir / "supermask.safetensors"
+    raw = timm_fslt.save_ticket(t.model, tmp_path / "raw", architecture=ticket_mod.read_config(t.dir)["architecture"],
+                                mask_coding="raw")
+    path = raw / "supermask.safetensors"
     header_len, header = _header(path)
     assert path.stat().st_size == 8 + header_len + math.ceil(free / 8)
     assert header_len <= 128  # small and fixed: one tensor entry and one metadata string
@@ -211,6 +213,14 @@ def test_supermask_file_is_ceil_free_over_8_bytes_plus_its_header(which, request
     bits = ((packed.to(torch.int32).unsqueeze(1) >> torch.arange(8)) & 1).flatten()
     expected = torch.cat([layer.mask[layer.frozen == 0] for layer in timm_fslt.get_group(t.model).layers])
     assert torch.equal(bits[:free].bool(), expected) and not bits[free:].any()
+    config = json.loads((raw / "config.json").read_text())["timm_fslt"]
+    assert config["format_version"] == 4 and config["mask"]["coding"] == "raw"
+    # the default ("auto") stores whichever is smaller, and says which
+    saved = json.loads((t.dir / "config.json").read_text())["timm_fslt"]
+    coded = saved["mask"]["entropy_bytes"]
+    assert saved["mask"]["coding"] == ("entropy" if coded < math.ceil(free / 8) else "raw")
+    assert saved["mask"]["bytes"] == min(coded, math.ceil(free / 8))
+    assert saved["format_version"] == (5 if saved["mask"]["coding"] == "entropy" else 4)
 
 
 def test_state_file_holds_exactly_the_non_regenerable_state_at_its_own_precision(resnet):
@@ -235,7 +245,8 @@ def test_state_file_holds_exactly_the_non_regenerable_state_at_its_own_precision
 def test_config_records_versions_architecture_freeze_arguments_layers_and_checksums(resnet):
     document = json.loads((resnet.dir / "config.json").read_text())
     config = document["timm_fslt"]
-    assert config["format"] == "timm_fslt.ticket" and config["format_version"] == 4
+    assert config["format"] == "timm_fslt.ticket" and config["format_version"] == (
+        5 if config["mask"]["coding"] == "entropy" else 4)  # a raw mask is still written as format 4
     assert config["generator_version"] == timm_fslt.GENERATOR_VERSION
     assert config["architecture"] == {"timm": "resnet18_cifar", "kwargs": {"num_classes": 10, "width": 0.125}}
     assert config["freeze"] == timm_fslt.get_config(resnet.model).to_dict()
@@ -311,7 +322,7 @@ def test_a_ticket_compacted_by_timm_fslt_compact_round_trips_with_identical_outp
     free = timm_fslt.size_report(compacted).free
     assert free < timm_fslt.size_report(model).free
     assert config["files"]["supermask.safetensors"]["bytes"] == 8 + _header(tmp_path / "t" / "supermask.safetensors")[0] \
-        + math.ceil(free / 8)
+        + min(math.ceil(free / 8), config["mask"]["entropy_bytes"])
     loaded = timm_fslt.load_ticket(tmp_path / "t")
     assert loaded.fslt_structure == compacted.fslt_structure
     assert torch.equal(_eval_outputs(loaded, x), _eval_outputs(compacted, x))

@@ -17,6 +17,9 @@ is "module.param" -- is written as NAME itself, with NAME.frozen and NAME.mask),
 every parameter the ticket regenerates (config "regenerated": constants, and tables drawn
 from the seed) its value under its state-dict key, checked against the recorded digest.
 
+The supermask: raw bits (config "mask" "coding" absent or "raw"), or (format 5, "coding":
+"entropy") one record per layer, decoded by ``entropy_layer`` below (section 5b: the rANS decoder).
+
 config.json: formats 1-3 hold the ticket's record at the top; format 4 holds timm's Hub keys
 (architecture, model_args, pretrained_cfg, ...) at the top and the record under "timm_fslt", whose
 "integrity" sha256 covers the whole document but itself.  Every file the record's "files" lists
@@ -38,6 +41,7 @@ if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.a
     del sys.path[0]
 
 import argparse  # noqa: E402
+import bisect  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
@@ -47,7 +51,7 @@ import tempfile  # noqa: E402
 import numpy as np  # noqa: E402
 
 FORMAT = "timm_fslt.ticket"
-FORMAT_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSIONS = (1, 2, 3, 4, 5)
 OWN_KEY = "timm_fslt"  # format 4: timm's keys at the top of config.json, the ticket's record under this key
 GENERATOR_VERSIONS = (1, 2)
 DTYPES = ("float64", "float32", "bfloat16", "float16")
@@ -443,6 +447,114 @@ def safetensors_u8(data, tensor, path):
     return np.frombuffer(data[8 + length + begin:8 + length + end], dtype=np.uint8)
 
 
+# -- 5b. the entropy-coded supermask (format 5) -------------------------------------------------
+RANS_PRECISION = 24
+RANS_LOW = 1 << 32
+
+
+def rans_symbols(words, freqs, n, where):
+    """n symbol indices from rANS words (32-bit words, 64-bit state, 24-bit precision).
+
+    The state x starts as the last word, then x = x << 32 | the word before it (if there is one);
+    a nonzero last word is required. Per symbol: q = x mod 2**24, s the index with
+    cum[s] <= q < cum[s + 1], x = (x >> 24) * freqs[s] + q - cum[s], then if x < 2**32 and words
+    remain, x = x << 32 | the next word (walking to the front). At the end every word must have
+    been read and x must be 0 (the encoder's start)."""
+    cum = [0]
+    for f in freqs:
+        cum.append(cum[-1] + f)
+    pos = len(words)
+    x = 0
+    if pos:
+        if words[pos - 1] == 0:
+            raise DecodeError(f"{where}: rANS words end in a zero word")
+        pos -= 1
+        x = words[pos]
+        if pos:
+            pos -= 1
+            x = (x << 32) | words[pos]
+    mask = (1 << RANS_PRECISION) - 1
+    out = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        q = x & mask
+        s = bisect.bisect_right(cum, q) - 1
+        x = (x >> RANS_PRECISION) * freqs[s] + q - cum[s]
+        if x < RANS_LOW and pos:
+            pos -= 1
+            x = (x << 32) | words[pos]
+        out[i] = s
+    if pos or x:
+        raise DecodeError(f"{where}: rANS words do not end where the layer's symbols do")
+    return out
+
+
+def entropy_layer(data, at, n, where):
+    """(the n mask bits of one layer record starting at byte ``at``, the byte after it).
+
+    Method byte 0: ceil(n / 8) raw bytes (bit i is bit i % 8 of byte i // 8, zero padding);
+    1: a u16 symbol, every bit equal to it (n >= 1); 2: u16 k, k u16 symbols (increasing), k u32
+    frequencies (>= 1, sum 2**24), u32 w, w u32 words (little-endian). A record never exceeds
+    1 + ceil(n / 8) bytes."""
+    def take(size):
+        nonlocal at
+        if at + size > len(data):
+            raise DecodeError(f"{where}: the record ends past the end of the file")
+        chunk, at = data[at:at + size], at + size
+        return chunk
+
+    start, raw_len = at, (n + 7) // 8
+    method = take(1)[0]
+    if method == 0:
+        bits = np.unpackbits(np.frombuffer(take(raw_len), dtype=np.uint8), bitorder="little")
+        if bits[n:].any():
+            raise DecodeError(f"{where}: nonzero padding bits")
+        return bits[:n].astype(bool), at
+    if method == 1:
+        (symbol,) = struct.unpack("<H", take(2))
+        if n < 1 or symbol > 1:
+            raise DecodeError(f"{where}: constant record of symbol {symbol} for {n} bits")
+        return np.full(n, bool(symbol)), at
+    if method != 2:
+        raise DecodeError(f"{where}: unknown record method {method}")
+    (k,) = struct.unpack("<H", take(2))
+    if not 2 <= k <= min(2, n):
+        raise DecodeError(f"{where}: {k} present symbols in a record of {n} bits")
+    symbols = struct.unpack(f"<{k}H", take(2 * k))
+    freqs = struct.unpack(f"<{k}I", take(4 * k))
+    (w,) = struct.unpack("<I", take(4))
+    if list(symbols) != sorted(set(symbols)) or symbols[-1] > 1 or min(freqs) < 1 \
+            or sum(freqs) != 1 << RANS_PRECISION or at - start + 4 * w > 1 + raw_len:
+        raise DecodeError(f"{where}: malformed rANS header (symbols {symbols}, frequencies {freqs}, {w} words)")
+    words = struct.unpack(f"<{w}I", take(4 * w))
+    index = rans_symbols(words, freqs, n, where)
+    if len(set(index.tolist())) != k:
+        raise DecodeError(f"{where}: a listed symbol never occurs")
+    return np.array(symbols, dtype=np.int64)[index].astype(bool), at
+
+
+def mask_bits(config, payload, path):
+    """Every layer's free-position bits, one concatenated bool array, in either coding."""
+    n_free = sum(row["free"] for row in config["layers"])
+    coding = config["mask"].get("coding", "raw")
+    if coding == "raw":
+        bits = np.unpackbits(payload, bitorder="little").astype(bool)  # bit i = bit i % 8 of byte i // 8
+        if len(payload) != (n_free + 7) // 8 or bits[n_free:].any():
+            raise DecodeError(f"{path}: {len(payload)} bytes do not hold exactly the {n_free} free weights' bits")
+        return bits[:n_free]
+    if coding != "entropy" or config["format_version"] < 5:
+        raise DecodeError(f"{path}: mask coding {coding!r} in format {config['format_version']}")
+    data, at, parts = payload.tobytes(), 0, []
+    for i, row in enumerate(config["layers"]):
+        bits, at = entropy_layer(data, at, row["free"], f"{path}: layer {i} ({row['name']})")
+        if int(bits.sum()) != row["kept"] - row["locked"]:
+            raise DecodeError(f"{path}: layer {i} ({row['name']}) decodes to {int(bits.sum())} kept free weights, "
+                              f"config.json records {row['kept'] - row['locked']}")
+        parts.append(bits)
+    if at != len(data):
+        raise DecodeError(f"{path}: {len(data) - at} bytes follow the last layer's record")
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+
+
 def read_config(directory):
     path = os.path.join(directory, "config.json")
     if not os.path.isdir(directory):
@@ -507,11 +619,7 @@ def decode(directory):
     packed = safetensors_u8(blobs["supermask.safetensors"], "supermask",
                             os.path.join(directory, "supermask.safetensors"))
     freeze, version = config["freeze"], config["generator_version"]
-    bits = np.unpackbits(packed, bitorder="little").astype(bool)  # bit i = bit i % 8 of byte i // 8
-    n_free = sum(row["free"] for row in config["layers"])
-    if len(packed) != (n_free + 7) // 8 or bits[n_free:].any():
-        raise DecodeError(f"{os.path.join(directory, 'supermask.safetensors')}: {len(packed)} bytes do not hold "
-                          f"exactly the {n_free} free weights' bits")
+    bits = mask_bits(config, packed, os.path.join(directory, "supermask.safetensors"))
     out, offset = {}, 0
     for row in config["layers"]:
         name, shape, dtype = row["name"], tuple(row["shape"]), row.get("dtype", "float32")

@@ -3,16 +3,18 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import torch
 from torch import nn
 
+from timm_fslt import entropy
 from timm_fslt.frozen import get_config, get_group
 from torch.nn.utils.parametrize import ParametrizationList
 
 from timm_fslt.nn.modules import dtype_name
 from timm_fslt.nn.placement import fate_of
-from timm_fslt.nn.supermask import FrozenSupermask
+from timm_fslt.nn.supermask import FrozenSupermask, free_entries
 
 
 @dataclass
@@ -24,10 +26,20 @@ class LayerSize:
     locked: int
     free: int
     kept: int
+    # the layer's entropy-coded record (``timm_fslt.entropy``): "raw", "constant" or "rans", and its
+    # bits with its header; None for a ticket saved before the coder (format 4 and older)
+    coded_method: Optional[str] = None
+    coded_bits: Optional[int] = None
 
     @property
     def sparsity(self) -> float:
         return 1.0 - self.kept / self.numel if self.numel else 0.0
+
+    @property
+    def entropy_bits(self) -> float:
+        """The empirical (order-0) entropy of the layer's free bits: ``free * H(kept free / free)``."""
+        kept_free = self.kept - self.locked
+        return entropy.entropy_bits([self.free - kept_free, kept_free])
 
 
 def _layer_total(count: str) -> property:
@@ -52,6 +64,8 @@ class SizeReport:
     state_tensors: dict = field(default_factory=dict)
     # {key: why it is stored} (``state_reasons``); empty for a report read from a ticket's config
     state_reasons: dict = field(default_factory=dict, compare=False)
+    # how the ticket stores (or, for a model, ``save_ticket(mask_coding=...)`` would store) the mask
+    mask_coding: str = "raw"
 
     # totals ------------------------------------------------------------------
     params = _layer_total("numel")
@@ -71,6 +85,30 @@ class SizeReport:
     @property
     def mask_bits(self) -> int:
         return self.free
+
+    @property
+    def mask_raw_bits(self) -> int:
+        """The raw mask payload: the free bits packed in whole bytes."""
+        return 8 * ((self.free + 7) // 8)
+
+    @property
+    def mask_entropy_coded_bits(self) -> Optional[int]:
+        """The entropy-coded payload, every layer's record header included (None if not recorded)."""
+        coded = [layer.coded_bits for layer in self.layers]
+        return None if None in coded else sum(coded)
+
+    @property
+    def mask_stored_bits(self) -> Optional[int]:
+        """The mask payload as stored: raw or entropy-coded (``mask_coding``)."""
+        return self.mask_entropy_coded_bits if self.mask_coding == "entropy" else self.mask_raw_bits
+
+    @property
+    def mask_entropy_bits(self) -> float:
+        """The sum of the layers' empirical entropies: what no per-layer order-0 coder can beat."""
+        return sum(layer.entropy_bits for layer in self.layers)
+
+    def per_free_weight(self, bits) -> Optional[float]:
+        return None if bits is None else bits / self.free if self.free else 0.0
 
     @property
     def ticket_bits(self) -> int:
@@ -105,7 +143,12 @@ class SizeReport:
             "fp32_dense_bits", "compression_vs_dense_source",
             "mask_compression_vs_dense_source", "compression_vs_fp32")}
         totals["ticket_bytes"] = (self.ticket_bits + 7) // 8
-        rows = [dict(asdict(layer), sparsity=layer.sparsity) for layer in self.layers]
+        totals["mask_coding"] = self.mask_coding
+        for key in ("mask_stored_bits", "mask_raw_bits", "mask_entropy_coded_bits", "mask_entropy_bits"):
+            totals[key] = getattr(self, key)
+            totals[key + "_per_free_weight"] = self.per_free_weight(getattr(self, key))
+        rows = [dict(asdict(layer), sparsity=layer.sparsity, entropy_bits=layer.entropy_bits)
+                for layer in self.layers]
         return {"totals": totals, "layers": rows, "state_tensors": dict(self.state_tensors)}
 
     def state_summary(self) -> str:
@@ -120,20 +163,37 @@ class SizeReport:
                                                for reason, (n, bits) in groups.items()]
         return "\n".join(lines if groups else ["stored state: none"])
 
+    def _mask_line(self, what: str, bits, note: str = "") -> str:
+        if bits is None:
+            return f"  {what:<24}not recorded (a ticket saved before the entropy coder)"
+        return f"  {what:<24}{round(bits):,} bits = {self.per_free_weight(bits):.4f} per free weight{note}"
+
     def __str__(self) -> str:
-        head = f"{'layer':<32} {'shape':<18} {'params':>10} {'pruned':>9} {'locked':>9} {'free':>9} {'kept':>9} {'sparsity':>8}"
+        head = (f"{'layer':<32} {'shape':<18} {'params':>10} {'pruned':>9} {'locked':>9} {'free':>9} {'kept':>9} "
+                f"{'sparsity':>8} {'coded b/w':>9} {'H b/w':>7}")
         lines = [head, "-" * len(head)]
+
+        def rate(bits, free):
+            return f"{bits / free:.4f}" if bits is not None and free else "-"
+
         for layer in self.layers:
             lines.append(f"{layer.name[-32:]:<32} {str(tuple(layer.shape)):<18} {layer.numel:>10} "
                          f"{layer.pruned:>9} {layer.locked:>9} {layer.free:>9} {layer.kept:>9} "
-                         f"{layer.sparsity:>8.4f}")
+                         f"{layer.sparsity:>8.4f} {rate(layer.coded_bits, layer.free):>9} "
+                         f"{rate(layer.entropy_bits, layer.free):>7}")
         lines.append("-" * len(head))
         lines.append(f"{'total':<32} {'':<18} {self.params:>10} {self.pruned:>9} {self.locked:>9} "
-                     f"{self.free:>9} {self.kept:>9} {self.sparsity:>8.4f}")
+                     f"{self.free:>9} {self.kept:>9} {self.sparsity:>8.4f} "
+                     f"{rate(self.mask_entropy_coded_bits, self.free):>9} {rate(self.mask_entropy_bits, self.free):>7}")
         lines += [
             "",
             f"freezing ratio            {self.freezing_ratio:.4f}",
             f"supermask bits            {self.mask_bits:,} (1 bit per free weight)",
+            f"supermask as stored       {self.mask_coding}" + ("" if self.mask_stored_bits is None else
+                                                               f": {self.mask_stored_bits:,} bits"),
+            self._mask_line("raw", self.mask_raw_bits),
+            self._mask_line("entropy-coded", self.mask_entropy_coded_bits, " (record headers counted)"),
+            self._mask_line("empirical entropy", self.mask_entropy_bits, " (order 0, per layer)"),
             f"non-regenerable state     {self.state_bits:,} bits ({len(self.state_tensors)} tensors)",
             f"ticket size               {self.ticket_bits:,} bits = {(self.ticket_bits + 7) // 8:,} bytes",
             f"dense-source ticket       {self.dense_source_ticket_bits:,} bits  -> "
@@ -210,17 +270,27 @@ def state_reasons(model: nn.Module) -> dict[str, str]:
     return {key: reason for key, _, reason in _state_entries(model) if reason is not None}
 
 
-def size_report(model: nn.Module, print_report: bool = False) -> SizeReport:
-    """Counts, sparsity and ticket bits of a frozen model (``print(report)`` for a table)."""
+def size_report(model: nn.Module, print_report: bool = False, mask_coding: str = "auto") -> SizeReport:
+    """Counts, sparsity and ticket bits of a frozen model (``print(report)`` for a table).
+
+    The mask's stored size is what ``save_ticket(model, ..., mask_coding=mask_coding)`` writes
+    (the entropy coder runs on the current masks: milliseconds for millions of free weights)."""
+    mask_coding = entropy.check_mask_coding(mask_coding)
     group = get_group(model)
     group.refresh()
-    rows = [LayerSize(name=layer.layer_name, shape=tuple(layer.frozen.shape),
-                      **layer.counts()) for layer in group.layers]
+    streams = [free_entries(layer.mask, layer.frozen).reshape(-1).to(torch.uint8).cpu().numpy()
+               for layer in group.layers]
+    _, records = entropy.encode_streams(streams, 2)
+    rows = [LayerSize(name=layer.layer_name, shape=tuple(layer.frozen.shape), **layer.counts(),
+                      coded_method=record.method, coded_bits=8 * record.bytes)
+            for layer, record in zip(group.layers, records)]
     state, reasons = non_regenerable_state(model), state_reasons(model)
     bits = sum(t.numel() * t.element_size() * 8 for t in state.values())
+    coded = sum(record.bytes for record in records)
     report = SizeReport(layers=rows, state_bits=bits,
                         state_tensors={k: [list(v.shape), dtype_name(v.dtype)] for k, v in state.items()},
-                        state_reasons=reasons)
+                        state_reasons=reasons,
+                        mask_coding=entropy.choose(mask_coding, (sum(s.size for s in streams) + 7) // 8, coded))
     if print_report:
         print(report)
         print()

@@ -40,15 +40,15 @@ import stat
 from pathlib import Path
 from typing import Mapping, Optional, Sequence, Union
 
-import numpy as np
 import safetensors.torch
 import torch
 
-from timm_fslt.errors import ArchitectureError, TicketChecksumError, TicketError, TicketMismatchError, TicketVersionError
+from timm_fslt.errors import ArchitectureError, TicketChecksumError, TicketError, TicketVersionError
 from timm_fslt.regen.rng import GENERATOR_VERSION, GENERATOR_VERSIONS
 from timm_fslt.report import LayerSize, SizeReport
 from timm_fslt.ticket.architecture import normalize_architecture
 from timm_fslt.ticket.integrity import OWN_KEY, is_nested, verify_integrity
+from timm_fslt.ticket.mask_coding import check_mask_record, coding_of, decode_mask, mask_payload_limit
 from timm_fslt.ticket.state_codec import (check_record, decode_state, group_sizes, is_flat, is_int, payload_bytes,
                                           stored_dtype)
 from timm_fslt.ticket.timm_config import check_timm_keys
@@ -58,8 +58,9 @@ FORMAT = "timm_fslt.ticket"
 # 2: config.json carries an "integrity" record; 3: the state is stored flat, one tensor per dtype
 # (ticket.state_codec), optionally at a lower precision; 4: config.json follows timm's Hub schema
 # (architecture string, model_args, pretrained_cfg, ...: ticket.timm_config) and everything of
-# timm_fslt's is under "timm_fslt". Formats 1-3 are still read.
-FORMAT_VERSION = 4
+# timm_fslt's is under "timm_fslt"; 5: the supermask may be entropy-coded (ticket.mask_coding; a
+# raw-mask ticket is still written as format 4). Formats 1-4 are still read.
+FORMAT_VERSION = 5
 NESTED_SINCE = 4
 CONFIG_NAME = "config.json"
 MASK_NAME = "supermask.safetensors"
@@ -82,33 +83,6 @@ BIT_ORDER = ("layers in config order; free positions of each layer in row-major 
 
 
 PathLike = Union[str, os.PathLike]
-
-
-# -- bits -----------------------------------------------------------------------------
-
-
-_BIT_WEIGHTS = torch.tensor([1 << i for i in range(8)], dtype=torch.int32)
-
-
-def pack_bits(bits: torch.Tensor) -> torch.Tensor:
-    """Bool vector -> uint8 bytes, bit i at bit (i % 8) of byte i // 8, zero padding."""
-    bits = bits.reshape(-1).to(torch.int32).cpu()
-    pad = (-bits.numel()) % 8
-    if pad:
-        bits = torch.cat([bits, bits.new_zeros(pad)])
-    return (bits.view(-1, 8) * _BIT_WEIGHTS).sum(1).to(torch.uint8)
-
-
-def unpack_bits(packed: torch.Tensor, n: int) -> torch.Tensor:
-    """Inverse of ``pack_bits``: the first ``n`` bits as a bool vector."""
-    if packed.device.type == "cpu" and packed.dtype == torch.uint8:  # (NumPy's unpackbits: one pass)
-        bits = torch.from_numpy(np.unpackbits(packed.reshape(-1).contiguous().numpy(), bitorder="little"))
-    else:
-        values = packed.reshape(-1).to(torch.int32)
-        bits = ((values.unsqueeze(1) >> torch.arange(8, dtype=torch.int32, device=values.device)) & 1).reshape(-1)
-    if bool(bits[n:].any()):
-        raise TicketChecksumError("the supermask's padding bits are not zero: the mask file is corrupted")
-    return bits[:n].bool()
 
 
 # -- small checks shared by saving, reading and the Hub ---------------------------------
@@ -294,6 +268,9 @@ def read_config(directory: PathLike, *, root: Optional[PathLike] = None) -> dict
     problem = check_record(config["state"], version)
     if problem is not None:
         raise TicketError(f"{str(path)!r} has a malformed 'state' entry: {problem}")
+    problem = check_mask_record(config["mask"], version, config["layers"])
+    if problem is not None:
+        raise TicketError(f"{str(path)!r} has a malformed 'mask' entry: {problem}")
     try:
         config["metrics"] = check_metrics(config.get("metrics"))
         config["datasets"] = check_datasets(config.get("datasets"))
@@ -318,7 +295,7 @@ def _check_budget(config: dict, max_params: int, directory: Path) -> None:
 def _file_limit(config: dict, name: str) -> int:
     """The most bytes ``name`` can hold for the layers and state that config.json declares."""
     if name == MASK_NAME:
-        n_tensors, payload = 1, (sum(row["free"] for row in config["layers"]) + 7) // 8
+        n_tensors, payload = 1, mask_payload_limit(config)
     elif is_flat(config["state"]):  # one tensor per stored dtype: exact sizes
         n_tensors, payload = len(group_sizes(config["state"])), payload_bytes(config["state"])
     else:
@@ -375,13 +352,9 @@ def read_ticket(directory: PathLike, *, max_params: Optional[int] = None,
         _check_budget(config, max_params, directory)
     mask_tensors = _read_tensor_file(directory, config, MASK_NAME, root)
     packed = mask_tensors.get(MASK_TENSOR)
-    n_free = sum(row["free"] for row in config["layers"])
     if packed is None or packed.dtype != torch.uint8 or packed.dim() != 1:
         raise TicketError(f"{MASK_NAME} must hold a 1-D uint8 tensor {MASK_TENSOR!r}")
-    if config["mask"].get("bits") != n_free or packed.numel() != (n_free + 7) // 8:
-        raise TicketMismatchError(
-            f"{MASK_NAME} holds {packed.numel()} bytes ({config['mask'].get('bits')} bits recorded) but the "
-            f"layers in {CONFIG_NAME} have {n_free} free weights, i.e. {(n_free + 7) // 8} bytes")
+    packed = decode_mask(config, packed, MASK_NAME)  # entropy-coded: decoded to the raw bits
     state = _read_tensor_file(directory, config, STATE_NAME, root)
     if is_flat(config["state"]):
         state = decode_state(config["state"], state, STATE_NAME)
@@ -390,9 +363,13 @@ def read_ticket(directory: PathLike, *, max_params: Optional[int] = None,
 
 def size_report_from_config(config: Mapping) -> SizeReport:
     """The ``SizeReport`` of a saved ticket, from its config.json alone (no model needed)."""
+    coded = config.get("mask", {}).get("entropy_layers") or [[None, None]] * len(config["layers"])
     rows = [LayerSize(name=r["name"], shape=tuple(r["shape"]), numel=r["numel"], pruned=r["pruned"],
-                      locked=r["locked"], free=r["free"], kept=r["kept"]) for r in config["layers"]]
+                      locked=r["locked"], free=r["free"], kept=r["kept"], coded_method=method,
+                      coded_bits=None if size is None else 8 * size)
+            for r, (method, size) in zip(config["layers"], coded)]
     state = config.get("state", {})
     tensors = {k: [v["shape"], stored_dtype(v["dtype"], state.get("state_dtype"))]  # as stored
                for k, v in state.get("tensors", {}).items()}
-    return SizeReport(layers=rows, state_bits=int(state.get("bits", 0)), state_tensors=tensors)
+    return SizeReport(layers=rows, state_bits=int(state.get("bits", 0)), state_tensors=tensors,
+                      mask_coding=coding_of(config.get("mask", {})))

@@ -21,6 +21,7 @@ from timm_fslt.ticket.architecture import describe_architecture
 from timm_fslt.ticket.format import (CARD_NAME, CONFIG_NAME, MASK_NAME, STATE_NAME, TIMM_WEIGHTS_NAME, check_bool,
                                      check_datasets, check_listed_file, check_metrics, read_ticket,
                                      size_report_from_config)
+from timm_fslt.ticket.mask_coding import check_mask_coding, coding_of
 from timm_fslt.ticket.timm_config import check_data_config
 from timm_fslt.ticket.io import save_ticket
 from timm_fslt.ticket.sources import is_repo_id
@@ -100,6 +101,8 @@ def model_card(config: Mapping, repo_id: str, *, metrics: Optional[Mapping] = No
         "| | bits |",
         "|---|---|",
         f"| supermask (1 bit per free weight) | {t.mask_bits:,} |",
+        f"| supermask as stored ({t.mask_coding}; empirical entropy {t.mask_entropy_bits:,.0f}) "
+        f"| {t.mask_stored_bits:,} |",
         f"| non-regenerable state ({len(t.state_tensors)} tensors"
         f"{', floats as ' + config['state']['state_dtype'] if config['state'].get('state_dtype') else ''}) "
         f"| {t.state_bits:,} |",
@@ -124,7 +127,9 @@ def model_card(config: Mapping, repo_id: str, *, metrics: Optional[Mapping] = No
         "- `config.json`: " + ("timm's Hub keys (`architecture`, `num_classes`, `model_args`, `pretrained_cfg` "
                                "with the data config) and, under `timm_fslt`, " if config.get("timm_config") else "")
         + "the architecture record, every `freeze` argument and seed, per-layer counts, checksums.",
-        f"- `supermask.safetensors`: {t.mask_bits:,} bits packed in one uint8 tensor; {config['mask']['order']}.",
+        f"- `supermask.safetensors`: {t.mask_bits:,} bits, {t.mask_coding}"
+        + (f"-coded in {t.mask_stored_bits:,} bits" if t.mask_coding == "entropy" else " packed")
+        + f" in one uint8 tensor; {config['mask']['order']}.",
         "- `state.safetensors`: the non-regenerable state (e.g. BatchNorm running statistics)"
         + ("; one flat tensor per stored dtype, keys, shapes and dtypes in config.json's `state` record."
            if config.get("format_version", 1) >= 3 else "."),
@@ -204,7 +209,7 @@ def _resave_with_timm_weights(source: Path, saved: Mapping, staging: Path) -> No
     model = load_ticket(source)
     save_ticket(model, staging, architecture=saved["architecture"], metrics=saved["metrics"],
                 datasets=saved["datasets"], state_dtype=saved["state"].get("state_dtype"),
-                data_config=saved.get("data_config"), timm_weights=True)
+                data_config=saved.get("data_config"), timm_weights=True, mask_coding=coding_of(saved["mask"]))
     now, _, _ = read_ticket(staging)
     same = [MASK_NAME] + ([STATE_NAME] if saved["format_version"] >= 3 else [])  # formats 1-2 stored state per key
     for name in same:
@@ -220,7 +225,8 @@ def push_to_hub(model_or_ticket_dir: Union[nn.Module, PathLike], repo_id: str, *
                 token: Union[str, bool, None] = None, commit_message: Optional[str] = None,
                 metrics: Optional[Mapping] = None, datasets: Union[None, str, Sequence[str]] = None,
                 architecture: Optional[Mapping] = None, state_dtype: Optional[str] = None,
-                data_config: Optional[Mapping] = None, timm_weights: bool = False):
+                data_config: Optional[Mapping] = None, timm_weights: bool = False,
+                mask_coding: Optional[str] = None):
     """Upload a ticket (a frozen model, or a saved ticket directory) to a Hub model repo.
 
     Creates the repo if needed (``private``), uploads config.json,
@@ -228,8 +234,8 @@ def push_to_hub(model_or_ticket_dir: Union[nn.Module, PathLike], repo_id: str, *
     card (README.md: metadata, accuracy if known, size report, freezing ratios,
     seeds, and the code to load it, with timm_fslt and with plain timm). Returns
     huggingface_hub's ``CommitInfo``.
-    ``state_dtype``, ``data_config``: as in ``save_ticket`` (a frozen model only; a saved ticket is
-    pushed as saved).
+    ``state_dtype``, ``data_config``, ``mask_coding``: as in ``save_ticket`` (a frozen model only,
+    ``mask_coding`` "auto" by default; a saved ticket is pushed as saved).
     ``timm_weights``: also upload timm's ``model.safetensors`` (as in ``save_ticket``), so that plain
     timm loads ``"hf-hub:<repo_id>"`` with ``pretrained=True``. A saved ticket that lacks it is
     rebuilt (``load_ticket``, which refuses import-path builders) and saved again with it into the
@@ -243,17 +249,23 @@ def push_to_hub(model_or_ticket_dir: Union[nn.Module, PathLike], repo_id: str, *
         raise TicketError(f"repo_id must be a Hub repo id 'user/name', got {repo_id!r}")
     data_config = check_data_config(data_config)
     check_bool(timm_weights, "timm_weights")
+    if mask_coding is not None:
+        check_mask_coding(mask_coding)
     with tempfile.TemporaryDirectory(prefix="fslt-push-") as tmp:
         staging = Path(tmp) / "ticket"
         if isinstance(model_or_ticket_dir, nn.Module):
             save_ticket(model_or_ticket_dir, staging, architecture=architecture, metrics=metrics,
                         datasets=datasets, state_dtype=state_dtype, data_config=data_config,
-                        timm_weights=timm_weights)
+                        timm_weights=timm_weights, mask_coding=mask_coding or "auto")
         else:
             if state_dtype is not None:
                 raise TicketError(f"state_dtype={state_dtype!r} applies when a frozen model is pushed; a saved "
                                   "ticket directory is pushed as saved: save it with save_ticket(model, "
                                   "directory, state_dtype=...) first")
+            if mask_coding is not None:
+                raise TicketError(f"mask_coding={mask_coding!r} applies when a frozen model is pushed; a saved "
+                                  "ticket directory is pushed as saved: save it with save_ticket(model, "
+                                  "directory, mask_coding=...) first")
             if data_config is not None:
                 raise TicketError("data_config applies when a frozen model is pushed; a saved ticket directory "
                                   "is pushed as saved: save it with save_ticket(model, directory, data_config=...) "

@@ -28,10 +28,11 @@ from timm_fslt.report import architecture_buffers, non_regenerable_state
 from timm_fslt.ticket.architecture import build_architecture, create_model, json_clean, resolve_architecture
 from timm_fslt.ticket.format import (BIT_ORDER, CONFIG_NAME, DEFAULT_MAX_BUILD_SECONDS, DEFAULT_MAX_PARAMS, FORMAT,
                                      FORMAT_VERSION, MASK_NAME, MASK_TENSOR, STATE_NAME, TIMM_WEIGHTS_NAME, PathLike,
-                                     check_bool, check_datasets, check_metrics, is_ticket_dir,
-                                     pack_bits, read_ticket, sha256_hex)
+                                     check_bool, check_datasets, check_metrics, is_ticket_dir, read_ticket,
+                                     sha256_hex)
 from timm_fslt.ticket.integrity import OWN_KEY, layer_digests, regenerated_record, seal_config
 from timm_fslt.ticket.loading import rebuild
+from timm_fslt.ticket.mask_coding import METADATA, RAW_VERSION, check_mask_coding, encode_mask
 from timm_fslt.ticket.state_codec import check_state_dtype, encode_state
 from timm_fslt.ticket.timm_config import check_data_config, timm_keys, timm_weights_bytes
 from timm_fslt.ticket.sources import HUB_PREFIX, LOCAL_PREFIX, redownload, resolve_ticket_source
@@ -55,8 +56,9 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
                  metrics: Optional[Mapping] = None,
                  datasets: Union[None, str, Sequence[str]] = None,
                  state_dtype: Optional[str] = None, data_config: Optional[Mapping] = None,
-                 timm_weights: bool = False) -> dict[str, bytes]:
+                 timm_weights: bool = False, mask_coding: str = "auto") -> dict[str, bytes]:
     """The bytes of the ticket files of a frozen model (``save_ticket`` writes them)."""
+    mask_coding = check_mask_coding(mask_coding)
     data_config = check_data_config(data_config)
     check_bool(timm_weights, "timm_weights")
     group = frozen_group(model)
@@ -88,13 +90,13 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
             layers[-1]["freeze_keys"] = list(freezing.freeze_keys_of_code(
                 config.seed, layer.layer_name, layer.frozen, counts["pruned"], counts["locked"]))
         bits.append(free_entries(layer.mask, layer.frozen).cpu())
-    all_bits = torch.cat(bits) if bits else torch.zeros(0, dtype=torch.bool)
     n_free = sum(row["free"] for row in layers)
-    assert all_bits.numel() == n_free
+    assert sum(b.numel() for b in bits) == n_free
+    coding, payload, coding_fields = encode_mask(bits, mask_coding)
     # One metadata key only: safetensors writes several in a random (hash map) order,
     # and a ticket's bytes must not change between two saves of the same model.
-    mask_bytes = safetensors.torch.save({MASK_TENSOR: pack_bits(all_bits)},
-                                        metadata={"format": "timm_fslt.supermask"})
+    mask_bytes = safetensors.torch.save({MASK_TENSOR: torch.frombuffer(bytearray(payload), dtype=torch.uint8)},
+                                        metadata={"format": METADATA[coding]})
 
     state_record, state_bytes = encode_state(_state_to_store(model, arch), state_dtype)
     files = {MASK_NAME: mask_bytes, STATE_NAME: state_bytes}
@@ -103,7 +105,7 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
 
     own = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION,
+        "format_version": FORMAT_VERSION if coding == "entropy" else RAW_VERSION,
         "generator_version": config.generator_version,
         "timm_fslt_version": __version__,
         "architecture": arch,
@@ -112,7 +114,7 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
         "layers": layers,
         "regenerated": regenerated_record(model),
         "mask": {"file": MASK_NAME, "tensor": MASK_TENSOR, "bits": n_free,
-                 "bytes": (n_free + 7) // 8, "order": BIT_ORDER},
+                 "bytes": len(payload), "order": BIT_ORDER, **coding_fields},
         "state": {"file": STATE_NAME, **state_record},
         "files": {name: {"bytes": len(data), "sha256": sha256_hex(data)} for name, data in files.items()},
         "metrics": metrics,
@@ -155,7 +157,8 @@ def _is_complete_ticket(directory: Path) -> bool:
 def save_ticket(model: nn.Module, directory: PathLike, *, architecture: Optional[Mapping] = None,
                 overwrite: bool = False, metrics: Optional[Mapping] = None,
                 datasets: Union[None, str, Sequence[str]] = None, state_dtype: Optional[str] = None,
-                data_config: Optional[Mapping] = None, timm_weights: bool = False) -> Path:
+                data_config: Optional[Mapping] = None, timm_weights: bool = False,
+                mask_coding: str = "auto") -> Path:
     """Save a frozen model's ticket (config.json, supermask.safetensors, state.safetensors).
 
     config.json follows timm's Hub schema (``architecture``, ``num_classes``, ``model_args``,
@@ -187,6 +190,10 @@ def save_ticket(model: nn.Module, directory: PathLike, *, architecture: Optional
         precision, about half the state's bits; the loaded model then equals this model with
         its state rounded the same way (``timm_fslt.ticket.state_codec.round_state``).
         Measured effect on accuracy: benchmarks/README.md ("Lower-precision state").
+    mask_coding: how ``supermask.safetensors`` stores the free weights' bits: ``"raw"`` (one bit
+        each; format 4), ``"entropy"`` (each layer entropy-coded with rANS, or stored raw or as a
+        constant where that is smaller; format 5; ``timm_fslt.entropy``), or ``"auto"`` (default):
+        entropy-coded when that is smaller than raw. The loaded masks are the same bits either way.
 
     The files are written to a hidden sibling directory and exchanged with the old
     ticket in one atomic step, so the path holds a complete ticket (old or new) at
@@ -199,7 +206,8 @@ def save_ticket(model: nn.Module, directory: PathLike, *, architecture: Optional
     if not directory.name:
         raise TicketError(f"cannot save a ticket to {str(directory)!r}: give a directory with a name")
     files = ticket_files(model, architecture=architecture, metrics=metrics, datasets=datasets,
-                         state_dtype=state_dtype, data_config=data_config, timm_weights=timm_weights)
+                         state_dtype=state_dtype, data_config=data_config, timm_weights=timm_weights,
+                         mask_coding=mask_coding)
     if directory.exists():
         if not directory.is_dir():
             raise TicketError(f"cannot save a ticket to {str(directory)!r}: it exists and is not a directory")

@@ -21,7 +21,8 @@ from timm_fslt.regen import native
 from timm_fslt.report import architecture_buffers, non_regenerable_state
 from timm_fslt.ticket.architecture import (build_architecture, build_for_check, count_elements, describe_architecture,
                                            resolve_builder)
-from timm_fslt.ticket.format import CONFIG_NAME, STATE_NAME, unpack_bits
+from timm_fslt.ticket.format import CONFIG_NAME, STATE_NAME
+from timm_fslt.ticket.mask_coding import unpack_bits
 from timm_fslt.ticket.integrity import check_digests, check_layers, check_regenerated
 from timm_fslt.ticket.timm_config import apply_data_config, check_built, check_timm_builds
 
