@@ -3,13 +3,15 @@
     python benchmarks/step_variants.py                  # timm resnet18 at 32 px, batch 128, 30 rounds
     python benchmarks/step_variants.py --model conv6 --rounds 12
 
-Five configurations of ``step_time.py`` visited in rotating order every round: dense weight training,
+Six configurations of ``step_time.py`` visited in rotating order every round: dense weight training,
 and the frozen step (prune 0.35, lock 0.35) four ways: ``fresh`` (a new ``W * mask`` every step and
 the backward gathering ``grad[free]`` and ``W[free]`` with torch ops: before #19), ``kept`` (the product
 written into last step's memory, ``SupermaskGroup.keep_products``), ``fused`` (kept, and the scores'
 gradient in one compiled pass, ``native.free_gradient``; masks by the generic torch refresh) and
 ``compiled`` (fused, and the masks selected and written by the compiled two-pass refresh,
-``nn/cpu_refresh.py``: today's CPU default).  Prints the median (and quartiles) of the per-round
+``nn/cpu_refresh.py``) and ``cached`` (compiled, with each layer's weights at its free positions
+kept for the backward, ``SupermaskGroup.cache_free_weights``, whose product is then the torch ops':
+today's CPU default).  Prints the median (and quartiles) of the per-round
 ratios against dense and between the variants.
 """
 from __future__ import annotations
@@ -39,18 +41,18 @@ def main(argv=None) -> None:
     x, y = st.batch(args.model, batch)
     fused_gradient = native.free_gradient
     runs = {}
-    for kind in ("dense", "fresh", "kept", "fused", "compiled"):
+    for kind in ("dense", "fresh", "kept", "fused", "compiled", "cached"):
         model, opt = st.build(args.model, "dense" if kind == "dense" else "frozen")
         if kind != "dense":
             group = timm_fslt.get_group(model)
-            group.keep_products, group.cache_free_weights = kind != "fresh", False
-            group.compiled_refresh = kind == "compiled"
+            group.keep_products, group.cache_free_weights = kind != "fresh", kind == "cached"
+            group.compiled_refresh = kind in ("compiled", "cached")
         runs[kind] = (model, opt)
     kinds = list(runs)
     times = {kind: [] for kind in kinds}
     for r in range(args.rounds + 2):  # (the first two rounds warm up)
         for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
-            native.free_gradient = fused_gradient if kind in ("fused", "compiled") else (lambda *a: None)
+            native.free_gradient = fused_gradient if kind in ("fused", "compiled", "cached") else (lambda *a: None)
             start = time.perf_counter()
             st.step(*runs[kind], x, y)
             if r >= 2:
@@ -61,7 +63,8 @@ def main(argv=None) -> None:
     for label, num, den in (("fresh/dense", "fresh", "dense"), ("kept/dense", "kept", "dense"),
                             ("fused/dense", "fused", "dense"), ("kept/fresh", "kept", "fresh"),
                             ("compiled/dense", "compiled", "dense"), ("fused/kept", "fused", "kept"),
-                            ("compiled/fused", "compiled", "fused")):
+                            ("compiled/fused", "compiled", "fused"), ("cached/dense", "cached", "dense"),
+                            ("cached/compiled", "cached", "compiled")):
         ratios = [a / b for a, b in zip(times[num], times[den])]
         q = statistics.quantiles(ratios, n=4)
         print(f"  {label}: median {statistics.median(ratios):.3f} (quartiles {q[0]:.3f}-{q[2]:.3f})")

@@ -43,11 +43,11 @@ def _scores(rng, kind, n):
 def _select(parts, ks, scope_global, state, check_finite=True):
     """Masks (free entries only: every position is free here) from the compiled path."""
     layers = [(p.view(torch.int32).numpy(), np.zeros(p.numel(), dtype=np.uint8),
-               np.arange(p.numel(), dtype=np.int32)) for p in parts]
+               np.arange(p.numel(), dtype=np.int32), None) for p in parts]
     n = len(parts)
     segments = [(0, n, ks[0])] if scope_global else [(i, i + 1, k) for i, k in enumerate(ks)]
     kept = cpu_select.select_and_write(layers, segments, state, check_finite)
-    return kept, [torch.from_numpy(mask.view(bool)) for _, mask, _ in layers]
+    return kept, [torch.from_numpy(mask.view(bool)) for _, mask, _, _ in layers]
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "subnormal", "special"])
@@ -95,9 +95,9 @@ def test_non_finite_scores_write_nothing():
     parts = [torch.randn(5000), torch.randn(30_000)]
     parts[1][123] = float("nan")
     layers = [(p.view(torch.int32).numpy(), np.full(p.numel(), 7, dtype=np.uint8),
-               np.arange(p.numel(), dtype=np.int32)) for p in parts]
+               np.arange(p.numel(), dtype=np.int32), None) for p in parts]
     assert cpu_select.select_and_write(layers, [(0, 2, 1000)], cpu_select.BandState(), True) is None
-    assert all((mask == 7).all() for _, mask, _ in layers)
+    assert all((mask == 7).all() for _, mask, _, _ in layers)
     parts[1][123] = -float("inf")
     assert cpu_select.select_and_write(layers, [(0, 2, 1000)], cpu_select.BandState(), True) is None
 
@@ -194,3 +194,72 @@ def test_masks_are_the_same_across_cpu_kernel_paths_and_thread_counts():
         assert int(hits) >= 1
         seen.add(digest)
     assert len(seen) == 1
+
+
+def _effective(layer, module):
+    """``W * mask * scale`` computed afresh, the reference for a layer's kept product."""
+    weight = module.parametrizations.weight.original
+    out = weight * layer.mask.to(weight.dtype)
+    return out if layer.group.scale_mode is None else out * layer.scale
+
+
+@pytest.mark.parametrize("scale", [None, "static", "dynamic"])
+def test_the_kept_product_follows_the_mask(scale, monkeypatch):
+    from timm_fslt.nn import functional
+    torch.set_num_threads(1)
+    base = timm_fslt.freeze(small_net(), prune=0.3, lock=0.3, scale=scale, seed=6)
+    twin = copy.deepcopy(base)
+    timm_fslt.get_group(twin).keep_products = False
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,))
+    opts = [torch.optim.SGD(trainable(m), lr=1.0, momentum=0.9) for m in (base, twin)]
+    made = []
+    real = functional.masked_product
+    monkeypatch.setattr(functional, "masked_product", lambda *a, **k: made.append(1) or real(*a, **k))
+    modules = [m for m in base.modules() if hasattr(m, "parametrizations")]
+    layers = timm_fslt.get_group(base).layers
+    counts = []
+    for _ in range(5):
+        made.clear()
+        outs = [model(x) for model in (base, twin)]
+        counts.append(len(made))
+        assert torch.equal(outs[0], outs[1])
+        with torch.no_grad():
+            for layer, module in zip(layers, modules):
+                assert torch.equal(layer.__dict__["_product"], _effective(layer, module))
+        for out, opt in zip(outs, opts):
+            F.cross_entropy(out, y).backward()
+            opt.step()
+            opt.zero_grad()
+    # products computed by the forwards (twin: one per layer, every step); base's: after the first
+    # step none with a fixed scale (the refresh updated them), with dynamic scales those of the
+    # layers whose scale changed
+    n = len(layers)
+    assert counts[0] == 2 * n
+    assert all(c == n for c in counts[1:]) if scale != "dynamic" else all(n <= c <= 2 * n for c in counts[1:])
+
+
+def test_a_kept_product_someone_wrote_or_holds_is_made_again():
+    torch.set_num_threads(1)
+    model = timm_fslt.freeze(small_net(), prune=0.3, lock=0.3, seed=6)
+    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,))
+    opt = torch.optim.SGD(trainable(model), lr=1.0, momentum=0.9)
+    conv = model[2]
+    layer = timm_fslt.get_group(model).layers[1]
+    for _ in range(2):
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    with torch.no_grad():
+        conv.weight.mul_(3.0)  # (the weight a forward returned is the kept memory: written by the user)
+        assert not torch.equal(layer.__dict__["_product"], _effective(layer, conv))
+        model(x)
+        assert torch.equal(layer.__dict__["_product"], _effective(layer, conv))
+    held = conv.weight  # kept by the caller across a step: its values never change
+    before = held.clone()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    opt.zero_grad()
+    model(x)
+    assert torch.equal(held, before)
+    with torch.no_grad():
+        assert torch.equal(conv.weight, _effective(layer, conv))

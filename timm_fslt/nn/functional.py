@@ -52,7 +52,48 @@ def product_buffer(layer, weight: torch.Tensor) -> torch.Tensor:
             return buffer
     buffer = torch.empty_like(weight)
     layer.__dict__["_product"] = buffer
+    layer.__dict__.pop("_product_of", None)
     return buffer
+
+
+def _scale_key(layer, scale: Optional[torch.Tensor]):
+    # the scale a product was made with, as the host knows it (None: no scale; False: unknown)
+    return None if scale is None else (layer.__dict__.get("_scale_value") or False)
+
+
+def kept_product(layer, weight: torch.Tensor, mask: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    """``W * mask * scale`` in ``layer``'s kept memory (``product_buffer``).  Not computed again when
+    that memory already holds it: the product of this weight (same tensor and version), this mask
+    (same tensor and version: the CPU refresh updates the product where it changes the mask,
+    ``nn/cpu_refresh.py``) and this scale, and nothing wrote the memory since (its version)."""
+    buffer = product_buffer(layer, weight)
+    key = _scale_key(layer, scale)
+    made = layer.__dict__.get("_product_of")
+    if (made is None or key is False or made[0] is not weight or made[1] != weight._version or made[2] is not mask
+            or made[3] != mask._version or made[4] != key or made[5] is not buffer or made[6] != buffer._version):
+        masked_product(weight, mask, scale, out=buffer)
+        layer.__dict__["_product_of"] = (weight, weight._version, mask, mask._version, key, buffer, buffer._version)
+    return buffer
+
+
+def product_to_update(layer, mask: torch.Tensor):
+    """(weight, product, scale) whose product entries the CPU refresh may write where it changes
+    ``mask`` -- the kept product is current and nothing holds it -- or None."""
+    made = layer.__dict__.get("_product_of")
+    if made is None or made[2] is not mask or made[3] != mask._version or made[4] is False:
+        return None
+    weight, buffer = made[0], made[5]
+    if (made[1] != weight._version or buffer._version != made[6] or _use_count(buffer) != _IDLE
+            or layer.__dict__.get("_product") is not buffer or weight.dtype != torch.float32
+            or not weight.is_contiguous() or not buffer.is_contiguous() or weight.device.type != "cpu"):
+        return None
+    return weight, buffer, made[4]
+
+
+def product_updated(layer, mask: torch.Tensor) -> None:
+    """After the CPU refresh wrote the product where it changed ``mask``: the product is ``mask``'s."""
+    made = layer.__dict__["_product_of"]
+    layer.__dict__["_product_of"] = made[:3] + (mask._version,) + made[4:]
 
 
 _SIGN_CHUNK = 1 << 20  # elements of sign(s) alive at once in the backward
@@ -95,13 +136,13 @@ class _MaskedWeight(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, weight, scores, mask, scale, index, free_weight, buffer):
+    def forward(ctx, weight, scores, mask, scale, index, free_weight, owner):
         ctx.save_for_backward(weight, scores, scale, index, free_weight)
-        if buffer is None:
+        if owner is None:
             return masked_product(weight, mask, scale)
         # (an alias: the buffer itself never gets an autograd history; its version counter is shared,
         # so a graph that saved last step's product would refuse a rewritten one)
-        return masked_product(weight, mask, scale, out=buffer).detach()
+        return kept_product(owner, weight, mask, scale).detach()
 
     @staticmethod
     def backward(ctx, grad):
@@ -128,12 +169,13 @@ class _MaskedWeight(torch.autograd.Function):
 
 def masked_weight(weight: torch.Tensor, scores: torch.Tensor, mask: torch.Tensor,
                   scale: Optional[torch.Tensor], index: Optional[torch.Tensor],
-                  free_weight: Optional[torch.Tensor] = None, buffer: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  free_weight: Optional[torch.Tensor] = None, owner=None) -> torch.Tensor:
     """``W * mask * scale`` whose gradient reaches the free ``scores`` (int32 positions ``index``;
     None: every weight is free; ``scores``: one per free weight, e.g. 1-D or a ``(1, n)`` row) by
     the straight-through estimator.  ``free_weight``: ``W`` at ``index``, if the caller keeps it
-    (else the backward gathers it); ``buffer``: memory for the product (``product_buffer``)."""
-    return _MaskedWeight.apply(weight, scores, mask, scale, index, free_weight, buffer)
+    (else the backward gathers it); ``owner``: the layer whose kept memory holds the product
+    (``kept_product``), or None for a new tensor."""
+    return _MaskedWeight.apply(weight, scores, mask, scale, index, free_weight, owner)
 
 
 def traced_masked_weight(weight: torch.Tensor, mask: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:

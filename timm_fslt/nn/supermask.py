@@ -46,7 +46,7 @@ from timm_fslt.nn import cpu_refresh, recompute
 from timm_fslt.nn.free_index import _free_index_of, _free_shapes, _FreeIndex, free_entries, legacy_scores
 from timm_fslt.nn.free_index import STEP_CACHES, cached_free_values, long_index, moved_caches, weight_shaped
 from timm_fslt.nn.optimizer_state import upgrade_optimizer_state  # noqa: F401  (registers its hooks)
-from timm_fslt.nn.functional import masked_weight, product_buffer, script_refusal, stale_refusal, traced_masked_weight
+from timm_fslt.nn.functional import masked_weight, script_refusal, stale_refusal, traced_masked_weight
 from timm_fslt.nn.sync_free import SyncFreeState, dynamic_scale, nonfinite_error
 from timm_fslt.regen import pattern as freezing
 from timm_fslt.regen.topk import keys_topk_mask, magnitude_keys, segment_sums, segments_topk_mask
@@ -148,8 +148,8 @@ class FrozenSupermask(nn.Module):
         plain = not compiling and group is not None and not recompute.is_recording()
         free_weight = cached_free_values(self, weight, index) if plain and index is not None \
             and group.caches_free_weights(weight) else None
-        buffer = product_buffer(self, weight) if plain and group.keeps_products(weight) else None
-        out = masked_weight(weight, self.scores, self.mask, scale, index, free_weight, buffer)
+        owner = self if plain and group.keeps_products(weight) else None  # (the product in kept memory)
+        out = masked_weight(weight, self.scores, self.mask, scale, index, free_weight, owner)
         if not compiling and recompute.is_recording():  # inside recompute_masked_weights
             recompute.record(group, out, weight, self.scores, self.mask, scale, index, self.layer_name)
         return out

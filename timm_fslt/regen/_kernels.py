@@ -243,30 +243,34 @@ def score_key(b):  # the ordered key of |score|: its bits without the sign, ever
 
 
 @njit(nogil=True, cache=True)
-def band_count(bits, start, stop, lo, hi):
-    # (the largest key, how many keys are above hi, how many lie in [lo, hi]), in one vectorised pass
+def band_scan(bits, start, stop, lo, hi, out, o_start, o_stop):
+    # (the largest key, how many keys are above hi, how many lie in [lo, hi]); those copied, in
+    # order, into out[o_start:o_stop] while they fit (the count goes on).  Each block of 64 keys
+    # is counted by a vectorised loop (block-local counts: LLVM vectorises those); only the few
+    # blocks holding a key of the (narrow) band are read again, by a scalar loop that copies it.
     b = bits[start:stop]
+    n = b.shape[0]
     top, above, inside = np.int32(0), np.int32(0), np.int32(0)
     width = np.uint32(hi - lo)  # (lo <= key <= hi  <=>  key - lo <= hi - lo, unsigned)
-    for f in range(b.shape[0]):
-        key = score_key(b[f])
-        top = top if top > key else key
-        above += np.int32(key > hi)
-        inside += np.int32(np.uint32(key - lo) <= width)
+    cap = o_stop - o_start
+    for b0 in range(0, n, 64):
+        block = b[b0:min(b0 + 64, n)]
+        block_top, block_above, here = np.int32(0), np.int32(0), np.int32(0)
+        for f in range(block.shape[0]):
+            key = score_key(block[f])
+            block_top = block_top if block_top > key else key
+            block_above += np.int32(key > hi)
+            here += np.int32(np.uint32(key - lo) <= width)
+        top = top if top > block_top else block_top
+        above += block_above
+        if here:
+            for f in range(block.shape[0]):
+                key = score_key(block[f])
+                if np.uint32(key - lo) <= width:
+                    if inside < cap:
+                        out[o_start + inside] = key
+                    inside += 1
     return top, above, inside
-
-
-@njit(nogil=True, cache=True)
-def band_keys(bits, start, stop, lo, hi, out):
-    # the keys in [lo, hi], in order, into out (which holds exactly as many: band_count's)
-    b = bits[start:stop]
-    width = np.uint32(hi - lo)
-    m = 0
-    for f in range(b.shape[0]):
-        key = score_key(b[f])
-        if np.uint32(key - lo) <= width:  # (rare: a predictable branch)
-            out[m] = key
-            m += 1
 
 
 @njit(nogil=True, cache=True)
@@ -279,6 +283,24 @@ def write_selected(bits, mask, index, start, stop, kth, last_tie):
         key = score_key(b[f])
         bit = np.uint8(key > kth) | (np.uint8(key == kth) & np.uint8(f <= last_tie))
         mask[np.uint32(at[f])] = bit
+        n += np.int32(bit)
+    return n
+
+
+@njit(nogil=True, cache=True)
+def write_selected_product(bits, mask, index, start, stop, kth, last_tie, weight, product, scale, scaled):
+    # write_selected, and where a bit changes, the kept product W * mask * scale there too, with
+    # masked_product's float32 operations: (float(bit) * w) * scale
+    b, at = bits[start:stop], index[start:stop]
+    n = np.int32(0)
+    for f in range(b.shape[0]):
+        key = score_key(b[f])
+        bit = np.uint8(key > kth) | (np.uint8(key == kth) & np.uint8(f <= last_tie))
+        j = np.uint32(at[f])
+        if mask[j] != bit:  # (rare after the first steps: a predictable branch)
+            mask[j] = bit
+            value = np.float32(bit) * weight[j]
+            product[j] = value * scale if scaled else value
         n += np.int32(bit)
     return n
 

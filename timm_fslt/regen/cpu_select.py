@@ -7,23 +7,24 @@ generic path writes every ``|s|`` into a buffer, brackets the k-th largest with 
 builds a selected vector per layer and copies it into the mask (about ten passes and several
 allocations per step, ``regen/topk.py``).  Here:
 
-1. ``band_count``: one vectorised pass over every score's float32 bits (read as the ordered keys
-   of ``topk.magnitude_keys``: the bits without the sign, every NaN one key above ``+inf``) finds
-   the largest key (the finiteness check) and counts the keys above and inside a band
-   ``[lo, hi]``.  The band comes from the last refresh of the same segment, centred on its k-th
-   largest key with ``_MARGIN`` of its ranks either side: scores move little per optimizer step,
-   so the k-th largest key usually stays inside.
-2. ``band_keys``: the keys inside the band (about 1.6 % of them) are copied out, and the exact
-   k-th largest is found among them (``np.partition``).
+1. ``band_scan``: one pass over every score's float32 bits (read as the ordered keys of
+   ``topk.magnitude_keys``: the bits without the sign, every NaN one key above ``+inf``) finds the
+   largest key (the finiteness check), counts the keys above and inside a narrow band
+   ``[lo, hi]`` (vectorised, 64 keys at a time) and copies the few keys inside it out.  The band
+   comes from the last refresh of the same segment: its k-th largest key with a margin of ranks
+   either side (at first a thousandth of the segment's: in a ResNet-18 search at lr 0.1 the k-th
+   largest moved about 0.02 % of the ranks per step; every miss widens it four times).
+2. The exact k-th largest is found among the candidates (``np.partition``).
 3. ``write_selected``: one pass writes each free weight's bit (key above the k-th, or equal to
    it within the first ties) into its mask and counts the kept ones per layer.
 
 The band only decides the cost, never the answer: when the k-th largest key is not inside it
 (the first refresh, a large step, replaced scores), the segment's k-th largest is found exactly
 by ``topk.kth_largest`` on its keys and the band is re-centred from a sample.  Nothing is kept
-between refreshes but the bands, two integers per segment.  Tested bit for bit against
-``topk.keys_topk_mask`` (``tests/test_cpu_select.py``); used for contiguous float32 scores with
-int32 free indexes on the CPU, when the compiled kernels are on (``regen/native.py``).
+between refreshes but each segment's band and margin and each layer's last count of keys inside.
+Tested bit for bit against a stable sort and the generic refresh (``tests/test_cpu_select.py``);
+used for contiguous float32 scores with int32 free indexes on the CPU, when the compiled kernels
+are on (``regen/native.py``).
 """
 from __future__ import annotations
 
@@ -37,20 +38,24 @@ from timm_fslt.regen import native
 from timm_fslt.regen.topk import NAN_KEY_32, kth_largest
 
 _FULL = 1 << 14  # segments up to this size take all their keys as candidates
-_MARGIN = 1 / 128  # ranks either side of the k-th largest inside the next band, as a share of a segment
+_MARGIN = 1 / 1024  # ranks either side of the k-th largest inside the next band, as a share of a segment
+_WIDEST = 1 / 32  # the margin after misses at most
 _SAMPLE = 1 << 16
-THREADS = None
 _ABOVE_ALL = 0x7FFFFFFF  # a key above every score's key (they are at most NAN_KEY_32)
 _EMPTY = (NAN_KEY_32 + 1, NAN_KEY_32 + 1)  # a band no key lies in or above: a segment without one
+THREADS = None  # threads of the compiled passes (None: torch.get_num_threads())
 
 
 class BandState:
-    """What one group's refreshes pass on to the next: the band of each segment, and how the
-    refreshes went (``hits``: the k-th largest was inside the band; ``misses``: it was found over
-    the whole segment)."""
+    """What one group's refreshes pass on to the next: per segment its band ``(lo, hi)`` and margin,
+    per layer how many keys lay inside the band (to size its share of the candidate buffer), and how
+    the refreshes went (``hits``: the k-th largest was inside the band; ``misses``: it was not, and
+    was found over the whole segment)."""
 
     def __init__(self):
         self.bands: dict = {}
+        self.margins: dict = {}
+        self.inside: dict = {}
         self.hits = 0
         self.misses = 0
 
@@ -77,87 +82,93 @@ def select_and_write(layers: list, segments: list, state: BandState, check_finit
     """Write every layer's mask at its free positions from its scores, and return how many free
     weights each layer kept; None (nothing written) if ``check_finite`` and a score is NaN or infinite.
 
-    ``layers``: ``(bits, mask, index)`` per layer -- the scores' float32 bits as a 1-D int32 array,
-    the mask's bytes (uint8, flat), the int32 free positions (NumPy views of contiguous CPU tensors;
-    the caller bumps the masks' version counters).  ``segments``: ``(first layer, end layer, k)`` in
+    ``layers``: ``(bits, mask, index, product)`` per layer -- the scores' float32 bits as a 1-D int32
+    array, the mask's bytes (uint8, flat), the int32 free positions (NumPy views of contiguous CPU
+    tensors; the caller bumps the masks' version counters), and None or ``(weight, out, scale)``:
+    flat float32 arrays of the weight and of its kept product ``W * mask * scale`` (scale: a float,
+    or None for none), whose entries are rewritten where a mask bit changes.  ``segments``: ``(first layer, end layer, k)`` in
     order, covering the layers: keep the ``k`` largest keys of each."""
     k = native.kernels()
-    sizes = [bits.shape[0] for bits, _, _ in layers]
+    sizes = [layer[0].shape[0] for layer in layers]
     offsets = np.cumsum([0] + sizes).tolist()
-    owner, bands = [], []
+    owner, bands, names = [], [], []
     for s, (first, end, _) in enumerate(segments):
         n = offsets[end] - offsets[first]
-        bands.append(state.bands.get((first, end, n), _EMPTY) if n > _FULL else (0, NAN_KEY_32))
+        names.append((first, end, n))
+        bands.append(state.bands.get(names[s], _EMPTY) if n > _FULL else (0, NAN_KEY_32))
         owner += [s] * (end - first)
-    count = k["band_count"]
-    jobs = [(sizes[j], lambda a, b, j=j, lo=np.int32(bands[owner[j]][0]), hi=np.int32(bands[owner[j]][1]):
-             (a, *count(layers[j][0], a, b, lo, hi))) for j in range(len(layers))]
-    found = native.run_pieces(jobs, THREADS)
-    if check_finite and any(piece[1] >= 0x7F800000 for parts in found for piece in parts):
+    # each layer's share of the candidate buffer: twice its last count inside, or all its keys
+    room = [sizes[j] if names[owner[j]][2] <= _FULL else 2 * state.inside.get((names[owner[j]], j), 0) + 256
+            for j in range(len(layers))]
+    starts = np.cumsum([0] + room).tolist()
+    cand = np.empty(starts[-1], dtype=np.int32)
+    scan = k["band_scan"]
+
+    def job(j):
+        lo, hi = (np.int32(v) for v in bands[owner[j]])
+        n, base = sizes[j], starts[j]
+        return (n, lambda a, b: (a, b, *scan(layers[j][0], a, b, lo, hi, cand, base + a * room[j] // n,
+                                             base + b * room[j] // n)))
+    found = native.run_pieces([job(j) for j in range(len(layers))], THREADS)
+    if check_finite and any(piece[2] >= 0x7F800000 for parts in found for piece in parts):
         return None
-    above, hit = [], []  # per segment: keys above the band; whether its k-th largest key lies inside
-    for s, (first, end, kept) in enumerate(segments):
-        above.append(sum(piece[2] for j in range(first, end) for piece in found[j]))
-        inside = sum(piece[3] for j in range(first, end) for piece in found[j])
-        hit.append(0 < kept < offsets[end] - offsets[first] and above[s] < kept <= above[s] + inside)
-    inside_keys = _gather(layers, jobs, found, owner, hit, bands, k)
-    limits = []  # per segment: (kth, flat position of the last tie kept, relative to the segment)
+    limits = []  # per segment: (kth, position of the last tie kept in the segment's flat order)
     for s, (first, end, kept) in enumerate(segments):
         n = offsets[end] - offsets[first]
         if kept <= 0 or kept >= n:
             limits.append((_ABOVE_ALL, -1) if kept <= 0 else (-1, -1))
             continue
-        margin = max(1024, int(n * _MARGIN))
-        if hit[s]:
-            cands = inside_keys[s]
-            m = cands.shape[0]
-            at = m - (kept - above[s])  # the k-th largest's ascending position among the candidates
-            picks = sorted({max(at - margin, 0), at, min(at + margin, m - 1)})
+        above = sum(piece[3] for j in range(first, end) for piece in found[j])
+        inside = sum(piece[4] for j in range(first, end) for piece in found[j])
+        for j in range(first, end):
+            state.inside[(names[s], j)] = sum(piece[4] for piece in found[j])
+        margin = state.margins.get(names[s], max(1024, int(n * _MARGIN)))
+        if above < kept <= above + inside:
+            lo, hi = bands[s]
+            cands = np.concatenate([_piece_keys(layers[j][0], piece, lo, hi, cand, starts[j], room[j], sizes[j])
+                                    for j in range(first, end) for piece in found[j]])
+            at = inside - (kept - above)  # the k-th largest's ascending position among the candidates
+            picks = sorted({max(at - margin, 0), at, min(at + margin, inside - 1)})
             ordered = np.partition(cands, picks)
             kth = int(ordered[at])
-            n_above = above[s] + int(np.count_nonzero(ordered[at + 1:] > kth))  # (all after at are >= kth)
+            n_above = above + int(np.count_nonzero(ordered[at + 1:] > kth))  # (all after at are >= kth)
             n_ties = int(np.count_nonzero(cands == kth))
             if n > _FULL:
-                lo, hi = bands[s]
-                state.bands[(first, end, n)] = (int(ordered[picks[0]]) if at - margin >= 0 else lo,
-                                                int(ordered[picks[-1]]) if at + margin < m else hi)
+                state.bands[names[s]] = (int(ordered[picks[0]]) if at - margin >= 0 else lo,
+                                         int(ordered[picks[-1]]) if at + margin < inside else hi)
             state.hits += 1
         else:
             bits = [layers[j][0] for j in range(first, end)]
             kth, n_above, n_ties = kth_largest(torch.from_numpy(_keys(bits)), kept)
             if n > _FULL:
-                state.bands[(first, end, n)] = _band_from_sample(bits, kept, n, margin)
+                if names[s] in state.bands:  # (a band missed: wider from now on)
+                    margin = state.margins[names[s]] = min(4 * margin, max(1024, int(n * _WIDEST)))
+                state.bands[names[s]] = _band_from_sample(bits, kept, n, margin)
             state.misses += 1
         limits.append((kth, _last_tie(layers, offsets, first, end, kth, kept - n_above, n_ties, k)))
-    write = k["write_selected"]
-    out = native.run_pieces([(sizes[j], lambda a, b, j=j, kth=np.int32(limits[owner[j]][0]),
-                              last=limits[owner[j]][1] - (offsets[j] - offsets[segments[owner[j]][0]]):
-                              write(layers[j][0], layers[j][1], layers[j][2], a, b, kth, last - a))
-                             for j in range(len(layers))], THREADS)
-    return [int(sum(parts)) for parts in out]
+    write, write_product = k["write_selected"], k["write_selected_product"]
+
+    def writer(j):
+        kth = np.int32(limits[owner[j]][0])
+        last = limits[owner[j]][1] - (offsets[j] - offsets[segments[owner[j]][0]])  # (in the layer's order)
+        bits, mask, index, product = layers[j]
+        if product is None:
+            return sizes[j], lambda a, b: write(bits, mask, index, a, b, kth, last - a)
+        weight, out, scale = product
+        return sizes[j], lambda a, b: write_product(bits, mask, index, a, b, kth, last - a, weight, out,
+                                                    np.float32(scale or 1.0), scale is not None)
+    return [int(sum(parts)) for parts in native.run_pieces([writer(j) for j in range(len(layers))], THREADS)]
 
 
-def _gather(layers: list, jobs: list, found: list, owner: list, hit: list, bands: list, k) -> dict:
-    """The keys inside the band of every segment whose k-th largest lies there, in flat order."""
-    where, size = {}, [0] * len(hit)
-    for j, parts in enumerate(found):
-        s = owner[j]
-        if hit[s]:
-            for a, _, _, m in parts:
-                where[(j, a)] = (size[s], m)
-                size[s] += m
-    outs = {s: np.empty(size[s], dtype=np.int32) for s in range(len(hit)) if hit[s]}
-    if not outs:
-        return outs
-    copy = k["band_keys"]
-
-    def body(j, a, b):
-        s = owner[j]
-        if hit[s]:
-            at, m = where[(j, a)]
-            copy(layers[j][0], a, b, np.int32(bands[s][0]), np.int32(bands[s][1]), outs[s][at:at + m])
-    native.run_pieces([(n, lambda a, b, j=j: body(j, a, b)) for j, (n, _) in enumerate(jobs)], THREADS)
-    return outs
+def _piece_keys(bits, piece: tuple, lo: int, hi: int, cand, base: int, room: int, n: int) -> np.ndarray:
+    """The keys in ``[lo, hi]`` one piece of a layer found: from its share of the buffer, or again
+    from the scores if they did not all fit."""
+    a, b, _, _, m = piece
+    c_start = base + a * room // n
+    if m <= base + b * room // n - c_start:
+        return cand[c_start:c_start + m]
+    keys = np.minimum(bits[a:b] & 0x7FFFFFFF, NAN_KEY_32)
+    return keys[(keys >= lo) & (keys <= hi)]
 
 
 def _last_tie(layers: list, offsets: list, first: int, end: int, kth: int, need: int, ties: int, k) -> int:
