@@ -11,8 +11,10 @@ Two measurements, in one process:
   write), the forward, the backward and the optimizer step, each timed with
   ``perf_counter`` around it.  The dense step has the same phases without the refresh.
 * **sub-steps in isolation**, on the frozen model's own tensors, repeated and interleaved:
-  the pieces of the refresh (``|s|`` into one buffer, the finiteness check, the selection,
-  the mask writes), the ``W * mask`` products of every layer, and the backward's gather at
+  the whole refresh (``refresh_total``: the CPU's compiled passes, ``nn/cpu_refresh.py``), the
+  generic torch refresh (``refresh_generic``) and its pieces (``|s|`` into one buffer, the
+  finiteness check, the selection, the mask writes), the ``W * mask`` products of every layer
+  (which the compiled refresh keeps current instead, where a mask bit changes), and the backward's gather at
   the free positions (``grad[free] * W[free] * sign(s)``), plus the dense optimizer step
   against the frozen one (momentum SGD over all weights vs over the free scores only).
 
@@ -158,7 +160,15 @@ def sub_steps(model, opt_frozen, dense_opt, x, y, repeats: int) -> dict:
     def opt_dense_step():
         dense_opt.step()
 
-    fns = {"refresh_total": lambda: group.refresh(force=True), "magnitudes": magnitudes,
+    def generic_refresh():  # the torch refresh, whose pieces follow (not the CPU's compiled one)
+        group.compiled_refresh = False
+        try:
+            group.refresh(force=True)
+        finally:
+            group.compiled_refresh = None
+
+    fns = {"refresh_total": lambda: group.refresh(force=True), "refresh_generic": generic_refresh,
+           "magnitudes": magnitudes,
            "finite_check": finite_check, "keys_and_select": keys_and_select, "mask_write": write_masks,
            "products": products_only, "backward_gather": gather,
            "optimizer_frozen": opt_frozen_step, "optimizer_dense": opt_dense_step}
@@ -216,7 +226,7 @@ def report(res: dict) -> str:
     lines += ["", f"Sub-steps in isolation ({sub['n_layers']} layers, {sub['n_weights'] / 1e6:.2f}M weights, "
                   f"{sub['n_free'] / 1e6:.2f}M free):", "",
               "| sub-step | median ms | min ms | median, share of the dense step |", "|---|---|---|---|"]
-    for k in ("refresh_total", "magnitudes", "finite_check", "keys_and_select", "mask_write", "products",
+    for k in ("refresh_total", "refresh_generic", "magnitudes", "finite_check", "keys_and_select", "mask_write", "products",
               "backward_gather", "optimizer_frozen", "optimizer_dense"):
         lines.append(f"| {k} | {sub[k] * ms:.2f} | {sub['min_s'][k] * ms:.2f} | {sub[k] / d['step'] * 100:.1f}% |")
     lines += ["", f"Fastest step of the rounds: dense {res['phases']['min_step_s']['dense'] * ms:.1f} ms, "

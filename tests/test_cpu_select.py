@@ -56,7 +56,7 @@ def test_selection_equals_a_stable_sort(kind, scope_global):
     rng, pick = torch.Generator().manual_seed(7), random.Random(8)
     state = cpu_select.BandState()
     for _ in range(12):
-        sizes = [pick.choice([1, 2, 50, 3000, 40_000, 70_000]) for _ in range(pick.randint(1, 4))]
+        sizes = [pick.choice([0, 1, 2, 50, 3000, 40_000, 70_000]) for _ in range(pick.randint(1, 4))]
         parts = [_scores(rng, kind, m) for m in sizes]
         total = sum(sizes)
         ks = [pick.randint(0, total)] if scope_global else [pick.randint(0, m) for m in sizes]

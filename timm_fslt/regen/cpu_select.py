@@ -107,8 +107,8 @@ def select_and_write(layers: list, segments: list, state: BandState, check_finit
     def job(j):
         lo, hi = (np.int32(v) for v in bands[owner[j]])
         n, base = sizes[j], starts[j]
-        return (n, lambda a, b: (a, b, *scan(layers[j][0], a, b, lo, hi, cand, base + a * room[j] // n,
-                                             base + b * room[j] // n)))
+        return (n, lambda a, b: (a, b, *scan(layers[j][0], a, b, lo, hi, cand, base + a * room[j] // max(n, 1),
+                                             base + b * room[j] // max(n, 1))))
     found = native.run_pieces([job(j) for j in range(len(layers))], THREADS)
     if check_finite and any(piece[2] >= 0x7F800000 for parts in found for piece in parts):
         return None
@@ -164,8 +164,8 @@ def _piece_keys(bits, piece: tuple, lo: int, hi: int, cand, base: int, room: int
     """The keys in ``[lo, hi]`` one piece of a layer found: from its share of the buffer, or again
     from the scores if they did not all fit."""
     a, b, _, _, m = piece
-    c_start = base + a * room // n
-    if m <= base + b * room // n - c_start:
+    c_start = base + a * room // max(n, 1)
+    if m <= base + b * room // max(n, 1) - c_start:
         return cand[c_start:c_start + m]
     keys = np.minimum(bits[a:b] & 0x7FFFFFFF, NAN_KEY_32)
     return keys[(keys >= lo) & (keys <= hi)]
