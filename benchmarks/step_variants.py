@@ -3,20 +3,29 @@
     python benchmarks/step_variants.py                  # timm resnet18 at 32 px, batch 128, 30 rounds
     python benchmarks/step_variants.py --model conv6 --rounds 12
 
-Six configurations of ``step_time.py`` visited in rotating order every round: dense weight training,
-and the frozen step (prune 0.35, lock 0.35) four ways: ``fresh`` (a new ``W * mask`` every step and
-the backward gathering ``grad[free]`` and ``W[free]`` with torch ops: before #19), ``kept`` (the product
-written into last step's memory, ``SupermaskGroup.keep_products``), ``fused`` (kept, and the scores'
-gradient in one compiled pass, ``native.free_gradient``; masks by the generic torch refresh) and
-``compiled`` (fused, and the masks selected and written by the compiled two-pass refresh,
-``nn/cpu_refresh.py``) and ``cached`` (compiled, with each layer's weights at its free positions
-kept for the backward, ``SupermaskGroup.cache_free_weights``, whose product is then the torch ops':
-today's CPU default).  Prints the median (and quartiles) of the per-round
-ratios against dense and between the variants.
+Seven configurations of ``step_time.py`` visited in rotating order every round: dense weight
+training, and the frozen step (prune 0.35, lock 0.35) six ways:
+
+* ``fresh``: a new ``W * mask`` every step, the backward gathering ``grad[free]`` and ``W[free]``
+  with torch ops (before #19);
+* ``kept``: the product written into last step's memory (``SupermaskGroup.keep_products``);
+* ``fused``: kept, and the scores' gradient in one compiled pass (``native.free_gradient``); the
+  masks from the generic torch refresh (before #17's refresh work);
+* ``compiled``: fused, and the masks selected and written by the compiled refresh
+  (``nn/cpu_refresh.py``), which also keeps the product current where a bit changes (today's CPU
+  default);
+* ``unfused``: compiled, with the torch ops' gradient;
+* ``cached``: compiled, with each layer's weights at its free positions kept for the backward
+  (``SupermaskGroup.cache_free_weights``; the backward is then the torch ops'; 4 bytes more per
+  free weight).
+
+Prints the median (and quartiles) of the per-round ratios against dense and between variants;
+``--json`` also writes every step time.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import sys
 import time
@@ -35,40 +44,48 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="resnet18", choices=list(st.MODELS))
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write the ratios and every step time to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     batch = st.MODELS[args.model][3]
     x, y = st.batch(args.model, batch)
     fused_gradient = native.free_gradient
-    runs = {}
-    for kind in ("dense", "fresh", "kept", "fused", "compiled", "cached"):
-        model, opt = st.build(args.model, "dense" if kind == "dense" else "frozen")
-        if kind != "dense":
-            group = timm_fslt.get_group(model)
-            group.keep_products, group.cache_free_weights = kind != "fresh", kind == "cached"
-            group.compiled_refresh = kind in ("compiled", "cached")
+    # kind -> (keep_products, cache_free_weights, compiled_refresh, fused gradient)
+    variants = {"fresh": (False, False, False, False), "kept": (True, False, False, False),
+                "fused": (True, False, False, True), "compiled": (True, False, True, True),
+                "unfused": (True, False, True, False), "cached": (True, True, True, True)}
+    runs = {"dense": st.build(args.model, "dense")}
+    for kind, (keep, cache, compiled, _) in variants.items():
+        model, opt = st.build(args.model, "frozen")
+        group = timm_fslt.get_group(model)
+        group.keep_products, group.cache_free_weights, group.compiled_refresh = keep, cache, compiled
         runs[kind] = (model, opt)
     kinds = list(runs)
     times = {kind: [] for kind in kinds}
     for r in range(args.rounds + 2):  # (the first two rounds warm up)
         for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
-            native.free_gradient = fused_gradient if kind in ("fused", "compiled", "cached") else (lambda *a: None)
+            fused = kind != "dense" and variants[kind][3]
+            native.free_gradient = fused_gradient if fused else (lambda *a: None)
             start = time.perf_counter()
             st.step(*runs[kind], x, y)
             if r >= 2:
                 times[kind].append(time.perf_counter() - start)
     native.free_gradient = fused_gradient
-    print(f"{args.model}, batch {batch}, {args.threads} threads, {args.rounds} rounds; {st.machine().get('cpu', '?')}; "
-          f"dense step median {statistics.median(times['dense']):.3f} s")
-    for label, num, den in (("fresh/dense", "fresh", "dense"), ("kept/dense", "kept", "dense"),
-                            ("fused/dense", "fused", "dense"), ("kept/fresh", "kept", "fresh"),
-                            ("compiled/dense", "compiled", "dense"), ("fused/kept", "fused", "kept"),
-                            ("compiled/fused", "compiled", "fused"), ("cached/dense", "cached", "dense"),
-                            ("cached/compiled", "cached", "compiled")):
+    head = (f"{args.model}, batch {batch}, {args.threads} threads, {args.rounds} rounds; "
+            f"{st.machine().get('cpu', '?')}; dense step median {statistics.median(times['dense']):.3f} s")
+    print(head)
+    pairs = [(f"{kind}/dense", kind, "dense") for kind in variants] + [
+        ("kept/fresh", "kept", "fresh"), ("fused/kept", "fused", "kept"), ("compiled/fused", "compiled", "fused"),
+        ("unfused/compiled", "unfused", "compiled"), ("cached/compiled", "cached", "compiled")]
+    summary = {}
+    for label, num, den in pairs:
         ratios = [a / b for a, b in zip(times[num], times[den])]
         q = statistics.quantiles(ratios, n=4)
+        summary[label] = {"median": statistics.median(ratios), "quartiles": [q[0], q[2]]}
         print(f"  {label}: median {statistics.median(ratios):.3f} (quartiles {q[0]:.3f}-{q[2]:.3f})")
-
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"title": head, "machine": st.machine(), "ratios": summary, "times_s": times}, f, indent=1)
 
 if __name__ == "__main__":
     main()

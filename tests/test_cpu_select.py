@@ -40,14 +40,25 @@ def _scores(rng, kind, n):
     return special[torch.randint(0, 7, (n,), generator=rng)]
 
 
-def _select(parts, ks, scope_global, state, check_finite=True):
-    """Masks (free entries only: every position is free here) from the compiled path."""
-    layers = [(p.view(torch.int32).numpy(), np.zeros(p.numel(), dtype=np.uint8),
-               np.arange(p.numel(), dtype=np.int32), None) for p in parts]
+def _select(parts, ks, scope_global, state, check_finite=True, kept_bits=None):
+    """Masks (free entries only: every position is free here) from the compiled path.  ``kept_bits``:
+    a list carried from call to call (the same sizes), so later calls write only the changed bits."""
+    if kept_bits is not None and not kept_bits:
+        kept_bits += [(np.zeros(p.numel(), dtype=np.uint8), np.empty(p.numel(), dtype=np.uint8)) for p in parts]
+    current = kept_bits is not None and getattr(kept_bits, "written", False)
+    memory = kept_bits or [(np.zeros(p.numel(), dtype=np.uint8), np.empty(p.numel(), dtype=np.uint8)) for p in parts]
+    layers = [(p.view(torch.int32).numpy(), mask, np.arange(p.numel(), dtype=np.int32), None, (sel, current))
+              for p, (mask, sel) in zip(parts, memory)]
     n = len(parts)
     segments = [(0, n, ks[0])] if scope_global else [(i, i + 1, k) for i, k in enumerate(ks)]
     kept = cpu_select.select_and_write(layers, segments, state, check_finite)
-    return kept, [torch.from_numpy(mask.view(bool)) for _, mask, _, _ in layers]
+    if kept_bits is not None and kept is not None:
+        kept_bits.written = True
+    return kept, [torch.from_numpy(mask.copy().view(bool)) for _, mask, _, _, _ in layers]
+
+
+class Carried(list):
+    written = False
 
 
 @pytest.mark.parametrize("kind", ["normal", "ties", "subnormal", "special"])
@@ -60,8 +71,10 @@ def test_selection_equals_a_stable_sort(kind, scope_global):
         parts = [_scores(rng, kind, m) for m in sizes]
         total = sum(sizes)
         ks = [pick.randint(0, total)] if scope_global else [pick.randint(0, m) for m in sizes]
-        for step in range(3):  # the same segments again, the scores moved a little: the band is used
-            kept, got = _select(parts, ks, scope_global, state, check_finite=False)
+        carried = Carried()
+        for step in range(3):  # the same segments again, the scores moved a little: the band is used,
+            # and only the bits that changed are written
+            kept, got = _select(parts, ks, scope_global, state, check_finite=False, kept_bits=carried)
             magnitudes = [p.abs() for p in parts]
             if scope_global:
                 expected = reference_topk_mask(torch.cat(magnitudes), ks[0]).split(sizes)
@@ -95,9 +108,10 @@ def test_non_finite_scores_write_nothing():
     parts = [torch.randn(5000), torch.randn(30_000)]
     parts[1][123] = float("nan")
     layers = [(p.view(torch.int32).numpy(), np.full(p.numel(), 7, dtype=np.uint8),
-               np.arange(p.numel(), dtype=np.int32), None) for p in parts]
+               np.arange(p.numel(), dtype=np.int32), None, (np.empty(p.numel(), dtype=np.uint8), False))
+              for p in parts]
     assert cpu_select.select_and_write(layers, [(0, 2, 1000)], cpu_select.BandState(), True) is None
-    assert all((mask == 7).all() for _, mask, _, _ in layers)
+    assert all((mask == 7).all() for _, mask, _, _, _ in layers)
     parts[1][123] = -float("inf")
     assert cpu_select.select_and_write(layers, [(0, 2, 1000)], cpu_select.BandState(), True) is None
 

@@ -69,7 +69,7 @@ def legacy_scores(state_dict: dict, key: str, frozen, shape: tuple) -> None:
 
 
 # What a layer keeps between steps only to save work (never copied or pickled with it)
-STEP_CACHES = ("_free_weight", "_long_index", "_product", "_product_of")
+STEP_CACHES = ("_free_weight", "_long_index", "_product", "_product_of", "_selected")
 
 
 def cached_free_values(layer, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

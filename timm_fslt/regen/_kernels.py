@@ -273,35 +273,64 @@ def band_scan(bits, start, stop, lo, hi, out, o_start, o_stop):
     return top, above, inside
 
 
+@njit(inline="always")
+def selected_bit(b, f, kth, last_tie):  # key above kth, or equal to it at f <= last_tie (ties lowest first)
+    key = score_key(b[f])
+    return np.uint8(key > kth) | (np.uint8(key == kth) & np.uint8(f <= last_tie))
+
+
+@njit(inline="always")
+def put(j, bit, mask, weight, product, scale, scaled, with_product):
+    # one free weight's bit into the mask, and into the kept product W * mask * scale with
+    # masked_product's float32 operations, (float(bit) * w) * scale
+    mask[j] = bit
+    if with_product:
+        value = np.float32(bit) * weight[j]
+        product[j] = value * scale if scaled else value
+
+
 @njit(nogil=True, cache=True)
-def write_selected(bits, mask, index, start, stop, kth, last_tie):
-    # mask[index[f]] = key f selected: above kth, or equal to it at f - start <= last_tie (the ties
-    # kept, lowest index first); mask is the bool mask's bytes.  Returns how many were selected.
-    b, at = bits[start:stop], index[start:stop]
+def write_selected(bits, sel, mask, index, start, stop, kth, last_tie, weight, product, scale, scaled,
+                   with_product):
+    # every free weight's bit into sel (its copy in free order) and the mask (mask[index[f]]: the
+    # bool mask's bytes), and into the product where the mask changes; returns how many are selected
+    b, s, at = bits[start:stop], sel[start:stop], index[start:stop]
     n = np.int32(0)
     for f in range(b.shape[0]):
-        key = score_key(b[f])
-        bit = np.uint8(key > kth) | (np.uint8(key == kth) & np.uint8(f <= last_tie))
-        mask[np.uint32(at[f])] = bit
+        bit = selected_bit(b, f, kth, last_tie)
+        j = np.uint32(at[f])
+        if with_product and mask[j] != bit:
+            put(j, bit, mask, weight, product, scale, scaled, True)
+        mask[j] = bit
+        s[f] = bit
         n += np.int32(bit)
     return n
 
 
 @njit(nogil=True, cache=True)
-def write_selected_product(bits, mask, index, start, stop, kth, last_tie, weight, product, scale, scaled):
-    # write_selected, and where a bit changes, the kept product W * mask * scale there too, with
-    # masked_product's float32 operations: (float(bit) * w) * scale
-    b, at = bits[start:stop], index[start:stop]
+def write_changes(bits, sel, mask, index, start, stop, kth, last_tie, weight, product, scale, scaled,
+                  with_product):
+    # write_selected where sel already holds the mask's bits: each block of 64 free weights is
+    # compared with sel by a vectorised loop, and only the few blocks where a bit changes are
+    # written (sel, mask, product), by a scalar loop
+    b, s, at = bits[start:stop], sel[start:stop], index[start:stop]
+    n_all = b.shape[0]
     n = np.int32(0)
-    for f in range(b.shape[0]):
-        key = score_key(b[f])
-        bit = np.uint8(key > kth) | (np.uint8(key == kth) & np.uint8(f <= last_tie))
-        j = np.uint32(at[f])
-        if mask[j] != bit:  # (rare after the first steps: a predictable branch)
-            mask[j] = bit
-            value = np.float32(bit) * weight[j]
-            product[j] = value * scale if scaled else value
-        n += np.int32(bit)
+    for b0 in range(0, n_all, 64):
+        b1 = min(b0 + 64, n_all)
+        block, old, last = b[b0:b1], s[b0:b1], last_tie - b0
+        count, changed = np.int32(0), np.int32(0)
+        for f in range(block.shape[0]):
+            bit = selected_bit(block, f, kth, last)
+            count += np.int32(bit)
+            changed += np.int32(bit ^ old[f])
+        n += count
+        if changed:
+            for f in range(block.shape[0]):
+                bit = selected_bit(block, f, kth, last)
+                if bit != old[f]:
+                    old[f] = bit
+                    put(np.uint32(at[b0 + f]), bit, mask, weight, product, scale, scaled, with_product)
     return n
 
 

@@ -15,8 +15,11 @@ allocations per step, ``regen/topk.py``).  Here:
    either side (at first a thousandth of the segment's: in a ResNet-18 search at lr 0.1 the k-th
    largest moved about 0.02 % of the ranks per step; every miss widens it four times).
 2. The exact k-th largest is found among the candidates (``np.partition``).
-3. ``write_selected``: one pass writes each free weight's bit (key above the k-th, or equal to
-   it within the first ties) into its mask and counts the kept ones per layer.
+3. ``write_changes``: one pass computes each free weight's bit (key above the k-th, or equal to
+   it within the first ties), counts the kept ones per layer and compares the bits with the last
+   refresh's (a byte per free weight, in free order), 64 at a time, vectorised; only where a bit
+   changed are the mask (and the kept product) written.  ``write_selected`` writes every bit, when
+   the last refresh's bits are not known (the first refresh, a mask written by someone else).
 
 The band only decides the cost, never the answer: when the k-th largest key is not inside it
 (the first refresh, a large step, replaced scores), the segment's k-th largest is found exactly
@@ -82,11 +85,13 @@ def select_and_write(layers: list, segments: list, state: BandState, check_finit
     """Write every layer's mask at its free positions from its scores, and return how many free
     weights each layer kept; None (nothing written) if ``check_finite`` and a score is NaN or infinite.
 
-    ``layers``: ``(bits, mask, index, product)`` per layer -- the scores' float32 bits as a 1-D int32
-    array, the mask's bytes (uint8, flat), the int32 free positions (NumPy views of contiguous CPU
-    tensors; the caller bumps the masks' version counters), and None or ``(weight, out, scale)``:
-    flat float32 arrays of the weight and of its kept product ``W * mask * scale`` (scale: a float,
-    or None for none), whose entries are rewritten where a mask bit changes.  ``segments``: ``(first layer, end layer, k)`` in
+    ``layers``: ``(bits, mask, index, product, (sel, current))`` per layer -- the scores' float32 bits
+    as a 1-D int32 array, the mask's bytes (uint8, flat), the int32 free positions (NumPy views of
+    contiguous CPU tensors; the caller bumps the masks' version counters); None or ``(weight, out,
+    scale)``: flat float32 arrays of the weight and of its kept product ``W * mask * scale`` (scale: a
+    float, or None for none), whose entries are rewritten where a mask bit changes; and a uint8 array
+    of one byte per free weight, the selected bits in free order, with whether it holds the mask's
+    bits now (then only the bits that change are written; else every bit, and ``sel`` is filled).  ``segments``: ``(first layer, end layer, k)`` in
     order, covering the layers: keep the ``k`` largest keys of each."""
     k = native.kernels()
     sizes = [layer[0].shape[0] for layer in layers]
@@ -146,19 +151,18 @@ def select_and_write(layers: list, segments: list, state: BandState, check_finit
                 state.bands[names[s]] = _band_from_sample(bits, kept, n, margin)
             state.misses += 1
         limits.append((kth, _last_tie(layers, offsets, first, end, kth, kept - n_above, n_ties, k)))
-    write, write_product = k["write_selected"], k["write_selected_product"]
+    write_all, write_changes = k["write_selected"], k["write_changes"]
+    none = np.empty(0, dtype=np.float32)
 
     def writer(j):
         kth = np.int32(limits[owner[j]][0])
         last = limits[owner[j]][1] - (offsets[j] - offsets[segments[owner[j]][0]])  # (in the layer's order)
-        bits, mask, index, product = layers[j]
-        if product is None:
-            return sizes[j], lambda a, b: write(bits, mask, index, a, b, kth, last - a)
-        weight, out, scale = product
-        return sizes[j], lambda a, b: write_product(bits, mask, index, a, b, kth, last - a, weight, out,
-                                                    np.float32(scale or 1.0), scale is not None)
+        bits, mask, index, product, (sel, current) = layers[j]
+        weight, out, scale = product if product is not None else (none, none, None)
+        write = write_changes if current else write_all
+        return sizes[j], lambda a, b: write(bits, sel, mask, index, a, b, kth, last - a, weight, out,
+                                            np.float32(scale or 1.0), scale is not None, product is not None)
     return [int(sum(parts)) for parts in native.run_pieces([writer(j) for j in range(len(layers))], THREADS)]
-
 
 def _piece_keys(bits, piece: tuple, lo: int, hi: int, cand, base: int, room: int, n: int) -> np.ndarray:
     """The keys in ``[lo, hi]`` one piece of a layer found: from its share of the buffer, or again

@@ -56,7 +56,7 @@ def _load():
         "signed_kaiming_constant": (k.signed_range, k.signed_at, False),
         **{name: getattr(k, name) for name in ("hashes", "scan", "low_histogram", "tie_limit", "write_code",
                                                "hash_write_code", "count_free", "write_free", "apply_bits",
-                                               "free_gradient", "band_scan", "write_selected", "write_selected_product",
+                                               "free_gradient", "band_scan", "write_selected", "write_changes",
                                                "tie_position")},
     }
 
