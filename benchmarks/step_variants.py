@@ -9,12 +9,12 @@ training, and the frozen step (prune 0.35, lock 0.35) six ways:
 * ``fresh``: a new ``W * mask`` every step, the backward gathering ``grad[free]`` and ``W[free]``
   with torch ops (before #19);
 * ``kept``: the product written into last step's memory (``SupermaskGroup.keep_products``);
-* ``fused``: kept, and the scores' gradient in one compiled pass (``native.free_gradient``); the
-  masks from the generic torch refresh (before #17's refresh work);
+* ``fused``: kept, and the scores' gradient in one compiled pass (``native.free_gradient``,
+  ``functional.FUSED_GRADIENT``); the masks from the generic torch refresh (the CPU default when
+  this session began);
 * ``compiled``: fused, and the masks selected and written by the compiled refresh
-  (``nn/cpu_refresh.py``), which also keeps the product current where a bit changes (today's CPU
-  default);
-* ``unfused``: compiled, with the torch ops' gradient;
+  (``nn/cpu_refresh.py``), which also keeps the product current where a bit changes;
+* ``unfused``: compiled, with the torch ops' gradient (today's CPU default);
 * ``cached``: compiled, with each layer's weights at its free positions kept for the backward
   (``SupermaskGroup.cache_free_weights``; the backward is then the torch ops'; 4 bytes more per
   free weight).
@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import step_time as st  # noqa: E402
 import timm_fslt  # noqa: E402
-from timm_fslt.regen import native  # noqa: E402
+from timm_fslt.nn import functional  # noqa: E402
 
 
 def main(argv=None) -> None:
@@ -49,7 +49,6 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     batch = st.MODELS[args.model][3]
     x, y = st.batch(args.model, batch)
-    fused_gradient = native.free_gradient
     # kind -> (keep_products, cache_free_weights, compiled_refresh, fused gradient)
     variants = {"fresh": (False, False, False, False), "kept": (True, False, False, False),
                 "fused": (True, False, False, True), "compiled": (True, False, True, True),
@@ -65,12 +64,12 @@ def main(argv=None) -> None:
     for r in range(args.rounds + 2):  # (the first two rounds warm up)
         for kind in kinds[r % len(kinds):] + kinds[:r % len(kinds)]:
             fused = kind != "dense" and variants[kind][3]
-            native.free_gradient = fused_gradient if fused else (lambda *a: None)
+            functional.FUSED_GRADIENT = fused
             start = time.perf_counter()
             st.step(*runs[kind], x, y)
             if r >= 2:
                 times[kind].append(time.perf_counter() - start)
-    native.free_gradient = fused_gradient
+    functional.FUSED_GRADIENT = False
     head = (f"{args.model}, batch {batch}, {args.threads} threads, {args.rounds} rounds; "
             f"{st.machine().get('cpu', '?')}; dense step median {statistics.median(times['dense']):.3f} s")
     print(head)

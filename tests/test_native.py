@@ -171,7 +171,9 @@ for kind in init.WEIGHT_INITS:
         h.update(init.random_weight(kind, 7, "w", (300, 200, 3), "cpu", dtype).view(-1).view(torch.uint8).numpy())
 h.update(pattern.frozen_code(7, "w", (300, 200, 3), 60_000, 50_000).numpy())
 # the scores' gradient: one fused pass with the kernels, index_select and products on the torch path
+from timm_fslt.nn import functional
 from timm_fslt.nn.functional import masked_weight
+functional.FUSED_GRADIENT = True  # (the compiled gradient where the kernels are on, the torch ops elsewhere)
 g = torch.Generator().manual_seed(3)
 # (integers times a power of two: torch.randn's own bits differ between CPU kernel paths)
 w, grad = (torch.randint(-2 ** 20, 2 ** 20, (300, 400), generator=g).float() * 2.0 ** -17 for _ in range(2))

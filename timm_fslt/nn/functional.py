@@ -98,6 +98,12 @@ def product_updated(layer, mask: torch.Tensor) -> None:
 
 _SIGN_CHUNK = 1 << 20  # elements of sign(s) alive at once in the backward
 
+# The scores' gradient in one compiled pass on the CPU (``native.free_gradient``, the torch ops' bits):
+# off by default.  Faster alone (1.2 against 2.0 ms for a 0.7M-weight layer) but not in a whole step,
+# where its threads compete with torch's: fused / torch ops 1.008 on an AMD EPYC (Zen 4) and 1.013-1.018
+# on another (Zen 5), ``benchmarks/step_variants.py``.  True turns it on.
+FUSED_GRADIENT = False
+
 
 def _mul_sign_(out: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     """``out *= sign(scores)`` in slices along dim 0, so the float ``sign`` temporary stays
@@ -152,8 +158,8 @@ class _MaskedWeight(torch.autograd.Function):
         if index is None:  # every weight is free: elementwise, then flattened like the scores
             grad_scores = torch.mul(grad, weight).reshape(-1)
         else:  # (grad * W)[free] == grad[free] * W[free], bit for bit, at F instead of N elements
-            fused = None if free_weight is not None or torch.compiler.is_compiling() else \
-                native.free_gradient(grad, weight, index, scores, scale)
+            fused = None if not FUSED_GRADIENT or free_weight is not None or torch.compiler.is_compiling() \
+                else native.free_gradient(grad, weight, index, scores, scale)
             if fused is not None:  # the same products in one pass over the free weights (CPU, float32)
                 return None, fused.view(scores.shape), None, None, None, None, None
             grad_scores = _free_values(grad, index).mul_(
