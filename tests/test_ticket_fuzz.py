@@ -12,8 +12,9 @@ import struct
 from pathlib import Path
 
 import pytest
+import safetensors.torch
 import torch
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 import timm_fslt
 from helpers import copy_dir as _copy
@@ -202,6 +203,111 @@ def test_deeply_nested_or_oversized_config_is_a_ticket_error(ticket, tmp_path):
     (path / "config.json").write_bytes(b" " * (65 * 2**20))
     with pytest.raises(TicketError, match="bytes a ticket's config.json may have; it was not read"):
         timm_fslt.load_ticket(path)
+
+
+# -- the entropy-coded supermask (format 5) ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def coded(tmp_path_factory):
+    """The fuzz model with per-layer score scales (a global threshold then keeps very different
+    fractions per layer, so most layers are rANS records), saved with mask_coding="entropy"."""
+    torch.manual_seed(0)
+    model = timm_fslt.create_model("resnet18_cifar", width=0.125)
+    timm_fslt.freeze(model, prune=0.3, lock=0.3)
+    group = timm_fslt.get_group(model)
+    with torch.no_grad():
+        for i, layer in enumerate(group.layers):
+            layer.scores.mul_(2.0 ** (i % 5 - 2))
+    group.refresh()
+    path = tmp_path_factory.mktemp("fuzz-coded") / "ticket"
+    timm_fslt.save_ticket(model, path, mask_coding="entropy")
+    own = json.loads((path / "config.json").read_text())["timm_fslt"]
+    assert own["mask"]["coding"] == "entropy" and sum(m == "rans" for m, _ in own["mask"]["entropy_layers"]) >= 8
+    model.eval()
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return path, x, model(x)
+
+
+def _payload_start(path: Path) -> int:
+    return 8 + struct.unpack("<Q", (path / "supermask.safetensors").read_bytes()[:8])[0]
+
+
+def _same_or_ticket_error(coded, path: Path) -> None:
+    """A re-signed coded mask either loads as the very ticket that was saved, or is a TicketError:
+    never a crash, a hang or another mask."""
+    try:
+        model = timm_fslt.load_ticket(path)
+    except TicketError:
+        return
+    with torch.no_grad():
+        assert torch.equal(model(coded[1]), coded[2])
+
+
+@_settings
+@given(flips=st.lists(st.integers(0, 10**9), min_size=1, max_size=8))
+def test_bit_flips_in_a_coded_mask_resigned(coded, tmp_path, flips):
+    path = _copy(coded[0], tmp_path / "t")
+    start = _payload_start(path)
+    data = bytearray((path / "supermask.safetensors").read_bytes())
+    for f in flips:
+        pos = start * 8 + f % ((len(data) - start) * 8)
+        data[pos // 8] ^= 1 << (pos % 8)
+    (path / "supermask.safetensors").write_bytes(bytes(data))
+    _resign(path)
+    _same_or_ticket_error(coded, path)
+
+
+@_settings
+@given(cut=st.integers(1, 10**6), extra=st.binary(max_size=16))
+def test_a_coded_mask_cut_or_padded_and_resealed_to_match(coded, tmp_path, cut, extra):
+    """Payload and config rewritten together (sizes and checksums agree): the records must not."""
+    path = _copy(coded[0], tmp_path / "t")
+    start = _payload_start(path)
+    original = (path / "supermask.safetensors").read_bytes()[start:]
+    payload = original[:len(original) - 1 - cut % len(original)] + extra
+    assume(payload != original)
+    blob = safetensors.torch.save({"supermask": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
+                                  if payload else {"supermask": torch.zeros(0, dtype=torch.uint8)},
+                                  metadata={"format": "timm_fslt.supermask.entropy"})
+    (path / "supermask.safetensors").write_bytes(blob)
+    document = json.loads((path / "config.json").read_text())
+    document["timm_fslt"]["mask"]["bytes"] = len(payload)
+    (path / "config.json").write_text(json.dumps(seal_config(document)))
+    _resign(path)
+    with pytest.raises(TicketError):
+        timm_fslt.load_ticket(path)
+
+
+@_settings
+@given(data=st.data())
+def test_config_mutations_of_a_coded_ticket_mask_record(coded, tmp_path, data):
+    path = _copy(coded[0], tmp_path / "t")
+    document = json.loads((path / "config.json").read_text())
+    mask = document["timm_fslt"]["mask"]
+    key = data.draw(st.sampled_from(["coding", "bytes", "entropy_bytes", "entropy_layers", "bits",
+                                     "entropy_layers.0", "entropy_layers.1.1", "format_version"]))
+    value = data.draw(st.one_of(_json_leaf, st.sampled_from(["raw", "entropy", 4, 5, ["rans", 10**9],
+                                                             ["constant", 3], ["raw", 1]])))
+    if key == "format_version":
+        document["timm_fslt"]["format_version"] = value
+    elif key.startswith("entropy_layers."):
+        parts = [int(p) for p in key.split(".")[1:]]
+        target = mask["entropy_layers"]
+        for p in parts[:-1]:
+            target = target[p]
+        target[parts[-1]] = value
+    else:
+        mask[key] = value
+    if data.draw(st.booleans()):
+        document = seal_config(document)
+    (path / "config.json").write_text(json.dumps(document, allow_nan=True))
+    _same_or_ticket_error(coded, path)
+
+
+def test_the_untouched_coded_ticket_loads(coded):
+    _same_or_ticket_error(coded, coded[0])
+    assert isinstance(timm_fslt.load_ticket(coded[0]), torch.nn.Module)
 
 
 def test_the_untouched_ticket_still_loads(ticket):

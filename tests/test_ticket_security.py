@@ -6,6 +6,7 @@ naming the field), and edited then resealed with ``seal_config`` as an attacker 
 the checks behind the seal must refuse them: the builder registry, the regeneration
 digests, the size bounds).
 """
+import hashlib
 import json
 import os
 import shutil
@@ -16,6 +17,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -42,7 +44,8 @@ def _model(seed=3, **options):
 def ticket(tmp_path_factory):
     model = _model()
     path = tmp_path_factory.mktemp("sec") / "ticket"
-    timm_fslt.save_ticket(model, path, metrics={"accuracy": 0.5})
+    # raw bits (format 4): the edits below rewrite it into older formats; coded masks: coded_ticket
+    timm_fslt.save_ticket(model, path, metrics={"accuracy": 0.5}, mask_coding="raw")
     model.eval()
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -200,7 +203,8 @@ def test_every_single_field_edit_of_config_json_is_refused_naming_the_field(tick
         edited = json.loads(json.dumps(config))
         _set(edited, where, _other(value))
         _write(path, edited, reseal=False)
-        if where == ("timm_fslt", "format_version"):  # now claims a newer format, whose seal this release cannot read
+        if where == ("timm_fslt", "format_version") and _other(value) > timm_fslt.ticket.FORMAT_VERSION:
+            # now claims a newer format, whose seal this release cannot read
             with pytest.raises(TicketVersionError, match="upgrade timm_fslt"):
                 timm_fslt.ticket.read_config(path)
             continue
@@ -348,6 +352,85 @@ def test_oversized_and_symlinked_files_are_refused_in_bounded_memory(ticket, tmp
     assert "is a symbolic link" in messages["config-link"]
     # reading any of these files would add 1 GB or more
     assert report["maxrss_kib"] < baseline["maxrss_kib"] + 200_000, (report, baseline)
+
+
+@pytest.fixture(scope="module")
+def coded_ticket(tmp_path_factory):
+    model = _model()
+    group = timm_fslt.get_group(model)
+    with torch.no_grad():
+        for i, layer in enumerate(group.layers):
+            layer.scores.mul_(3.0 ** (i % 3 - 1))  # a global threshold then keeps other fractions per layer
+    group.refresh()
+    path = tmp_path_factory.mktemp("sec-coded") / "ticket"
+    timm_fslt.save_ticket(model, path, mask_coding="entropy")
+    return path
+
+
+def _rewrite_mask(path: Path, payload: bytes, **mask_fields) -> None:
+    """A new coded payload, with config.json's sizes and checksums made to agree and resealed."""
+    import safetensors.torch
+    blob = safetensors.torch.save({"supermask": torch.frombuffer(bytearray(payload), dtype=torch.uint8)},
+                                  metadata={"format": "timm_fslt.supermask.entropy"})
+    (path / "supermask.safetensors").write_bytes(blob)
+    config = _config(path)
+    _own(config)["mask"].update(bytes=len(payload), **mask_fields)
+    _own(config)["files"]["supermask.safetensors"] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    _write(path, config, reseal=True)
+
+
+def test_a_hostile_coded_mask_is_refused_by_its_bounds_before_it_is_decoded(coded_ticket, tmp_path, monkeypatch):
+    from timm_fslt import entropy
+    own = _own(_config(coded_ticket))
+    sizes = [row["free"] for row in own["layers"]]
+    first = max(range(len(sizes)), key=sizes.__getitem__)
+    # 1. the file claims more bytes than every layer's raw record could hold: refused before reading
+    path = _copy(coded_ticket, tmp_path / "claims")
+    config = _config(path)
+    _own(config)["files"]["supermask.safetensors"]["bytes"] = 10**9
+    _write(path, config, reseal=True)
+    with pytest.raises(TicketChecksumError, match="but the layers and state it declares fit in"):
+        timm_fslt.load_ticket(path)
+    # 2. a rANS record promising 2**32 - 1 words: refused from its header, nothing decoded
+    decoded = []
+    real = entropy.rans_decode
+    monkeypatch.setattr(entropy, "rans_decode", lambda *a: decoded.append(a) or real(*a))
+    records = [entropy.encode(np.zeros(n, np.uint8), 2) for n in sizes]
+    records[first] = (bytes([entropy.RANS, 2, 0, 0, 0, 1, 0]) + (2**23).to_bytes(4, "little") * 2
+                      + (2**32 - 1).to_bytes(4, "little") + bytes(range(1, 61)))
+    path = _copy(coded_ticket, tmp_path / "words")
+    _rewrite_mask(path, b"".join(records), entropy_bytes=sum(map(len, records)),
+                  entropy_layers=[[entropy.METHODS[r[0]], len(r)] for r in records])
+    with pytest.raises(TicketChecksumError, match=rf"layer {first}'s record: its 4294967295 rANS words make it "
+                                                  "larger than the raw record"):
+        timm_fslt.load_ticket(path)
+    assert decoded == []
+    # 3. random words of a valid-looking header: decoding stops at the layer's own count, and the
+    #    decoder must end exactly where the encoder started (or the digests refuse other bits)
+    rng = np.random.default_rng(0)
+    words = rng.integers(1, 2**32, sizes[first] // 64, dtype=np.uint64).astype("<u4").tobytes()
+    records[first] = (bytes([entropy.RANS, 2, 0, 0, 0, 1, 0]) + (2**23).to_bytes(4, "little") * 2
+                      + (len(words) // 4).to_bytes(4, "little") + words)
+    path = _copy(coded_ticket, tmp_path / "random")
+    _rewrite_mask(path, b"".join(records), entropy_bytes=sum(map(len, records)),
+                  entropy_layers=[[entropy.METHODS[r[0]], len(r)] for r in records])
+    start = time.monotonic()
+    with pytest.raises(TicketError, match=r"does not decode|decodes to|digest"):
+        timm_fslt.load_ticket(path)
+    assert time.monotonic() - start < 30
+
+
+def test_a_coded_mask_claimed_by_an_older_format_is_refused(coded_ticket, tmp_path):
+    path = _copy(coded_ticket, tmp_path / "t")
+    config = _config(path)
+    _own(config)["format_version"] = 4
+    _write(path, config, reseal=True)
+    with pytest.raises(TicketError, match="an entropy-coded mask needs format_version 5, the ticket has 4"):
+        timm_fslt.load_ticket(path)
+    _own(config)["format_version"], _own(config)["mask"]["coding"] = 5, "raw"  # its payload is not raw bits
+    _write(path, config, reseal=True)
+    with pytest.raises(TicketError, match="raw-coded"):
+        timm_fslt.load_ticket(path)
 
 
 def test_a_huge_architecture_is_stopped_while_it_builds(ticket, tmp_path):

@@ -21,6 +21,7 @@ import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import constriction
 import numpy as np
 
 PRECISION = 24
@@ -107,7 +108,6 @@ def _model(freqs: np.ndarray):
     ``freqs - 1`` (integers < 2**53, exact in float64), ``scale`` is exactly 1.0 and the left
     cumulative is ``sum(freqs[:i])``: the model is ``freqs`` exactly (tests/test_entropy_coding.py
     compares its words with an encoder written from the documented algorithm)."""
-    import constriction
     return constriction.stream.model.Categorical((freqs - 1).astype(np.float64), perfect=False)
 
 
@@ -118,7 +118,6 @@ def rans_words(index: np.ndarray, freqs: np.ndarray) -> np.ndarray:
     frequency f and cumulative c, if ``x >> 40 >= f`` it emits the word ``x mod 2**32`` and sets
     ``x >>= 32``; then ``x = (x // f) << 24 | (c + x mod f)``. The words are the emitted ones in
     order, then the final state's nonzero 32-bit words, the low one first (none when x = 0)."""
-    import constriction
     coder = constriction.stream.stack.AnsCoder()
     coder.encode_reverse(np.ascontiguousarray(index, dtype=np.int32), _model(freqs))
     return np.asarray(coder.get_compressed(), dtype=np.uint32)
@@ -127,7 +126,6 @@ def rans_words(index: np.ndarray, freqs: np.ndarray) -> np.ndarray:
 def rans_decode(words: np.ndarray, freqs: np.ndarray, n: int) -> np.ndarray:
     """The n indices ``words`` hold under ``freqs``, or ``CodingError`` unless the decoder then
     stands exactly where the encoder started (every word read, state 0)."""
-    import constriction
     if len(words) and int(words[-1]) == 0:
         raise CodingError("its rANS words end in a zero word, which no encoder writes")
     coder = constriction.stream.stack.AnsCoder(np.ascontiguousarray(words, dtype=np.uint32))

@@ -225,7 +225,8 @@ def seal_config(document: Mapping) -> dict:
 def verify_integrity(document: dict, path: Path) -> None:
     own = document[OWN_KEY] if is_nested(document) else document
     record = own.get("integrity")
-    if own["format_version"] < 2 and record is None:
+    version = own.get("format_version")  # (not yet validated: any JSON value)
+    if isinstance(version, int) and not isinstance(version, bool) and version < 2 and record is None:
         warnings.warn(f"the ticket {str(path.parent)!r} was written by timm_fslt 0.1 (ticket format 1) and has "
                       f"no integrity record: an edit of its {CONFIG_NAME} cannot be detected; save it again "
                       "with this release to seal it", TicketIntegrityWarning, stacklevel=4)
