@@ -64,14 +64,18 @@ class BandState:
 
 
 def _keys(bits: list) -> np.ndarray:
-    return np.minimum(np.concatenate(bits) & 0x7FFFFFFF, NAN_KEY_32)
+    """The ordered keys of the scores whose bits are ``bits`` (arrays, back to back): one new array,
+    the size of the scores, and nothing else (a miss happens at the first refresh, inside freeze)."""
+    keys = np.concatenate(bits)
+    np.bitwise_and(keys, 0x7FFFFFFF, out=keys)
+    return np.minimum(keys, NAN_KEY_32, out=keys)
 
 
-def _band_from_sample(bits: list, k: int, n: int, margin: int) -> tuple[int, int]:
-    """A band around the k-th largest key of the segment whose scores' bits are ``bits``
-    (arrays, back to back), from a strided sample: ``margin`` ranks either side, plus eight
-    standard deviations of a sampled quantile's rank."""
-    keys = _keys(bits)[::max(1, n // _SAMPLE)]
+def _band_from_sample(keys: np.ndarray, k: int, margin: int) -> tuple[int, int]:
+    """A band around the k-th largest of a segment's ``keys`` from a strided sample: ``margin`` ranks
+    either side, plus eight standard deviations of a sampled quantile's rank."""
+    n = keys.shape[0]
+    keys = keys[::max(1, n // _SAMPLE)].copy()
     s = keys.shape[0]
     rank = (n - k) * s // n  # where the k-th largest sits in the ascending sample
     spread = margin * s // n + 4 * math.isqrt(s) + 8
@@ -143,12 +147,13 @@ def select_and_write(layers: list, segments: list, state: BandState, check_finit
                                          int(ordered[picks[-1]]) if at + margin < inside else hi)
             state.hits += 1
         else:
-            bits = [layers[j][0] for j in range(first, end)]
-            kth, n_above, n_ties = kth_largest(torch.from_numpy(_keys(bits)), kept)
+            keys = _keys([layers[j][0] for j in range(first, end)])
+            kth, n_above, n_ties = kth_largest(torch.from_numpy(keys), kept)
             if n > _FULL:
                 if names[s] in state.bands:  # (a band missed: wider from now on)
                     margin = state.margins[names[s]] = min(4 * margin, max(1024, int(n * _WIDEST)))
-                state.bands[names[s]] = _band_from_sample(bits, kept, n, margin)
+                state.bands[names[s]] = _band_from_sample(keys, kept, margin)
+            del keys
             state.misses += 1
         limits.append((kth, _last_tie(layers, offsets, first, end, kth, kept - n_above, n_ties, k)))
     write_all, write_changes = k["write_selected"], k["write_changes"]
