@@ -21,7 +21,9 @@ A ticket is a directory of three files, and optionally timm's ``model.safetensor
     order of ``config.json["layers"]``; within a layer its free positions in
     row-major (C) order; bit ``i`` of that stream is bit ``i % 8`` (least
     significant first) of byte ``i // 8``; the unused high bits of the last byte
-    are 0.  1 = the weight is kept.
+    are 0.  1 = the weight is kept.  Format 5 (``save_ticket(mask_coding="entropy")``, or "auto"
+    when smaller): the tensor holds one entropy-coded record per layer instead (``ticket.mask_coding``,
+    ``timm_fslt.entropy``), which loading decodes to exactly those bits.
 ``state.safetensors``
     ``timm_fslt.report.non_regenerable_state(model)``: one flat 1-D tensor per stored dtype,
     the tensors in the sorted order of their keys, whose names, shapes and dtypes are in
