@@ -318,3 +318,21 @@ def test_a_resealed_coded_mask_that_decodes_to_other_bits_is_refused(skewed, tmp
     (directory / "config.json").write_text(json.dumps(seal_config(document)))
     with pytest.raises(TicketError, match="masked_digest|digest"):
         timm_fslt.load_ticket(directory)
+
+
+def test_push_to_hub_passes_mask_coding_and_a_saved_ticket_goes_up_as_saved(skewed, monkeypatch):
+    import huggingface_hub
+    model, dirs, _, _ = skewed
+    uploads = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, *, folder_path, **kw: uploads.append(
+        {p.name: p.read_bytes() for p in folder_path.iterdir()}))
+    for coding in ("raw", "entropy"):
+        timm_fslt.push_to_hub(model, "me/coded", mask_coding=coding)
+        assert uploads[-1]["supermask.safetensors"] == (dirs[coding] / "supermask.safetensors").read_bytes()
+        card = uploads[-1]["README.md"].decode()
+        assert f"| supermask as stored ({coding}; empirical entropy" in card
+    timm_fslt.push_to_hub(dirs["raw"], "me/coded")  # a saved ticket: as saved
+    assert uploads[-1]["supermask.safetensors"] == (dirs["raw"] / "supermask.safetensors").read_bytes()
+    with pytest.raises(TicketError, match="mask_coding='entropy' applies when a frozen model is pushed"):
+        timm_fslt.push_to_hub(dirs["raw"], "me/coded", mask_coding="entropy")
