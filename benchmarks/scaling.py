@@ -12,8 +12,8 @@ For each size, in fresh subprocesses (so one point's memory cannot leak into the
 
 * **step overhead** -- a dense weight-training step and a search step, interleaved in one
   process (rotating order); the median of the per-round ratios search / dense.
-* **selection** -- ``SupermaskGroup.refresh(force=True)``: ``|s|`` of every free weight, the
-  global threshold (``timm_fslt.regen.topk``) and the mask writes, median of several.
+* **selection** -- ``SupermaskGroup.refresh(force=True)``: the global threshold and the mask writes
+  (on the CPU the compiled refresh, ``nn/cpu_refresh.py``), median of several.
 * **regeneration** -- ``timm_fslt.freeze`` of the built stack (random weights, scores and
   frozen codes from the seed).
 * **peak memory per weight** -- one process per configuration: the resident-set high-water
