@@ -99,3 +99,18 @@ def four_class_images(n=48, seed=0):
     y = torch.arange(n) % 4
     x = torch.randn(n, 3, 32, 32, generator=g) * 0.5 + y.view(-1, 1, 1, 1).float() * 0.3
     return TensorDataset(x, y)
+
+
+def assert_trains_alike(base, twin, x, y, steps: int, lr: float) -> None:
+    """Train two frozen models side by side (momentum SGD on a fixed batch): after every backward
+    their masks, scales and score gradients must be equal, bit for bit."""
+    opts = [torch.optim.SGD(trainable(m), lr=lr, momentum=0.9) for m in (base, twin)]
+    for _ in range(steps):
+        for model in (base, twin):
+            F.cross_entropy(model(x), y).backward()
+        for a, b in zip(timm_fslt.get_group(base).layers, timm_fslt.get_group(twin).layers):
+            assert torch.equal(a.mask, b.mask) and torch.equal(a.scale, b.scale)
+            assert torch.equal(a.scores.grad, b.scores.grad)
+        for opt in opts:
+            opt.step()
+            opt.zero_grad()

@@ -21,7 +21,7 @@ from torch import nn
 import timm_fslt
 from timm_fslt.regen import cpu_select, native
 
-from helpers import masks, trainable
+from helpers import assert_trains_alike, masks, trainable
 from regen_reference import reference_topk_mask
 
 pytestmark = pytest.mark.skipif(native.kernels() is None, reason="the compiled kernels are off")
@@ -128,18 +128,8 @@ def test_training_gives_the_generic_refresh_masks_scales_and_gradients(scope, sc
     base = timm_fslt.freeze(small_net(), prune=0.3, lock=0.3, scope=scope, scale=scale, seed=5)
     twin = copy.deepcopy(base)
     timm_fslt.get_group(twin).compiled_refresh = False
-    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,))
-    opts = [torch.optim.SGD(trainable(m), lr=1.0, momentum=0.9) for m in (base, twin)]
     first = masks(base)
-    for _ in range(5):
-        for model, opt in zip((base, twin), opts):
-            F.cross_entropy(model(x), y).backward()
-        for a, b in zip(timm_fslt.get_group(base).layers, timm_fslt.get_group(twin).layers):
-            assert torch.equal(a.mask, b.mask) and torch.equal(a.scale, b.scale)
-            assert torch.equal(a.scores.grad, b.scores.grad)
-        for opt in opts:
-            opt.step()
-            opt.zero_grad()
+    assert_trains_alike(base, twin, torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,)), steps=5, lr=1.0)
     group = timm_fslt.get_group(base)
     assert group.band_state.hits + group.band_state.misses >= 5  # the compiled path ran every refresh
     assert "_bands" not in timm_fslt.get_group(twin).__dict__  # and the generic one never did

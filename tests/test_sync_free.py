@@ -21,7 +21,7 @@ import timm_fslt
 from timm_fslt.nn.sync_free import scale_values
 from timm_fslt.regen.topk import NAN_KEY_32, segment_sums, segments_topk_mask
 
-from helpers import masks, trainable
+from helpers import assert_trains_alike, masks, trainable
 from regen_reference import reference_topk_mask
 
 # Operations whose result the host must read (on a GPU: a stall until the stream catches up).
@@ -123,18 +123,8 @@ def test_sync_free_refresh_gives_the_same_masks_scales_and_gradients(scope, scal
     base = timm_fslt.freeze(small_net(), prune=0.3, lock=0.3, scope=scope, scale=scale, seed=3)
     twin = copy.deepcopy(base)
     timm_fslt.get_group(twin).sync_free = True
-    x, y = torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,))
-    opts = [torch.optim.SGD(trainable(m), lr=2.0, momentum=0.9) for m in (base, twin)]
     first = masks(base)
-    for _ in range(4):
-        for model, opt in zip((base, twin), opts):
-            F.cross_entropy(model(x), y).backward()
-        for a, b in zip(timm_fslt.get_group(base).layers, timm_fslt.get_group(twin).layers):
-            assert torch.equal(a.mask, b.mask) and torch.equal(a.scale, b.scale)
-            assert torch.equal(a.scores.grad, b.scores.grad)
-        for opt in opts:
-            opt.step()
-            opt.zero_grad()
+    assert_trains_alike(base, twin, torch.randn(6, 3, 8, 8), torch.randint(0, 10, (6,)), steps=4, lr=2.0)
     assert any(not torch.equal(a, b) for a, b in zip(first, masks(twin)))  # the masks did move
 
 
