@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import torch
 
+from timm_fslt.nn.free_index import frozen_positions_written
 from timm_fslt.nn.functional import product_to_update, product_updated
 from timm_fslt.nn.sync_free import nonfinite_error
 from timm_fslt.regen import cpu_select, native
-from timm_fslt.regen import pattern as freezing
 
 
 def _applies(group, layers: list, frees: list) -> bool:
@@ -49,9 +49,7 @@ def refresh(group, layers: list, frees: list, counts: list):
     if not _applies(group, layers, frees):
         return None
     for layer, free in zip(layers, frees):
-        mask, ready = layer.mask, layer._mask_ready
-        if ready is None or ready[0] is not mask or ready[1] != mask._version or ready[2] is not free:
-            torch.eq(layer.frozen, freezing.LOCKED, out=mask)  # (pruned and locked positions: once)
+        frozen_positions_written(layer, free)
     n = len(layers)
     segments = [(0, n, counts[0])] if group.scope == "global" else [(i, i + 1, c) for i, c in enumerate(counts)]
     arrays, updated = [], []

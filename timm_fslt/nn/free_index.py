@@ -72,6 +72,15 @@ def legacy_scores(state_dict: dict, key: str, frozen, shape: tuple) -> None:
 STEP_CACHES = ("_free_weight", "_long_index", "_product", "_product_of", "_selected")
 
 
+def frozen_positions_written(layer, free: "_FreeIndex") -> None:
+    """Write ``layer.mask``'s pruned and locked positions (the locked weights) unless the last mask
+    write (``layer._mask_ready``) is still there: they only change with the frozen code (or if someone
+    wrote the mask), so this runs once, not every step; a refresh then writes the free positions."""
+    mask, ready = layer.mask, layer._mask_ready
+    if ready is None or ready[0] is not mask or ready[1] != mask._version or ready[2] is not free:
+        torch.eq(layer.frozen, freezing.LOCKED, out=mask)
+
+
 def cached_free_values(layer, weight: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """``weight``'s entries at the free positions ``index`` (row-major), kept on ``layer`` until the
     weight, its version or the index changes: the backward multiplies by them every step."""

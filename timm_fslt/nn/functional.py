@@ -10,7 +10,7 @@ cannot be exported are here too.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
@@ -61,6 +61,27 @@ def _scale_key(layer, scale: Optional[torch.Tensor]):
     return None if scale is None else (layer.__dict__.get("_scale_value") or False)
 
 
+class _ProductOf(NamedTuple):
+    """What a layer's kept product was made of (``layer._product_of``), each tensor with its version."""
+    weight: torch.Tensor
+    weight_version: int
+    mask: torch.Tensor
+    mask_version: int
+    scale: object  # _scale_key
+    buffer: torch.Tensor
+    buffer_version: int
+
+
+def _current_product(layer, mask: torch.Tensor) -> Optional[_ProductOf]:
+    """The record of ``layer``'s kept product if the memory still holds ``W * mask * scale`` of this
+    mask as it is, its weight as it is and a known scale, and nothing wrote the memory since; else None."""
+    made = layer.__dict__.get("_product_of")
+    if (made is None or made.mask is not mask or made.mask_version != mask._version or made.scale is False
+            or made.weight_version != made.weight._version or made.buffer_version != made.buffer._version):
+        return None
+    return made
+
+
 def kept_product(layer, weight: torch.Tensor, mask: torch.Tensor, scale: Optional[torch.Tensor]) -> torch.Tensor:
     """``W * mask * scale`` in ``layer``'s kept memory (``product_buffer``).  Not computed again when
     that memory already holds it: the product of this weight (same tensor and version), this mask
@@ -68,32 +89,30 @@ def kept_product(layer, weight: torch.Tensor, mask: torch.Tensor, scale: Optiona
     ``nn/cpu_refresh.py``) and this scale, and nothing wrote the memory since (its version)."""
     buffer = product_buffer(layer, weight)
     key = _scale_key(layer, scale)
-    made = layer.__dict__.get("_product_of")
-    if (made is None or key is False or made[0] is not weight or made[1] != weight._version or made[2] is not mask
-            or made[3] != mask._version or made[4] != key or made[5] is not buffer or made[6] != buffer._version):
+    made = _current_product(layer, mask)
+    if made is None or made.weight is not weight or made.buffer is not buffer or made.scale != key:
         masked_product(weight, mask, scale, out=buffer)
-        layer.__dict__["_product_of"] = (weight, weight._version, mask, mask._version, key, buffer, buffer._version)
+        layer.__dict__["_product_of"] = _ProductOf(weight, weight._version, mask, mask._version, key, buffer,
+                                                   buffer._version)
     return buffer
 
 
 def product_to_update(layer, mask: torch.Tensor):
     """(weight, product, scale) whose product entries the CPU refresh may write where it changes
     ``mask`` -- the kept product is current and nothing holds it -- or None."""
-    made = layer.__dict__.get("_product_of")
-    if made is None or made[2] is not mask or made[3] != mask._version or made[4] is False:
+    made = _current_product(layer, mask)
+    if made is None:
         return None
-    weight, buffer = made[0], made[5]
-    if (made[1] != weight._version or buffer._version != made[6] or _use_count(buffer) != _IDLE
-            or layer.__dict__.get("_product") is not buffer or weight.dtype != torch.float32
+    weight, buffer = made.weight, made.buffer
+    if (_use_count(buffer) != _IDLE or layer.__dict__.get("_product") is not buffer or weight.dtype != torch.float32
             or not weight.is_contiguous() or not buffer.is_contiguous() or weight.device.type != "cpu"):
         return None
-    return weight, buffer, made[4]
+    return weight, buffer, made.scale
 
 
 def product_updated(layer, mask: torch.Tensor) -> None:
     """After the CPU refresh wrote the product where it changed ``mask``: the product is ``mask``'s."""
-    made = layer.__dict__["_product_of"]
-    layer.__dict__["_product_of"] = made[:3] + (mask._version,) + made[4:]
+    layer.__dict__["_product_of"] = layer.__dict__["_product_of"]._replace(mask_version=mask._version)
 
 
 _SIGN_CHUNK = 1 << 20  # elements of sign(s) alive at once in the backward

@@ -44,7 +44,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from timm_fslt.nn import cpu_refresh, recompute
 from timm_fslt.nn.free_index import _free_index_of, _free_shapes, _FreeIndex, free_entries, legacy_scores
-from timm_fslt.nn.free_index import STEP_CACHES, cached_free_values, long_index, moved_caches, weight_shaped
+from timm_fslt.nn.free_index import STEP_CACHES, cached_free_values, frozen_positions_written, long_index
+from timm_fslt.nn.free_index import moved_caches, weight_shaped
 from timm_fslt.nn.optimizer_state import upgrade_optimizer_state  # noqa: F401  (registers its hooks)
 from timm_fslt.nn.functional import masked_weight, script_refusal, stale_refusal, traced_masked_weight
 from timm_fslt.nn.sync_free import SyncFreeState, dynamic_scale, nonfinite_error
@@ -239,11 +240,7 @@ class FrozenSupermask(nn.Module):
         if free.index is None:
             mask.copy_(selected.view(mask.shape))
         else:
-            ready = self._mask_ready
-            if ready is None or ready[0] is not mask or ready[1] != mask._version or ready[2] is not free:
-                # Pruned and locked positions only change with the frozen code (or if
-                # someone wrote the mask), so this runs once, not every step.
-                torch.eq(self.frozen, freezing.LOCKED, out=mask)
+            frozen_positions_written(self, free)
             index = long_index(self, free.index, mask.device)  # index_copy_ wants int64
             if mask.is_contiguous():
                 mask.view(-1).index_copy_(0, index, selected.to(mask.device))

@@ -46,7 +46,6 @@ _WIDEST = 1 / 32  # the margin after misses at most
 _SAMPLE = 1 << 16
 _ABOVE_ALL = 0x7FFFFFFF  # a key above every score's key (they are at most NAN_KEY_32)
 _EMPTY = (NAN_KEY_32 + 1, NAN_KEY_32 + 1)  # a band no key lies in or above: a segment without one
-THREADS = None  # threads of the compiled passes (None: torch.get_num_threads())
 
 
 class BandState:
@@ -95,8 +94,9 @@ def select_and_write(layers: list, segments: list, state: BandState, check_finit
     scale)``: flat float32 arrays of the weight and of its kept product ``W * mask * scale`` (scale: a
     float, or None for none), whose entries are rewritten where a mask bit changes; and a uint8 array
     of one byte per free weight, the selected bits in free order, with whether it holds the mask's
-    bits now (then only the bits that change are written; else every bit, and ``sel`` is filled).  ``segments``: ``(first layer, end layer, k)`` in
-    order, covering the layers: keep the ``k`` largest keys of each."""
+    bits now (then only the bits that change are written; else every bit, and ``sel`` is filled).
+    ``segments``: ``(first layer, end layer, k)`` in order, covering the layers: keep the ``k``
+    largest keys of each."""
     k = native.kernels()
     sizes = [layer[0].shape[0] for layer in layers]
     offsets = np.cumsum([0] + sizes).tolist()
@@ -118,7 +118,7 @@ def select_and_write(layers: list, segments: list, state: BandState, check_finit
         n, base = sizes[j], starts[j]
         return (n, lambda a, b: (a, b, *scan(layers[j][0], a, b, lo, hi, cand, base + a * room[j] // max(n, 1),
                                              base + b * room[j] // max(n, 1))))
-    found = native.run_pieces([job(j) for j in range(len(layers))], THREADS)
+    found = native.run_pieces([job(j) for j in range(len(layers))])
     if check_finite and any(piece[2] >= 0x7F800000 for parts in found for piece in parts):
         return None
     limits = []  # per segment: (kth, position of the last tie kept in the segment's flat order)
@@ -167,7 +167,8 @@ def select_and_write(layers: list, segments: list, state: BandState, check_finit
         write = write_changes if current else write_all
         return sizes[j], lambda a, b: write(bits, sel, mask, index, a, b, kth, last - a, weight, out,
                                             np.float32(scale or 1.0), scale is not None, product is not None)
-    return [int(sum(parts)) for parts in native.run_pieces([writer(j) for j in range(len(layers))], THREADS)]
+    return [int(sum(parts)) for parts in native.run_pieces([writer(j) for j in range(len(layers))])]
+
 
 def _piece_keys(bits, piece: tuple, lo: int, hi: int, cand, base: int, room: int, n: int) -> np.ndarray:
     """The keys in ``[lo, hi]`` one piece of a layer found: from its share of the buffer, or again
@@ -176,7 +177,7 @@ def _piece_keys(bits, piece: tuple, lo: int, hi: int, cand, base: int, room: int
     c_start = base + a * room // max(n, 1)
     if m <= base + b * room // max(n, 1) - c_start:
         return cand[c_start:c_start + m]
-    keys = np.minimum(bits[a:b] & 0x7FFFFFFF, NAN_KEY_32)
+    keys = _keys([bits[a:b]])
     return keys[(keys >= lo) & (keys <= hi)]
 
 

@@ -285,14 +285,14 @@ def free_gradient(grad: torch.Tensor, weight: torch.Tensor, index: torch.Tensor,
 
 
 # -- many layers at once: one hand-off to the pool for a whole model ---------------------------
-def run_pieces(jobs: list, threads: Optional[int] = None) -> list:
+def run_pieces(jobs: list) -> list:
     """``jobs``: ``(numel, fn)`` with ``fn(start, stop)`` doing part of a job.  Each job is cut into
     pieces (about two per thread for the largest), the pieces are dealt to the threads by size
     (largest first, to the least loaded) and each thread runs its pieces in one go: one pool
     hand-off for all jobs instead of one per layer.  Returns ``[[fn's result per piece, in
     order] per job]``."""
     total = sum(n for n, _ in jobs)
-    threads = max(1, min(threads or torch.get_num_threads(), total // _MIN_PARALLEL))
+    threads = max(1, min(torch.get_num_threads(), total // _MIN_PARALLEL))
     piece = max(_MIN_PARALLEL, -(-total // (2 * threads)))
     pieces = []  # (job, piece index, start, stop)
     for j, (n, _) in enumerate(jobs):
