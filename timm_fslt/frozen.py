@@ -12,11 +12,14 @@ from torch.nn.parameter import UninitializedParameter
 from torch.nn.utils import parametrize
 
 from timm_fslt.nn.modules import check_initialized, is_frozen_layer, is_maskable, module_registrations
-from timm_fslt.nn.placement import PLACEMENT_VERSION, PLACEMENT_VERSIONS, Fate, Placement, place_parameters
+from timm_fslt.nn.placement import PLACEMENT_VERSION, PLACEMENT_VERSIONS, Placement, apply_fates, place_parameters
+from timm_fslt.nn.placement import plain_state_dict
+from timm_fslt.nn.method_options import check_method_options, fill_method_defaults
+from timm_fslt.nn.methods import SearchMethod
 from timm_fslt.nn.recompute import recompute_context
 from timm_fslt.nn.supermask import SCALES, SCOPES, FrozenSupermask, SupermaskGroup
 from timm_fslt.regen import native, pattern as freezing, rng
-from timm_fslt.regen.init import SCORE_INITS, WEIGHT_INITS, random_weight, regenerated_table
+from timm_fslt.regen.init import SCORE_INITS, WEIGHT_INITS, random_weight
 from timm_fslt.regen.init import random_weights_many as init_many
 
 BATCHNORM_MODES = ("non_affine", "affine", "keep")
@@ -45,6 +48,9 @@ class FreezeConfig:
     placement_version: 2 (default: every weight tensor masked, the other parameters regenerated
         or stored as ``timm_fslt.nn.placement`` says) or 1 (0.1/0.2's rule, kept so their tickets
         load: conv and linear weights only, everything else kept as built).
+    method: "edge_popup" (default) | "multicoated" (coat_sparsities) | "iterand" (rerand_period,
+        rerand_rate); sparsity_schedule=(shape, start, until) with schedule_steps, for any method:
+        see ``timm_fslt.nn.method_options``.  At their defaults they are left out of ``to_dict``.
     """
 
     prune: float = 0.0
@@ -62,6 +68,12 @@ class FreezeConfig:
     bias: str = "zero"
     generator_version: int = rng.GENERATOR_VERSION
     placement_version: int = PLACEMENT_VERSION
+    method: str = "edge_popup"
+    coat_sparsities: Optional[tuple] = None
+    rerand_period: Optional[int] = None
+    rerand_rate: Optional[float] = None
+    sparsity_schedule: Optional[tuple] = None
+    schedule_steps: Optional[int] = None
 
     def __post_init__(self):
         for arg in ("include", "exclude"):
@@ -73,8 +85,9 @@ class FreezeConfig:
         if self.exclude is not None:
             self.exclude = list(self.exclude)
         self.validate()
-        if self.sparsity is None:
+        if self.sparsity is None and not (self.method == "multicoated" and self.coat_sparsities is not None):
             self.sparsity = (self.prune + (1.0 - self.lock)) / 2.0
+        fill_method_defaults(self)
 
     def validate(self) -> None:
         for arg in ("prune", "lock"):
@@ -112,9 +125,18 @@ class FreezeConfig:
             value = getattr(self, arg)
             if value is not None and not all(isinstance(p, str) for p in value):
                 raise TypeError(f"{arg} must be a list of module-name patterns (str), got {value!r}")
+        check_method_options(self)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        out = dataclasses.asdict(self)
+        for field, default in METHOD_DEFAULTS.items():  # (so Edge-Popup configs and tickets are as before)
+            if out[field] == default:
+                del out[field]
+        return out
+
+
+METHOD_DEFAULTS = {"method": "edge_popup", "coat_sparsities": None, "rerand_period": None, "rerand_rate": None,
+                   "sparsity_schedule": None, "schedule_steps": None}
 
 
 # A frozen model owns its SupermaskGroup as the attribute `_fslt_group`; only this
@@ -234,8 +256,10 @@ def freeze(model: nn.Module, prune: float = 0.0, lock: float = 0.0, *,
            scale: Optional[str] = None, seed: int = 0,
            include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None,
            batchnorm: str = "non_affine", bias: str = "zero",
-           generator_version: int = rng.GENERATOR_VERSION,
-           config: Optional[FreezeConfig] = None) -> nn.Module:
+           generator_version: int = rng.GENERATOR_VERSION, method: str = "edge_popup",
+           coat_sparsities: Optional[Sequence[float]] = None, rerand_period: Optional[int] = None,
+           rerand_rate: Optional[float] = None, sparsity_schedule: Optional[tuple] = None,
+           schedule_steps: Optional[int] = None, config: Optional[FreezeConfig] = None) -> nn.Module:
     """Freeze ``model`` in place into a partially frozen random network and return it.
 
     Every floating-point parameter gets one of three fates (``timm_fslt.nn.placement``):
@@ -250,7 +274,12 @@ def freeze(model: nn.Module, prune: float = 0.0, lock: float = 0.0, *,
     scores (and, if asked, norm/gain parameters or biases) require grad; masks follow the
     scores automatically.
 
-    Pass either the keyword arguments or ``config=FreezeConfig(...)``.
+    ``method`` picks the search (``timm_fslt.nn.method_options``): ``"edge_popup"`` (one supermask),
+    ``"multicoated"`` (``coat_sparsities``: nested masks, a weight counts once per coat holding it)
+    or ``"iterand"`` (every ``rerand_period`` steps a fraction ``rerand_rate`` of the free weights the
+    mask leaves out is re-drawn); ``sparsity_schedule=("linear" | "cosine", start, until)`` with
+    ``schedule_steps`` anneals the sparsity from ``start`` over the first ``until`` of the run's
+    optimizer steps.  Pass either the keyword arguments or ``config=FreezeConfig(...)``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -258,7 +287,10 @@ def freeze(model: nn.Module, prune: float = 0.0, lock: float = 0.0, *,
         config = FreezeConfig(prune=prune, lock=lock, sparsity=sparsity, distribution=distribution,
                               scope=scope, weight_init=weight_init, score_init=score_init,
                               scale=scale, seed=seed, include=include, exclude=exclude,
-                              batchnorm=batchnorm, bias=bias, generator_version=generator_version)
+                              batchnorm=batchnorm, bias=bias, generator_version=generator_version,
+                              method=method, coat_sparsities=coat_sparsities, rerand_period=rerand_period,
+                              rerand_rate=rerand_rate, sparsity_schedule=sparsity_schedule,
+                              schedule_steps=schedule_steps)
     else:
         config = dataclasses.replace(config)  # validates, fills the default sparsity
     return _freeze(model, config, draw_scores=True)
@@ -285,9 +317,10 @@ def _freeze(model: nn.Module, config: FreezeConfig, draw_scores: bool, freeze_ke
     made = _regenerate_all(targets, shapes, counts, config, keys)
     supermasks = [_freeze_site(site, shape, n_pruned, n_locked, config, draw_scores, pre)
                   for site, shape, (n_pruned, n_locked), pre in zip(targets, shapes, counts, made)]
-    _apply_fates(placements, config)
+    apply_fates(placements, config.seed, config.generator_version)
+    method = SearchMethod(config) if SearchMethod.applies(config) else None
     model._fslt_group = SupermaskGroup(supermasks, config.sparsity, config.scope, config.scale,
-                                       refresh=draw_scores)
+                                       refresh=draw_scores, method=method)
     model.fslt_config = config
     model._fslt_modules_seen = module_registrations()
     model.register_forward_pre_hook(_refresh_hook)
@@ -379,41 +412,5 @@ def _freeze_site(site: Placement, shape: tuple, n_pruned: int, n_locked: int,
     del module._parameters[pname]
     module.register_buffer(pname, weight)
     parametrize.register_parametrization(module, pname, supermask, unsafe=True)
-    _plain_state_dict(module)
+    plain_state_dict(module)
     return supermask
-
-
-def _plain_state_dict(module: nn.Module) -> None:
-    """Give a parametrized layer torch's default state-dict (de)serialisation.
-
-    PyG's ``Linear`` overrides ``_save_to_state_dict`` to write ``self.weight``,
-    which for a frozen layer is the computed ``W * mask`` -- a regenerable tensor
-    that would then be stored and break strict loading. Patching the dynamic
-    ``Parametrized*`` class (unique to this layer; ``materialize`` swaps it back)
-    leaves the user's classes untouched.
-    """
-    cls = type(module)
-    if cls._save_to_state_dict is not nn.Module._save_to_state_dict:
-        cls._save_to_state_dict = nn.Module._save_to_state_dict
-        cls._load_from_state_dict = nn.Module._load_from_state_dict
-
-
-@torch.no_grad()
-def _apply_fates(placements: list[Placement], config: FreezeConfig) -> None:
-    """Constants and regenerated tables get their values; only trained parameters keep requires_grad.
-
-    Each module records its parameters' fates in ``module._fslt_fates`` ({name: ``Fate``}; it follows the module through copies and ``.to()``): ``non_regenerable_state``
-    reads it, and a module without it was added after ``freeze``.
-    """
-    for p in placements:
-        fates = p.module.__dict__.setdefault("_fslt_fates", {})
-        fates[p.param_name] = Fate(p.kind, p.fate, p.reason, p.value, p.key)
-        if p.fate == "masked":
-            continue
-        param = p.module._parameters[p.param_name]
-        if p.fate == "constant":
-            param.fill_(p.value)
-        elif p.fate == "regenerated":
-            param.copy_(regenerated_table(config.seed, p.name, tuple(param.shape), p.value, param.device,
-                                          param.dtype, generator_version=config.generator_version))
-        param.requires_grad_(p.fate == "trained")

@@ -69,7 +69,7 @@ def legacy_scores(state_dict: dict, key: str, frozen, shape: tuple) -> None:
 
 
 # What a layer keeps between steps only to save work (never copied or pickled with it)
-STEP_CACHES = ("_free_weight", "_long_index", "_product", "_product_of", "_selected")
+STEP_CACHES = ("_free_weight", "_long_index", "_product", "_product_of", "_selected", "level", "_redrawn")
 
 
 def frozen_positions_written(layer, free: "_FreeIndex") -> None:
@@ -120,3 +120,18 @@ def long_index(layer, index: torch.Tensor, device) -> torch.Tensor:
     if cached is None or cached[0] is not index or cached[1].device != torch.device(device):
         cached = layer.__dict__["_long_index"] = (index, index.to(device=device, dtype=torch.int64))
     return cached[1]
+
+
+def write_magnitudes(layer, out: torch.Tensor, free: _FreeIndex) -> None:
+    """Write ``layer``'s free scores' magnitudes into the 1-D float32 ``out``."""
+    scores = layer.scores.detach()
+    if tuple(scores.shape) not in _free_shapes(free.n_free):
+        raise RuntimeError(
+            f"layer {layer.layer_name!r}: scores has shape {tuple(scores.shape)} but the frozen code has "
+            f"{free.n_free} free weights; scores holds one entry per free weight (shape (1, n_free), "
+            "row-major order). Replace scores and frozen together (or use timm_fslt's torch-pruning pruners)")
+    scores = scores.reshape(-1)
+    if scores.dtype == out.dtype and scores.device == out.device and scores.is_contiguous():
+        torch.abs(scores, out=out)
+    else:
+        out.copy_(scores).abs_()

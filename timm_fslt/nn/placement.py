@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from timm_fslt.nn.modules import is_frozen_layer, is_maskable, is_norm
+from timm_fslt.regen.init import regenerated_table
 
 KINDS = ("weight", "norm", "table", "bias", "prelu", "gain")
 # what becomes of a parameter: masked (a FrozenSupermask), constant or regenerated (rebuilt from the
@@ -263,3 +264,39 @@ def _place_v1(model, include, exclude, batchnorm, bias) -> list[Placement]:
             row = ("excluded", "kept", None, "kept as built (placement version 1)")
         out.append(Placement(name, module_name, param_name, module, *row))
     return out
+
+
+def plain_state_dict(module: nn.Module) -> None:
+    """Give a parametrized layer torch's default state-dict (de)serialisation.
+
+    PyG's ``Linear`` overrides ``_save_to_state_dict`` to write ``self.weight``,
+    which for a frozen layer is the computed ``W * mask`` -- a regenerable tensor
+    that would then be stored and break strict loading. Patching the dynamic
+    ``Parametrized*`` class (unique to this layer; ``materialize`` swaps it back)
+    leaves the user's classes untouched.
+    """
+    cls = type(module)
+    if cls._save_to_state_dict is not nn.Module._save_to_state_dict:
+        cls._save_to_state_dict = nn.Module._save_to_state_dict
+        cls._load_from_state_dict = nn.Module._load_from_state_dict
+
+
+@torch.no_grad()
+def apply_fates(placements: list, seed: int, generator_version: int) -> None:
+    """Constants and regenerated tables get their values; only trained parameters keep requires_grad.
+
+    Each module records its parameters' fates in ``module._fslt_fates`` ({name: ``Fate``}; it follows the module through copies and ``.to()``): ``non_regenerable_state``
+    reads it, and a module without it was added after ``freeze``.
+    """
+    for p in placements:
+        fates = p.module.__dict__.setdefault("_fslt_fates", {})
+        fates[p.param_name] = Fate(p.kind, p.fate, p.reason, p.value, p.key)
+        if p.fate == "masked":
+            continue
+        param = p.module._parameters[p.param_name]
+        if p.fate == "constant":
+            param.fill_(p.value)
+        elif p.fate == "regenerated":
+            param.copy_(regenerated_table(seed, p.name, tuple(param.shape), p.value, param.device,
+                                          param.dtype, generator_version=generator_version))
+        param.requires_grad_(p.fate == "trained")

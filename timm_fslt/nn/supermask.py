@@ -45,7 +45,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from timm_fslt.nn import cpu_refresh, recompute
 from timm_fslt.nn.free_index import _free_index_of, _free_shapes, _FreeIndex, free_entries, legacy_scores
 from timm_fslt.nn.free_index import STEP_CACHES, cached_free_values, frozen_positions_written, long_index
-from timm_fslt.nn.free_index import moved_caches, weight_shaped
+from timm_fslt.nn.free_index import moved_caches, weight_shaped, write_magnitudes
 from timm_fslt.nn.optimizer_state import upgrade_optimizer_state  # noqa: F401  (registers its hooks)
 from timm_fslt.nn.functional import masked_weight, script_refusal, stale_refusal, traced_masked_weight
 from timm_fslt.nn.sync_free import SyncFreeState, dynamic_scale, nonfinite_error
@@ -61,10 +61,8 @@ SCALES = (None, "static", "dynamic")
 #
 # The hook is process-wide (torch's global optimizer step hook, registered once at
 # import) because freeze() never sees the optimizer: the user builds it afterwards,
-# possibly several of them or wrapped (e.g. by accelerate), and a per-optimizer hook
-# would need a registration call for every one of them in every training loop.  Its cost is an integer increment
-# per step of any optimizer in the process; a step that did not touch a group's
-# scores only costs that group one needless (identical) mask refresh.
+# possibly several or wrapped (e.g. by accelerate).  It costs an integer increment per step of
+# any optimizer; a step that did not touch a group's scores costs it one needless (identical) refresh.
 _optimizer_steps = 0
 
 
@@ -146,6 +144,8 @@ class FrozenSupermask(nn.Module):
         scale = None if group is not None and group.scale_mode is None else self.scale.to(weight.dtype)
         # (compiled code reads the index the last refresh cached: refreshes run eagerly)
         index = (self._free if compiling else self.free_index()).index
+        if group is not None and group.method is not None:  # multicoated, IteRand, a schedule (nn/methods.py)
+            return group.method.weight(self, weight, scale, index)
         plain = not compiling and group is not None and not recompute.is_recording()
         free_weight = cached_free_values(self, weight, index) if plain and index is not None \
             and group.caches_free_weights(weight) else None
@@ -161,6 +161,8 @@ class FrozenSupermask(nn.Module):
         if self.group is not None:
             self.group.check_traceable()
         scale = None if self.group is not None and self.group.scale_mode is None else self.scale.to(weight.dtype)
+        if self.group is not None and self.group.method is not None:
+            return self.group.method.traced_weight(self, weight, scale)
         return traced_masked_weight(weight, self.mask, scale)
 
     def _masks_current(self) -> bool:
@@ -200,6 +202,9 @@ class FrozenSupermask(nn.Module):
         legacy_scores(state_dict, prefix + "scores", state_dict.get(prefix + "frozen", self.frozen), self.scores.shape)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
                                       unexpected_keys, error_msgs)
+        if "search_step" in self._buffers and self.group is not None:  # (a resumed schedule or IteRand)
+            self.group.search_step = int(self.search_step)
+            self.group.__dict__.pop("_rerand_at", None)
         self.invalidate()  # (assign=True replaces the scores unseen: an export before a forward refuses)
 
     # -- refresh helpers (called by SupermaskGroup.refresh, under no_grad) ---------
@@ -211,19 +216,8 @@ class FrozenSupermask(nn.Module):
             cached = self._free = _free_index_of(frozen, free.nonzero().squeeze(1))
         return cached
 
-    def _write_magnitudes(self, out: torch.Tensor, free: _FreeIndex) -> None:
-        """Write the free scores' magnitudes into the 1-D float32 ``out``."""
-        scores = self.scores.detach()
-        if tuple(scores.shape) not in _free_shapes(free.n_free):
-            raise RuntimeError(
-                f"layer {self.layer_name!r}: scores has shape {tuple(scores.shape)} but the frozen code has "
-                f"{free.n_free} free weights; scores holds one entry per free weight (shape (1, n_free), "
-                "row-major order). Replace scores and frozen together (or use timm_fslt's torch-pruning pruners)")
-        scores = scores.reshape(-1)
-        if scores.dtype == out.dtype and scores.device == out.device and scores.is_contiguous():
-            torch.abs(scores, out=out)
-        else:
-            out.copy_(scores).abs_()
+    def _write_magnitudes(self, out: torch.Tensor, free: _FreeIndex) -> None:  # (the free scores' |s|)
+        write_magnitudes(self, out, free)
 
     def invalidate(self) -> None:
         """Make the next forward re-select the masks (after ``scores`` or ``frozen`` were cut or replaced)."""
@@ -277,16 +271,20 @@ class SupermaskGroup(SyncFreeState):
     """All ``FrozenSupermask``s of one model and the rule that turns scores into masks."""
 
     def __init__(self, layers: list[FrozenSupermask], sparsity: float, scope: str,
-                 scale: Optional[str], refresh: bool = True):
+                 scale: Optional[str], refresh: bool = True, method=None):
         """``refresh=False``: leave the masks as they are (the caller sets them with ``set_selected``,
-        as ``load_ticket`` does with a ticket's stored bits)."""
+        as ``load_ticket`` does with a ticket's stored bits).  ``method``: a ``nn.methods.SearchMethod``
+        (None: Edge-Popup at a fixed sparsity)."""
         self.layers = layers
         self._seen_steps = -1
         self.sparsity = sparsity
         self.scope = scope
         self.scale_mode = scale
+        self.method, self.search_step = method, 0  # (optimizer steps: counted if the method needs them)
         for layer in layers:
             layer.group = self
+        if method is not None:
+            method.attach(self)
         if refresh:
             self.refresh(force=True)
 
@@ -304,9 +302,9 @@ class SupermaskGroup(SyncFreeState):
             raise RuntimeError(stale_refusal(stale))
         return True
 
-    def kept_target(self) -> int:
+    def kept_target(self, sparsity: Optional[float] = None) -> int:
         total = sum(layer.numel + layer.removed_numel for layer in self.layers)
-        return freezing.round_half_up((1.0 - self.sparsity) * total)
+        return freezing.round_half_up((1.0 - (self.sparsity if sparsity is None else sparsity)) * total)
 
     check_finite = True  # refuse NaN/Inf scores (one max() over the free scores per step; sync-free: late)
     # Device options (None: the device decides).  sync_free: select without reading anything back
@@ -331,6 +329,8 @@ class SupermaskGroup(SyncFreeState):
         """Recompute every mask from the current scores (no-op when nothing changed)."""
         if not force and not self.is_stale():
             return
+        if self.method is not None:
+            self.method.before_refresh(self)  # (a scheduled sparsity)
         layers, frees = self.layers, [layer.free_index() for layer in self.layers]
         counts = self.selected_counts(frees)
         kept = cpu_refresh.refresh(self, layers, frees, counts)  # (the CPU's compiled path, if it applies)
@@ -363,18 +363,18 @@ class SupermaskGroup(SyncFreeState):
             selected = [keys_topk_mask(part, k) for part, k in zip(keys.split(sizes), counts)]
         self._apply_selected(frees, selected, kept=kept)
 
-    def selected_counts(self, frees: Optional[list] = None) -> list[int]:
-        """How many free weights the selection keeps: ``[k]`` for the whole model in global scope,
-        one count per layer in layerwise scope."""
-        layers = self.layers
+    def selected_counts(self, frees: Optional[list] = None, sparsity: Optional[float] = None) -> list[int]:
+        """How many free weights the selection keeps (at the group's sparsity, or ``sparsity``):
+        ``[k]`` for the whole model in global scope, one count per layer in layerwise scope."""
+        layers, sparsity = self.layers, self.sparsity if sparsity is None else sparsity
         frees = frees if frees is not None else [layer.free_index() for layer in layers]
         if self.scope == "global":
             locked = sum(free.n_locked + layer.removed_kept for layer, free in zip(layers, frees))
-            return [min(max(self.kept_target() - locked, 0), sum(free.n_free for free in frees))]
+            return [min(max(self.kept_target(sparsity) - locked, 0), sum(free.n_free for free in frees))]
         counts = []
         for layer, free in zip(layers, frees):
             locked = free.n_locked + layer.removed_kept
-            kept = freezing.round_half_up((1.0 - self.sparsity) * (layer.numel + layer.removed_numel))
+            kept = freezing.round_half_up((1.0 - sparsity) * (layer.numel + layer.removed_numel))
             counts.append(min(max(kept - locked, 0), free.n_free))
         return counts
 
@@ -415,3 +415,5 @@ class SupermaskGroup(SyncFreeState):
             scores = layer.scores
             layer.__dict__.update(_seen_version=scores._version, _seen_scores=scores)
         self._seen_steps = _optimizer_steps
+        if self.method is not None:
+            self.method.after_masks(self, frees)  # (multicoated levels, an IteRand round)
