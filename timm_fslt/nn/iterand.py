@@ -85,7 +85,7 @@ class Rerandomizer:
         out = weight
         drawn = rounds.nonzero().squeeze(1)
         if drawn.numel():
-            out = weight.detach().clone()
+            out = weight.detach().clone(memory_format=torch.contiguous_format)
             positions = drawn if index is None else index.to(rounds.device, torch.int64)[drawn]
             of_round = rounds[drawn]
             flat = out.view(-1)

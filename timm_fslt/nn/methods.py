@@ -117,7 +117,7 @@ class SearchMethod:
                 for level, sel in zip(levels, chosen):
                     level.add_(sel.to(level.device, torch.uint8))
         for layer, free, level in zip(layers, frees, levels):
-            out = (layer.frozen == freezing.LOCKED).to(torch.uint8).mul_(n)
+            out = (layer.frozen == freezing.LOCKED).to(torch.uint8).contiguous().mul_(n)
             if free.index is None:
                 out.copy_(level.view(out.shape))
             else:
