@@ -2,6 +2,7 @@
 
 Each is checked against an independent statement of what it must do (written here with NumPy
 sorts and plain formulas, not the package's selection), at every optimizer step of a short run."""
+import contextlib
 import copy
 import io
 import math
@@ -392,3 +393,31 @@ def test_timm_resnet_paths_agree(kwargs):
     (out_a, masks_a, group_a), (out_b, masks_b, group_b), _ = runs
     assert all(torch.equal(a, b) for a, b in zip(masks_a, masks_b))
     assert group_a.search_step == group_b.search_step and torch.equal(out_a, out_b)
+
+
+@pytest.mark.parametrize("method", ["multicoated", "iterand"])
+def test_one_bit_tools_refuse_levels_and_redrawn_weights(method):
+    model = timm_fslt.freeze(net(), prune=PRUNE, lock=LOCK, method=method)
+    x, _ = data(2)
+    if method == "multicoated":
+        with pytest.raises(ValueError, match="recompute_masked_weights supports method='edge_popup' only"):
+            with timm_fslt.recompute_masked_weights(model):
+                pass
+    with pytest.raises(ValueError, match="timm_fslt.compact supports method='edge_popup' only"):
+        timm_fslt.compact(model, x)
+
+
+@pytest.mark.parametrize("kwargs", [dict(method="iterand", rerand_period=1, rerand_rate=0.5),
+                                    dict(sparsity_schedule=("linear", 0.35, 1.0), schedule_steps=4)])
+def test_recomputed_products_of_iterand_and_schedules_give_the_same_gradients(kwargs):
+    runs = []
+    for recompute in (False, True):
+        model = timm_fslt.freeze(net(), prune=PRUNE, lock=LOCK, **kwargs)
+        steps(model, 3)
+        x, y = data()
+        model.zero_grad()
+        with timm_fslt.recompute_masked_weights(model) if recompute else contextlib.nullcontext():
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        runs.append([layer.scores.grad.clone() for layer in timm_fslt.get_group(model).layers])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

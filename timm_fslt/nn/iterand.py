@@ -74,6 +74,7 @@ class Rerandomizer:
             rounds.index_fill_(0, chosen, round_)
         group.__dict__["_rerand_at"] = step
 
+    @torch.compiler.disable  # (run eagerly under torch.compile: a cache lookup, data-dependent sizes)
     def weight(self, layer, weight: torch.Tensor, index) -> torch.Tensor:
         """``weight`` with every re-drawn free entry set to its round's value (``weight`` itself when
         nothing was re-drawn); kept on the layer until the weight or the rounds change."""

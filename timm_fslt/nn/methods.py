@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from timm_fslt.nn import iterand, search_steps
-from timm_fslt.nn.functional import _free_values, masked_product, masked_weight
+from timm_fslt.nn.functional import _free_values, masked_product
 from timm_fslt.nn.method_options import needs_steps, scheduled_sparsity
 from timm_fslt.regen import pattern as freezing
 from timm_fslt.regen.topk import keys_topk_mask, magnitude_keys
@@ -124,17 +124,19 @@ class SearchMethod:
                 out.view(-1)[free.index.to(torch.int64)] = level
             layer.__dict__["level"] = out
 
-    def weight(self, layer, weight: torch.Tensor, scale, index) -> torch.Tensor:
-        """The layer's effective weight (autograd reaching the scores) for this method."""
+    def weight(self, layer, weight: torch.Tensor, scale, index) -> tuple:
+        """(the random weight the forward uses: IteRand's re-drawn entries written over a copy, the
+        multicoated weight ``W * level * scale`` with its gradient, or None: the Edge-Popup product of
+        that weight, which the layer computes itself, with its kept products and recomputation)."""
         if self.rerand is not None:
             weight = self.rerand.weight(layer, weight, index)
-        if self.coats is not None:
-            level = layer.__dict__.get("level")
-            if level is None or level.shape != weight.shape or level.device != weight.device:
-                layer.group.refresh(force=True)
-                level = layer.__dict__["level"]
-            return _CoatedWeight.apply(weight, layer.scores, level, scale, index, len(self.coats))
-        return masked_weight(weight, layer.scores, layer.mask, scale, index)
+        if self.coats is None:
+            return weight, None
+        level = layer.__dict__.get("level")
+        if level is None or level.shape != weight.shape or level.device != weight.device:
+            layer.group.refresh(force=True)
+            level = layer.__dict__["level"]
+        return weight, _CoatedWeight.apply(weight, layer.scores, level, scale, index, len(self.coats))
 
     def traced_weight(self, layer, weight: torch.Tensor, scale) -> torch.Tensor:
         """The plain product for torch.jit.trace (real tensors): with the re-drawn entries and levels."""
@@ -143,3 +145,12 @@ class SearchMethod:
         factor = layer.__dict__["level"] if self.coats is not None else layer.mask
         out = weight * factor.to(weight.dtype)
         return out if scale is None else out * scale
+
+
+def refuse_unsupported(group, what: str, iterand_too: bool = True) -> None:
+    """Refuse (ValueError) ``what`` for a multicoated (or, if ``iterand_too``, an IteRand) group: it
+    works on one mask bit per weight (and the seed's weights), and would lose the levels (the rounds)."""
+    method = group.method
+    if method is not None and (method.coats is not None or iterand_too and method.rerand is not None):
+        raise ValueError(f"{what} supports method='edge_popup' only (with or without a sparsity_schedule); "
+                         f"this model was frozen with method={method.name!r}")

@@ -21,6 +21,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from timm_fslt.nn.functional import masked_product, masked_weight
+from timm_fslt.nn.methods import refuse_unsupported
 
 _local = threading.local()  # saved-tensor hooks are per thread, so is the recorder stack
 _recording = 0  # open recompute contexts in any thread (a cheap test for every forward)
@@ -110,6 +111,7 @@ def recompute_context(group):
     """Forwards of ``group``'s layers inside save tokens instead of masked weights
     (``group``: a ``SupermaskGroup``, compared by identity only)."""
     global _recording
+    refuse_unsupported(group, "recompute_masked_weights", iterand_too=False)
     recorder = _Recorder(group)
     stack = _recorders()
     stack.append(recorder)

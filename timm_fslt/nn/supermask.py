@@ -133,19 +133,18 @@ class FrozenSupermask(nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         group = self.group
         compiling = torch.compiler.is_compiling()  # (also True under torch.export)
-        # (torch._C._is_tracing: torch.jit.is_tracing without its is_scripting call, half the cost)
         if torch.compiler.is_exporting() if compiling else torch._C._is_tracing():
             return self._traced_weight(weight)
         if group is not None and not compiling and (
                 self.scores._version != self._seen_version or group._seen_steps != _optimizer_steps):
-            # Reached when this layer is called outside the root model's forward
-            # (e.g. model.forward_features) right after an optimizer step.
-            group.refresh()
+            group.refresh()  # (a layer called outside the root's forward, e.g. forward_features, after a step)
         scale = None if group is not None and group.scale_mode is None else self.scale.to(weight.dtype)
         # (compiled code reads the index the last refresh cached: refreshes run eagerly)
         index = (self._free if compiling else self.free_index()).index
-        if group is not None and group.method is not None:  # multicoated, IteRand, a schedule (nn/methods.py)
-            return group.method.weight(self, weight, scale, index)
+        if group is not None and group.method is not None:  # IteRand's weights, multicoated (nn/methods.py)
+            weight, coated = group.method.weight(self, weight, scale, index)
+            if coated is not None:
+                return coated
         plain = not compiling and group is not None and not recompute.is_recording()
         free_weight = cached_free_values(self, weight, index) if plain and index is not None \
             and group.caches_free_weights(weight) else None

@@ -49,6 +49,7 @@ from torch import nn
 from torch_pruning import ops as tp_ops
 
 from timm_fslt.frozen import get_group
+from timm_fslt.nn.methods import refuse_unsupported
 from timm_fslt.nn.modules import has_frozen_weight, is_pyg_linear
 from timm_fslt.pruning.counting import count_ops_and_params
 from timm_fslt.pruning.geometry import is_depthwise, is_grouped, weight_dims
@@ -353,6 +354,7 @@ def compact(model: nn.Module, example_inputs, *, zero_channels: bool = True,
     (``unread``, ``zero``), and the largest output difference seen.
     """
     group = get_group(model)  # ValueError if the model is not frozen
+    refuse_unsupported(group, "timm_fslt.compact")
     if not isinstance(max_rounds, int) or isinstance(max_rounds, bool) or max_rounds < 1:
         raise ValueError(f"max_rounds must be a positive int, got {max_rounds!r}")
     group.refresh()

@@ -27,6 +27,7 @@ from torch_pruning import ops as tp_ops
 from torch_pruning.pruner import function as tp_function
 
 from timm_fslt.frozen import get_group
+from timm_fslt.nn.methods import refuse_unsupported
 from timm_fslt.nn.modules import has_frozen_weight, is_frozen_layer, is_pyg_linear
 from timm_fslt.nn.supermask import free_entries
 from timm_fslt.pruning.geometry import channel_attrs, is_depthwise, is_grouped, weight_dims
@@ -139,6 +140,7 @@ class FrozenLayerPruner(tp.pruner.BasePruningFunc):
             raise ValueError(f"layer {name!r} ({type(layer).__name__}) is not frozen (it has no "
                              "FrozenSupermask); timm_fslt's pruner only cuts frozen layers")
         supermask = layer.parametrizations.weight[0]
+        refuse_unsupported(get_group(self.recorder.model), "timm_fslt's torch-pruning pruners")
         if not any(s is supermask for s in get_group(self.recorder.model).layers):
             raise ValueError(
                 f"layer {name!r} carries a FrozenSupermask that is not in the model's SupermaskGroup "
