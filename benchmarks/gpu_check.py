@@ -13,6 +13,9 @@
 4. Trains copies of each frozen model for a few steps with the sync-free refresh (the GPU
    default) and with the synchronous one, in both scopes and with dynamic scales, and compares
    every mask and scale: they must be identical.
+5. Trains each search method (multicoated, IteRand, a sparsity schedule) for a few steps on CUDA,
+   copies the model to the CPU and re-selects there from the same scores: masks, multicoated
+   levels and IteRand's re-drawn weights must be identical.
 Prints one summary line (and the mismatching layers, if any); exit status 1 on a
 mismatch.  Without a CUDA device it prints "no CUDA device" and exits 0.
 """
@@ -134,6 +137,54 @@ def sync_free_mismatches(arch: dict, shape, device, steps: int = 3) -> list[str]
     return out
 
 
+METHOD_CASES = {"multicoated": dict(method="multicoated", scale="dynamic"),
+                "iterand": dict(method="iterand", rerand_period=1, rerand_rate=0.5),
+                "schedule": dict(sparsity_schedule=("linear", 0.4, 0.5), schedule_steps=4)}
+
+
+def method_mismatches(arch: dict, shape, device, steps: int = 3) -> list[str]:
+    """Layers whose mask, levels or re-drawn weights chosen on ``device`` differ from the CPU's choice
+    from the same scores and rounds."""
+    out = []
+    for case, kwargs in METHOD_CASES.items():
+        model = timm_fslt.freeze(build(arch, device), prune=0.35, lock=0.35, **kwargs)
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(8, *shape, device=device, generator=g)
+        y = torch.randint(0, 10, (8,), device=device, generator=g)
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0, momentum=0.9)
+        for _ in range(steps):
+            _sgd_step(model, x, y, opt)
+        model(x)
+        on_cpu = copy.deepcopy(model).to("cpu")
+        timm_fslt.get_group(on_cpu).refresh(force=True)
+        group, cpu_group = timm_fslt.get_group(model), timm_fslt.get_group(on_cpu)
+        if len(_frozen_modules(model, on_cpu)) != len(group.layers):
+            out.append(f"{arch['timm']}/{case}: not every masked tensor found")
+        for layer, twin, (name, module) in zip(group.layers, cpu_group.layers, _frozen_modules(model, on_cpu)):
+            same = torch.equal(layer.mask.cpu(), twin.mask)
+            if group.method.coats is not None:
+                same &= torch.equal(layer.level.cpu(), twin.level)
+            if group.method.rerand is not None:
+                w, w_cpu = (m.parametrizations[layer.param_name].original for m in module)
+                same &= torch.equal(group.method.rerand.weight(layer, w, layer.free_index().index).cpu(),
+                                    cpu_group.method.rerand.weight(twin, w_cpu, twin.free_index().index))
+            if not same:
+                out.append(f"{arch['timm']}/{case}/{layer.layer_name}")
+    return out
+
+
+def _frozen_modules(model, twin):
+    """(name, (module, its twin)) of every module with a masked tensor, in the group's order."""
+    twins = dict(twin.named_modules())
+    layers = {id(layer): i for i, layer in enumerate(timm_fslt.get_group(model).layers)}
+    found = []
+    for name, module in model.named_modules():
+        for plist in getattr(module, "parametrizations", {}).values():
+            if id(plist[0]) in layers:
+                found.append((layers[id(plist[0])], (name, (module, twins[name]))))
+    return [pair for _, pair in sorted(found, key=lambda t: t[0])]
+
+
 def format_summary(n_compared: int, mismatches: list[str], timings: dict, syncs: dict = None) -> str:
     """One line: digest verdict, then frozen/dense step time per model and precision."""
     verdict = (f"all {n_compared} CUDA digests equal the CPU's" if not mismatches else
@@ -174,6 +225,9 @@ def main(argv=None) -> int:
         sync_free = sync_free_mismatches(arch, shape, cuda)
         n_compared += 1
         mismatches += [f"sync-free refresh differs: {key}" for key in sync_free]
+        methods = method_mismatches(arch, shape, cuda)
+        n_compared += 1
+        mismatches += [f"method selection differs from the CPU's: {key}" for key in methods]
     for key in mismatches[:20]:
         print(f"  differs: {key}")
     print(format_summary(n_compared, mismatches, timings, syncs))

@@ -421,3 +421,14 @@ def test_recomputed_products_of_iterand_and_schedules_give_the_same_gradients(kw
         loss.backward()
         runs.append([layer.scores.grad.clone() for layer in timm_fslt.get_group(model).layers])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+def test_gpu_check_method_comparison_runs_and_agrees_on_the_cpu():
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parent.parent / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check_methods", path)
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    arch = {"timm": "mnist_cnn", "kwargs": {"width": 0.125, "img_size": 8}}
+    assert gpu_check.method_mismatches(arch, (1, 8, 8), torch.device("cpu"), steps=2) == []
