@@ -20,6 +20,19 @@ from the seed) its value under its state-dict key, checked against the recorded 
 The supermask: raw bits (config "mask" "coding" absent or "raw"), or (format 5, "coding":
 "entropy") one record per layer, decoded by ``entropy_layer`` below (section 5b: the rANS decoder).
 
+Format 6 (a search method's ticket) stores a symbol per free weight instead of a bit, of the
+alphabet config "mask" "alphabet" names (raw: ceil(log2(alphabet))-bit fields; or entropy records of
+that alphabet), and the step count "search_step" the ticket was saved at:
+
+    multicoated   the symbol is the weight's level (coats holding it, 0..C; locked C, pruned 0);
+                  NAME.weight = W * level * scale, and NAME.level (uint8) is written too
+    iterand       0: left out; 1 + r: kept, drawn last in round r -- r >= 1 replaces the seed's
+                  value by weight_init's on the stream "iterand/<r>" at that row-major position;
+                  NAME.round (int32; 0 where nothing is stored) is written too
+    a schedule    (sparsity_schedule, schedule_steps) the static scale's sparsity is the schedule's
+                  at "search_step"
+    every layer's NAME.weight is checked against its "masked_digest" (signed zeros as +0).
+
 config.json: formats 1-3 hold the ticket's record at the top; format 4 holds timm's Hub keys
 (architecture, model_args, pretrained_cfg, ...) at the top and the record under "timm_fslt", whose
 "integrity" sha256 covers the whole document but itself.  Every file the record's "files" lists
@@ -51,7 +64,7 @@ import tempfile  # noqa: E402
 import numpy as np  # noqa: E402
 
 FORMAT = "timm_fslt.ticket"
-FORMAT_VERSIONS = (1, 2, 3, 4, 5)
+FORMAT_VERSIONS = (1, 2, 3, 4, 5, 6)
 OWN_KEY = "timm_fslt"  # format 4: timm's keys at the top of config.json, the ticket's record under this key
 GENERATOR_VERSIONS = (1, 2)
 DTYPES = ("float64", "float32", "bfloat16", "float16")
@@ -77,10 +90,10 @@ def mix(x):
     return x ^ (x >> np.uint64(16))
 
 
-def hashes(seed, name, stream, n):
-    """h(i) for the row-major element indices i = 0 .. n-1 (uint64 holding 32 bits)."""
+def hashes(seed, name, stream, n, positions=None):
+    """h(i) for the row-major element indices i = 0 .. n-1, or i in ``positions`` (uint64 holding 32 bits)."""
     k0, k1, k2 = (np.uint64(k) for k in stream_key(seed, name, stream))
-    i = np.arange(n, dtype=np.uint64)
+    i = np.arange(n, dtype=np.uint64) if positions is None else np.asarray(positions, dtype=np.uint64)
     x = mix((i & np.uint64(M32)) ^ k0)
     x = mix(x ^ (i >> np.uint64(32)) ^ k1)
     return mix((x + k2) & np.uint64(M32))
@@ -388,11 +401,13 @@ def bf16_round(f32):
     return bits.astype(np.uint32).view(np.float32)
 
 
-def random_weight(kind, seed, name, shape, dtype, generator_version):
+def random_weight(kind, seed, name, shape, dtype, generator_version, stream="weight", positions=None):
+    """The layer's weight (stream "weight"), or with ``positions`` (row-major) only those elements,
+    1-D (IteRand's round r draws on the stream "iterand/<r>" by the same rule)."""
     n = math.prod(shape)
     fan_in = shape[1] * math.prod(shape[2:]) if len(shape) >= 2 else max(shape[0], 1) if shape else 1
     std = math.sqrt(2.0) / math.sqrt(fan_in)  # Python floats: IEEE, correctly rounded
-    h = hashes(seed, name, "weight", n)
+    h = hashes(seed, name, stream, n, positions)
     if kind == "kaiming_uniform":  # (2h + 1 - 2**32) * (bound * 2**-32), bound = std * sqrt(3)
         integer, factor = 2 * h.astype(np.int64) + 1 - (1 << 32), std * math.sqrt(3.0) * 2.0 ** -32
     elif kind == "signed_kaiming_constant":  # bit 31 of h: 1 -> +std, 0 -> -std
@@ -402,7 +417,8 @@ def random_weight(kind, seed, name, shape, dtype, generator_version):
     else:
         raise DecodeError(f"weight_init {kind!r} with generator version {generator_version} is not decodable "
                           "(version 1's normal depends on the CPU's float64 sqrt)")
-    return round_to(integer.astype(np.float64) * factor, dtype).reshape(shape)
+    values = round_to(integer.astype(np.float64) * factor, dtype)
+    return values if positions is not None else values.reshape(shape)
 
 
 # -- 4. the freezing pattern ----------------------------------------------------------------
@@ -488,13 +504,34 @@ def rans_symbols(words, freqs, n, where):
     return out
 
 
-def entropy_layer(data, at, n, where):
-    """(the n mask bits of one layer record starting at byte ``at``, the byte after it).
+def symbol_bits(alphabet):
+    """b: bits of one raw symbol, ceil(log2(alphabet)), at least 1 (a mask bit)."""
+    return max(1, (alphabet - 1).bit_length())
 
-    Method byte 0: ceil(n / 8) raw bytes (bit i is bit i % 8 of byte i // 8, zero padding);
-    1: a u16 symbol, every bit equal to it (n >= 1); 2: u16 k, k u16 symbols (increasing), k u32
-    frequencies (>= 1, sum 2**24), u32 w, w u32 words (little-endian). A record never exceeds
-    1 + ceil(n / 8) bytes."""
+
+def unpack_symbols(raw, n, alphabet, where):
+    """n b-bit fields: symbol i is bits [i*b, i*b + b) of the little-endian bit stream (bit j is bit
+    j % 8 of byte j // 8), the padding bits 0, every symbol below the alphabet."""
+    b = symbol_bits(alphabet)
+    bits = np.unpackbits(np.frombuffer(raw, dtype=np.uint8), bitorder="little")
+    if len(raw) != (n * b + 7) // 8 or bits[n * b:].any():
+        raise DecodeError(f"{where}: {len(raw)} bytes do not hold exactly {n} {b}-bit symbols (or nonzero padding)")
+    fields = bits[:n * b].reshape(n, b).astype(np.int64)
+    symbols = (fields << np.arange(b, dtype=np.int64)).sum(axis=1)
+    if n and int(symbols.max()) >= alphabet:
+        raise DecodeError(f"{where}: a raw symbol {int(symbols.max())} is not below the alphabet size {alphabet}")
+    return symbols
+
+
+def entropy_layer(data, at, n, where, alphabet=2):
+    """(the n symbols -- mask bits for alphabet 2 -- of one layer record starting at byte ``at``,
+    the byte after it).
+
+    Method byte 0: ceil(n * b / 8) raw bytes (``unpack_symbols``; b = 1: bit i is bit i % 8 of byte
+    i // 8); 1: a u16 symbol below the alphabet, every symbol equal to it (n >= 1); 2: u16 k
+    (2 <= k <= min(alphabet, n)), k u16 symbols (increasing, below the alphabet), k u32 frequencies
+    (>= 1, sum 2**24), u32 w, w u32 words (little-endian). A record never exceeds 1 + ceil(n * b / 8)
+    bytes."""
     def take(size):
         nonlocal at
         if at + size > len(data):
@@ -502,57 +539,74 @@ def entropy_layer(data, at, n, where):
         chunk, at = data[at:at + size], at + size
         return chunk
 
-    start, raw_len = at, (n + 7) // 8
+    start, raw_len = at, (n * symbol_bits(alphabet) + 7) // 8
     method = take(1)[0]
     if method == 0:
-        bits = np.unpackbits(np.frombuffer(take(raw_len), dtype=np.uint8), bitorder="little")
-        if bits[n:].any():
-            raise DecodeError(f"{where}: nonzero padding bits")
-        return bits[:n].astype(bool), at
+        return unpack_symbols(take(raw_len), n, alphabet, where), at
     if method == 1:
         (symbol,) = struct.unpack("<H", take(2))
-        if n < 1 or symbol > 1:
-            raise DecodeError(f"{where}: constant record of symbol {symbol} for {n} bits")
-        return np.full(n, bool(symbol)), at
+        if n < 1 or symbol >= alphabet:
+            raise DecodeError(f"{where}: constant record of symbol {symbol} for {n} symbols (alphabet {alphabet})")
+        return np.full(n, symbol, dtype=np.int64), at
     if method != 2:
         raise DecodeError(f"{where}: unknown record method {method}")
     (k,) = struct.unpack("<H", take(2))
-    if not 2 <= k <= min(2, n):
-        raise DecodeError(f"{where}: {k} present symbols in a record of {n} bits")
+    if not 2 <= k <= min(alphabet, n):
+        raise DecodeError(f"{where}: {k} present symbols in a record of {n} symbols (alphabet {alphabet})")
     symbols = struct.unpack(f"<{k}H", take(2 * k))
     freqs = struct.unpack(f"<{k}I", take(4 * k))
     (w,) = struct.unpack("<I", take(4))
-    if list(symbols) != sorted(set(symbols)) or symbols[-1] > 1 or min(freqs) < 1 \
+    if list(symbols) != sorted(set(symbols)) or symbols[-1] >= alphabet or min(freqs) < 1 \
             or sum(freqs) != 1 << RANS_PRECISION or at - start + 4 * w > 1 + raw_len:
         raise DecodeError(f"{where}: malformed rANS header (symbols {symbols}, frequencies {freqs}, {w} words)")
     words = struct.unpack(f"<{w}I", take(4 * w))
     index = rans_symbols(words, freqs, n, where)
     if len(set(index.tolist())) != k:
         raise DecodeError(f"{where}: a listed symbol never occurs")
-    return np.array(symbols, dtype=np.int64)[index].astype(bool), at
+    return np.array(symbols, dtype=np.int64)[index], at
+
+
+def alphabet_of(config, path):
+    """Symbols per free weight: 2 (mask bits) before format 6; format 6 records it (multicoated:
+    coats + 1; IteRand: 2 + the highest stored round; Edge-Popup with a schedule: 2)."""
+    if config["format_version"] < 6:
+        return 2
+    alphabet, freeze = config["mask"].get("alphabet"), config["freeze"]
+    coats = len(freeze.get("coat_sparsities") or ()) if freeze.get("method") == "multicoated" else 1
+    if not isinstance(alphabet, int) or isinstance(alphabet, bool) or not 2 <= alphabet <= 1 << 16 \
+            or (coats > 1 and alphabet != coats + 1) or (freeze.get("method") != "iterand" and coats == 1
+                                                        and alphabet != 2):
+        raise DecodeError(f"{path}: alphabet {alphabet!r} does not fit method {freeze.get('method', 'edge_popup')!r}")
+    return alphabet
+
+
+def mask_symbols(config, payload, path):
+    """Every layer's free-position symbols (mask bits before format 6), one concatenated int64
+    array, in either coding; each layer's count of symbols >= 1 (its kept free weights) checked."""
+    n_free = sum(row["free"] for row in config["layers"])
+    coding, alphabet = config["mask"].get("coding", "raw"), alphabet_of(config, path)
+    if coding == "raw":
+        symbols = unpack_symbols(payload.tobytes(), n_free, alphabet, path)
+        parts = np.split(symbols, np.cumsum([row["free"] for row in config["layers"]])[:-1])
+    elif coding != "entropy" or config["format_version"] < 5:
+        raise DecodeError(f"{path}: mask coding {coding!r} in format {config['format_version']}")
+    else:
+        data, at, parts = payload.tobytes(), 0, []
+        for i, row in enumerate(config["layers"]):
+            part, at = entropy_layer(data, at, row["free"], f"{path}: layer {i} ({row['name']})", alphabet)
+            parts.append(part)
+        if at != len(data):
+            raise DecodeError(f"{path}: {len(data) - at} bytes follow the last layer's record")
+    for i, (row, part) in enumerate(zip(config["layers"], parts)):
+        if int((part >= 1).sum()) != row["kept"] - row["locked"]:
+            raise DecodeError(f"{path}: layer {i} ({row['name']}) decodes to {int((part >= 1).sum())} kept free "
+                              f"weights, config.json records {row['kept'] - row['locked']}")
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
 
 def mask_bits(config, payload, path):
-    """Every layer's free-position bits, one concatenated bool array, in either coding."""
-    n_free = sum(row["free"] for row in config["layers"])
-    coding = config["mask"].get("coding", "raw")
-    if coding == "raw":
-        bits = np.unpackbits(payload, bitorder="little").astype(bool)  # bit i = bit i % 8 of byte i // 8
-        if len(payload) != (n_free + 7) // 8 or bits[n_free:].any():
-            raise DecodeError(f"{path}: {len(payload)} bytes do not hold exactly the {n_free} free weights' bits")
-        return bits[:n_free]
-    if coding != "entropy" or config["format_version"] < 5:
-        raise DecodeError(f"{path}: mask coding {coding!r} in format {config['format_version']}")
-    data, at, parts = payload.tobytes(), 0, []
-    for i, row in enumerate(config["layers"]):
-        bits, at = entropy_layer(data, at, row["free"], f"{path}: layer {i} ({row['name']})")
-        if int(bits.sum()) != row["kept"] - row["locked"]:
-            raise DecodeError(f"{path}: layer {i} ({row['name']}) decodes to {int(bits.sum())} kept free weights, "
-                              f"config.json records {row['kept'] - row['locked']}")
-        parts.append(bits)
-    if at != len(data):
-        raise DecodeError(f"{path}: {len(data) - at} bytes follow the last layer's record")
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+    """Every layer's free-position mask bits (symbol >= 1), one concatenated bool array."""
+    return mask_symbols(config, payload, path) >= 1
 
 
 def read_config(directory):
@@ -619,7 +673,10 @@ def decode(directory):
     packed = safetensors_u8(blobs["supermask.safetensors"], "supermask",
                             os.path.join(directory, "supermask.safetensors"))
     freeze, version = config["freeze"], config["generator_version"]
-    bits = mask_bits(config, packed, os.path.join(directory, "supermask.safetensors"))
+    symbols = mask_symbols(config, packed, os.path.join(directory, "supermask.safetensors"))
+    method = freeze.get("method", "edge_popup") if config["format_version"] >= 6 else "edge_popup"
+    coats = len(freeze["coat_sparsities"]) if method == "multicoated" else 1
+    sparsity = scheduled_sparsity(freeze, config["mask"].get("search_step", 0))
     out, offset = {}, 0
     for row in config["layers"]:
         name, shape, dtype = row["name"], tuple(row["shape"]), row.get("dtype", "float32")
@@ -630,21 +687,43 @@ def decode(directory):
             raise DecodeError(f"{os.path.join(directory, 'config.json')}: layer {name!r}: freeze_keys do not "
                               "give the recorded pruned/locked counts")
         mask = (code == 1).reshape(-1)
-        free = (code == 0).reshape(-1)
-        mask[free] = bits[offset:offset + row["free"]]  # free positions in row-major order
+        free = np.flatnonzero(code.reshape(-1) == 0)  # free positions in row-major order
+        sym = symbols[offset:offset + row["free"]]
         offset += row["free"]
-        mask = mask.reshape(shape)
+        mask[free] = sym >= 1
         weight = random_weight(freeze["weight_init"], freeze["seed"], name, shape, dtype, version)
-        # the package: out = mask.to(dtype) * W, then out *= scale (in dtype) if scale is on
-        value = mask.astype(weight.dtype) * weight
+        extra = {}
+        if method == "iterand":  # a kept weight of symbol 1 + r (r >= 1) holds round r's draw
+            rounds = np.zeros(math.prod(shape), dtype=np.int32)
+            rounds[free] = np.maximum(sym - 1, 0)
+            flat = weight.reshape(-1).copy()
+            for r in sorted(set(rounds.tolist()) - {0}):
+                where = np.flatnonzero(rounds == r)
+                flat[where] = random_weight(freeze["weight_init"], freeze["seed"], name, shape, dtype, version,
+                                            stream=f"iterand/{r}", positions=where)
+            weight, extra[f"{name}.round"] = flat.reshape(shape), rounds.reshape(shape)
+        if method == "multicoated":  # the level: coats holding each weight (locked: all, pruned: none)
+            level = np.where(code.reshape(-1) == 1, coats, 0).astype(np.uint8)
+            level[free] = sym
+            extra[f"{name}.level"] = level.reshape(shape)
+            factor = level.reshape(shape)
+        else:
+            factor = mask.reshape(shape)
+        mask = mask.reshape(shape)
+        # the package: out = mask.to(dtype) * W (multicoated: the level), then out *= scale (in dtype)
+        value = multiply(factor.astype(weight.dtype), weight, dtype)
         if freeze.get("scale") is not None:
             if freeze["scale"] == "static":
-                scale = 1.0 / math.sqrt(max(1.0 - freeze["sparsity"], 1e-12))
+                scale = 1.0 / math.sqrt(max(1.0 - sparsity, 1e-12))
             else:  # "dynamic": the layer's own kept fraction
                 scale = 1.0 / math.sqrt(max(int(mask.sum()) / max(math.prod(shape), 1), 1e-12))
             value = multiply(value, to_dtype(scale, dtype), dtype)  # scale: float32 first, as its buffer
         value_key = name if "param" in row else f"{name}.weight"
         out[value_key], out[f"{name}.frozen"], out[f"{name}.mask"] = value, code, mask
+        out.update(extra)
+        if config["format_version"] >= 6 and digest([(value + 0.0, dtype)]) != row.get("masked_digest"):
+            raise DecodeError(f"{os.path.join(directory, 'config.json')}: layer {name!r}: the decoded weight "
+                              "does not match its masked_digest (signed zeros as +0)")
     record = config.get("regenerated") or {"tensors": {}, "digest": None}
     names = sorted(record["tensors"])
     for key in names:
@@ -653,6 +732,22 @@ def decode(directory):
         raise DecodeError(f"{os.path.join(directory, 'config.json')}: the regenerated parameters do not match "
                           "their recorded digest")
     return out
+
+
+def scheduled_sparsity(freeze, step):
+    """The sparsity after ``step`` optimizer steps (format 6 records the saved step count): the
+    final one, or on a schedule (shape, start, until) over schedule_steps linear or cosine from
+    start, the final one from until * schedule_steps steps on (Python floats, as the package)."""
+    if freeze.get("sparsity_schedule") is None:
+        return freeze["sparsity"]
+    shape, start, until = freeze["sparsity_schedule"]
+    end = until * freeze["schedule_steps"]
+    if step >= end:
+        return freeze["sparsity"]
+    t = step / end
+    if shape == "cosine":
+        t = 0.5 * (1.0 - math.cos(math.pi * t))
+    return start + (freeze["sparsity"] - start) * t
 
 
 def regenerated(seed, key, row, generator_version, directory):

@@ -12,6 +12,7 @@ from timm_fslt import entropy
 from timm_fslt.frozen import get_config, get_group
 from torch.nn.utils.parametrize import ParametrizationList
 
+from timm_fslt.nn import method_symbols
 from timm_fslt.nn.modules import dtype_name
 from timm_fslt.nn.placement import fate_of
 from timm_fslt.nn.supermask import FrozenSupermask, free_entries
@@ -30,6 +31,8 @@ class LayerSize:
     # bits with its header; None for a ticket saved before the coder (format 4 and older)
     coded_method: Optional[str] = None
     coded_bits: Optional[int] = None
+    # a search method's ticket (format 6): ``[[symbol, count], ...]`` of its free weights' symbols
+    symbol_counts: Optional[list] = None
 
     @property
     def sparsity(self) -> float:
@@ -37,7 +40,10 @@ class LayerSize:
 
     @property
     def entropy_bits(self) -> float:
-        """The empirical (order-0) entropy of the layer's free bits: ``free * H(kept free / free)``."""
+        """The empirical (order-0) entropy of the layer's free bits, ``free * H(kept free / free)``
+        (of its symbols, for a search method's ticket)."""
+        if self.symbol_counts is not None:
+            return entropy.entropy_bits([count for _, count in self.symbol_counts])
         kept_free = self.kept - self.locked
         return entropy.entropy_bits([self.free - kept_free, kept_free])
 
@@ -66,6 +72,9 @@ class SizeReport:
     state_reasons: dict = field(default_factory=dict, compare=False)
     # how the ticket stores (or, for a model, ``save_ticket(mask_coding=...)`` would store) the mask
     mask_coding: str = "raw"
+    # symbols per free weight (2: a mask bit) and the search method (None: Edge-Popup, no schedule)
+    mask_alphabet: int = 2
+    method: Optional[str] = None
 
     # totals ------------------------------------------------------------------
     params = _layer_total("numel")
@@ -83,13 +92,18 @@ class SizeReport:
         return (self.pruned + self.locked) / self.params if self.params else 0.0
 
     @property
+    def symbol_bits(self) -> int:
+        """Raw bits per free weight: 1 (a mask bit), or ``ceil(log2(mask_alphabet))``."""
+        return entropy.symbol_bits(self.mask_alphabet)
+
+    @property
     def mask_bits(self) -> int:
-        return self.free
+        return self.free * self.symbol_bits
 
     @property
     def mask_raw_bits(self) -> int:
-        """The raw mask payload: the free bits packed in whole bytes."""
-        return 8 * ((self.free + 7) // 8)
+        """The raw mask payload: the free bits (symbols) packed in whole bytes."""
+        return 8 * entropy.raw_bytes(self.free, self.mask_alphabet)
 
     @property
     def mask_entropy_coded_bits(self) -> Optional[int]:
@@ -144,11 +158,16 @@ class SizeReport:
             "mask_compression_vs_dense_source", "compression_vs_fp32")}
         totals["ticket_bytes"] = (self.ticket_bits + 7) // 8
         totals["mask_coding"] = self.mask_coding
+        if self.method is not None:  # (an Edge-Popup report's dict is as before)
+            totals.update(method=self.method, mask_alphabet=self.mask_alphabet, symbol_bits=self.symbol_bits)
         for key in ("mask_stored_bits", "mask_raw_bits", "mask_entropy_coded_bits", "mask_entropy_bits"):
             totals[key] = getattr(self, key)
             totals[key + "_per_free_weight"] = self.per_free_weight(getattr(self, key))
         rows = [dict(asdict(layer), sparsity=layer.sparsity, entropy_bits=layer.entropy_bits)
                 for layer in self.layers]
+        for row in rows:
+            if row["symbol_counts"] is None:
+                del row["symbol_counts"]
         return {"totals": totals, "layers": rows, "state_tensors": dict(self.state_tensors)}
 
     def state_summary(self) -> str:
@@ -188,7 +207,9 @@ class SizeReport:
         lines += [
             "",
             f"freezing ratio            {self.freezing_ratio:.4f}",
-            f"supermask bits            {self.mask_bits:,} (1 bit per free weight)",
+            f"supermask bits            {self.mask_bits:,} (1 bit per free weight)" if self.method is None else
+            f"supermask symbols         {self.mask_bits:,} bits ({self.symbol_bits} per free weight: "
+            f"{self.mask_alphabet} symbols, method {self.method})",
             f"supermask as stored       {self.mask_coding}" + ("" if self.mask_stored_bits is None else
                                                                f": {self.mask_stored_bits:,} bits"),
             self._mask_line("raw", self.mask_raw_bits),
@@ -278,19 +299,29 @@ def size_report(model: nn.Module, print_report: bool = False, mask_coding: str =
     mask_coding = entropy.check_mask_coding(mask_coding)
     group = get_group(model)
     group.refresh()
-    streams = [free_entries(layer.mask, layer.frozen).reshape(-1).to(torch.uint8).cpu().numpy()
-               for layer in group.layers]
-    _, records = entropy.encode_streams(streams, 2)
+    method = method_symbols.stores_symbols(group)  # (what ticket_files stores: nn/method_symbols.py)
+    if method:
+        symbols = method_symbols.layer_symbols(group)
+        alphabet = method_symbols.alphabet_of(group, symbols)
+        streams = [s.to(torch.int64).numpy().astype("uint32") for s in symbols]
+    else:
+        alphabet = 2
+        streams = [free_entries(layer.mask, layer.frozen).reshape(-1).to(torch.uint8).cpu().numpy()
+                   for layer in group.layers]
+    _, records = entropy.encode_streams(streams, alphabet)
     rows = [LayerSize(name=layer.layer_name, shape=tuple(layer.frozen.shape), **layer.counts(),
-                      coded_method=record.method, coded_bits=8 * record.bytes)
-            for layer, record in zip(group.layers, records)]
+                      coded_method=record.method, coded_bits=8 * record.bytes,
+                      symbol_counts=method_symbols.symbol_counts(symbols[i]) if method else None)
+            for i, (layer, record) in enumerate(zip(group.layers, records))]
     state, reasons = non_regenerable_state(model), state_reasons(model)
     bits = sum(t.numel() * t.element_size() * 8 for t in state.values())
     coded = sum(record.bytes for record in records)
     report = SizeReport(layers=rows, state_bits=bits,
                         state_tensors={k: [list(v.shape), dtype_name(v.dtype)] for k, v in state.items()},
                         state_reasons=reasons,
-                        mask_coding=entropy.choose(mask_coding, (sum(s.size for s in streams) + 7) // 8, coded))
+                        mask_coding=entropy.choose(mask_coding, entropy.raw_bytes(sum(s.size for s in streams), alphabet),
+                                                   coded),
+                        mask_alphabet=alphabet, method=method_symbols.method_name(group) if method else None)
     if print_report:
         print(report)
         print()

@@ -16,6 +16,8 @@ A ticket is a directory of three files, and optionally timm's ``model.safetensor
     layer's name, shape and counts, the optional compacted structure, metrics, the byte size and
     sha256 of the tensor files, and the seal. Formats 1-3 hold that record at the top.
 ``supermask.safetensors``
+    (format 6, a search method's ticket: one symbol per free weight instead of a bit, raw or
+    entropy-coded: ``ticket.method_record``)
     one 1-D uint8 tensor ``"supermask"`` of ``ceil(free / 8)`` bytes: the
     supermask of the free weights only.  Bit order: the masked layers in the
     order of ``config.json["layers"]``; within a layer its free positions in
@@ -50,7 +52,8 @@ from timm_fslt.regen.rng import GENERATOR_VERSION, GENERATOR_VERSIONS
 from timm_fslt.report import LayerSize, SizeReport
 from timm_fslt.ticket.architecture import normalize_architecture
 from timm_fslt.ticket.integrity import OWN_KEY, is_nested, verify_integrity
-from timm_fslt.ticket.mask_coding import check_mask_record, coding_of, decode_mask, mask_payload_limit
+from timm_fslt.ticket.mask_coding import alphabet_of, check_mask_record, coding_of, decode_mask, mask_payload_limit
+from timm_fslt.ticket.method_record import check_method_record
 from timm_fslt.ticket.state_codec import (check_record, decode_state, group_sizes, is_flat, is_int, payload_bytes,
                                           stored_dtype)
 from timm_fslt.ticket.timm_config import check_timm_keys
@@ -61,8 +64,10 @@ FORMAT = "timm_fslt.ticket"
 # (ticket.state_codec), optionally at a lower precision; 4: config.json follows timm's Hub schema
 # (architecture string, model_args, pretrained_cfg, ...: ticket.timm_config) and everything of
 # timm_fslt's is under "timm_fslt"; 5: the supermask may be entropy-coded (ticket.mask_coding; a
-# raw-mask ticket is still written as format 4). Formats 1-4 are still read.
-FORMAT_VERSION = 5
+# raw-mask ticket is still written as format 4); 6: a search method's ticket, a symbol per free weight
+# (ticket.method_record; Edge-Popup tickets without a schedule are still written as format 4 or 5).
+# Formats 1-5 are still read.
+FORMAT_VERSION = 6
 NESTED_SINCE = 4
 CONFIG_NAME = "config.json"
 MASK_NAME = "supermask.safetensors"
@@ -270,7 +275,7 @@ def read_config(directory: PathLike, *, root: Optional[PathLike] = None) -> dict
     problem = check_record(config["state"], version)
     if problem is not None:
         raise TicketError(f"{str(path)!r} has a malformed 'state' entry: {problem}")
-    problem = check_mask_record(config["mask"], version, config["layers"])
+    problem = check_method_record(config, version) or check_mask_record(config["mask"], version, config["layers"])
     if problem is not None:
         raise TicketError(f"{str(path)!r} has a malformed 'mask' entry: {problem}")
     try:
@@ -368,10 +373,11 @@ def size_report_from_config(config: Mapping) -> SizeReport:
     coded = config.get("mask", {}).get("entropy_layers") or [[None, None]] * len(config["layers"])
     rows = [LayerSize(name=r["name"], shape=tuple(r["shape"]), numel=r["numel"], pruned=r["pruned"],
                       locked=r["locked"], free=r["free"], kept=r["kept"], coded_method=method,
-                      coded_bits=None if size is None else 8 * size)
+                      coded_bits=None if size is None else 8 * size, symbol_counts=r.get("symbol_counts"))
             for r, (method, size) in zip(config["layers"], coded)]
     state = config.get("state", {})
     tensors = {k: [v["shape"], stored_dtype(v["dtype"], state.get("state_dtype"))]  # as stored
                for k, v in state.get("tensors", {}).items()}
+    mask = config.get("mask", {})
     return SizeReport(layers=rows, state_bits=int(state.get("bits", 0)), state_tensors=tensors,
-                      mask_coding=coding_of(config.get("mask", {})))
+                      mask_coding=coding_of(mask), mask_alphabet=alphabet_of(mask), method=mask.get("method"))

@@ -72,7 +72,10 @@ def model_card(config: Mapping, repo_id: str, *, metrics: Optional[Mapping] = No
     intro = (f"A strong lottery ticket found inside a partially frozen random `{describe_architecture(arch)}` with "
              f"`timm_fslt` ({PAPER}).\n\nNo weight here was trained. The random weights and the freezing pattern "
              "(which weights are pruned or locked for good) are regenerated from the seed; the ticket stores one "
-             "bit per free (searched) weight, plus the state no seed can rebuild.")
+             + ("bit per free (searched) weight" if t.method is None else
+                f"symbol per free (searched) weight, found by the search method `{t.method}` "
+                f"({config['mask'].get('symbol', '')})")
+             + ", plus the state no seed can rebuild.")
     lines = []
     if metrics:
         lines += ["## Results", "", "| metric | value |" + (" dataset |" if datasets else ""),
@@ -93,6 +96,11 @@ def model_card(config: Mapping, repo_id: str, *, metrics: Optional[Mapping] = No
     for key in ("sparsity", "distribution", "scope", "weight_init", "score_init", "scale", "seed",
                 "batchnorm", "bias", "include", "exclude"):
         lines.append(f"| {key} | {_fmt(freeze.get(key))} |")
+    for key in ("method", "coat_sparsities", "rerand_period", "rerand_rate", "sparsity_schedule", "schedule_steps"):
+        if key in freeze:  # (a search method's ticket: format 6)
+            lines.append(f"| {key} | {_fmt(freeze[key])} |")
+    if t.method is not None:
+        lines.append(f"| search steps (saved at) | {config['mask'].get('search_step')} |")
     lines += [
         f"| random generator version | {config['generator_version']} |",
         "",
@@ -100,7 +108,9 @@ def model_card(config: Mapping, repo_id: str, *, metrics: Optional[Mapping] = No
         "",
         "| | bits |",
         "|---|---|",
-        f"| supermask (1 bit per free weight) | {t.mask_bits:,} |",
+        (f"| supermask (1 bit per free weight) | {t.mask_bits:,} |" if t.method is None else
+         f"| supermask symbols ({t.symbol_bits} bits per free weight, {t.mask_alphabet} symbols, {t.method}) "
+         f"| {t.mask_bits:,} |"),
         f"| supermask as stored ({t.mask_coding}; empirical entropy {t.mask_entropy_bits:,.0f}) "
         f"| {t.mask_stored_bits:,} |",
         f"| non-regenerable state ({len(t.state_tensors)} tensors"

@@ -38,15 +38,18 @@ def tensor_digest(*tensors: torch.Tensor) -> str:
 
 
 @torch.no_grad()
-def layer_digests(model: nn.Module, masked: bool) -> dict[str, str]:
+def layer_digests(model: nn.Module, masked: bool, positive_zeros: bool = False) -> dict[str, str]:
     """Per masked layer: the digest of its regenerated weight and freezing code (``regen_digest``),
-    or of the weight its forward uses, ``W * mask * scale`` (``masked_digest``)."""
+    or of the weight its forward uses, ``W * mask * scale`` (``masked_digest``); ``positive_zeros``
+    (format 6, ``ticket.method_record``): of that weight with its signed zeros made +0."""
     sites = list(L.iter_sites(model))
 
     def digest(site) -> str:
         key, module, pname, supermask = site
         tensors = (getattr(module, pname),) if masked else (module.parametrizations[pname].original,
                                                              supermask.frozen)
+        if positive_zeros and masked and tensors[0].is_floating_point():
+            tensors = (tensors[0] + 0.0,)  # (-0 + 0 = +0; every other value unchanged)
         return tensor_digest(*tensors)
     # sha256 (and the masked product) release the GIL: the layers are hashed on torch's threads
     threads = min(torch.get_num_threads(), len(sites))
@@ -94,7 +97,8 @@ def check_digests(model: nn.Module, config: dict, masked: bool) -> None:
     """Every layer's regenerated weight and code (or, once the mask and state are in, the weight
     its forward uses) against the digest saved with the ticket."""
     key = "masked_digest" if masked else "regen_digest"
-    digests = layer_digests(model, masked)
+    version = config.get("format_version")
+    digests = layer_digests(model, masked, positive_zeros=isinstance(version, int) and version >= 6)
     freeze_cfg = config["freeze"]
     for row in config["layers"]:
         saved = row.get(key)

@@ -21,18 +21,20 @@ from torch import nn
 from timm_fslt import atomic
 from timm_fslt.errors import TicketChecksumError, TicketError
 from timm_fslt.frozen import check_unchanged, get_config, get_group, is_frozen
-from timm_fslt.nn import modules as L
+from timm_fslt.nn import method_symbols, modules as L
 from timm_fslt.nn.supermask import free_entries
 from timm_fslt.regen import pattern as freezing
 from timm_fslt.report import architecture_buffers, non_regenerable_state
 from timm_fslt.ticket.architecture import build_architecture, create_model, json_clean, resolve_architecture
 from timm_fslt.ticket.format import (BIT_ORDER, CONFIG_NAME, DEFAULT_MAX_BUILD_SECONDS, DEFAULT_MAX_PARAMS, FORMAT,
-                                     FORMAT_VERSION, MASK_NAME, MASK_TENSOR, STATE_NAME, TIMM_WEIGHTS_NAME, PathLike,
+                                     MASK_NAME, MASK_TENSOR, STATE_NAME, TIMM_WEIGHTS_NAME, PathLike,
                                      check_bool, check_datasets, check_metrics, is_ticket_dir, read_ticket,
                                      sha256_hex)
 from timm_fslt.ticket.integrity import OWN_KEY, layer_digests, regenerated_record, seal_config
 from timm_fslt.ticket.loading import rebuild
-from timm_fslt.ticket.mask_coding import METADATA, RAW_VERSION, check_mask_coding, encode_mask
+from timm_fslt.ticket.mask_coding import CODED_SINCE, MASK_ALPHABET, METADATA, RAW_VERSION, check_mask_coding
+from timm_fslt.ticket.mask_coding import encode_mask
+from timm_fslt.ticket.method_record import METHOD_VERSION, mask_fields
 from timm_fslt.ticket.state_codec import check_state_dtype, encode_state
 from timm_fslt.ticket.timm_config import check_data_config, timm_keys, timm_weights_bytes
 from timm_fslt.ticket.sources import HUB_PREFIX, LOCAL_PREFIX, redownload, resolve_ticket_source
@@ -76,8 +78,12 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
     arch = resolve_architecture(model, architecture)
 
     group.refresh()
-    digests, masked = layer_digests(model, masked=False), layer_digests(model, masked=True)
+    method = method_symbols.stores_symbols(group)  # a method ticket: format 6 (ticket.method_record)
+    digests = layer_digests(model, masked=False)
+    masked = layer_digests(model, masked=True, positive_zeros=method)
     dtypes = L.frozen_weight_dtypes(model)
+    symbols = method_symbols.layer_symbols(group) if method else None
+    alphabet = method_symbols.alphabet_of(group, symbols) if method else MASK_ALPHABET
     layers, bits = [], []
     for layer in group.layers:
         counts = layer.counts()
@@ -89,10 +95,16 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
         if structure is None:  # (t1, t2) of the regenerated code; a compacted layer's code is not one
             layers[-1]["freeze_keys"] = list(freezing.freeze_keys_of_code(
                 config.seed, layer.layer_name, layer.frozen, counts["pruned"], counts["locked"]))
-        bits.append(free_entries(layer.mask, layer.frozen).cpu())
+        if method:
+            layers[-1]["symbol_counts"] = method_symbols.symbol_counts(symbols[len(bits)])
+            bits.append(symbols[len(bits)])
+        else:
+            bits.append(free_entries(layer.mask, layer.frozen).cpu())
     n_free = sum(row["free"] for row in layers)
     assert sum(b.numel() for b in bits) == n_free
-    coding, payload, coding_fields = encode_mask(bits, mask_coding)
+    coding, payload, coding_fields = encode_mask(bits, mask_coding, alphabet)
+    if method:
+        coding_fields.update(mask_fields(group, alphabet, n_free, coding))
     # One metadata key only: safetensors writes several in a random (hash map) order,
     # and a ticket's bytes must not change between two saves of the same model.
     mask_bytes = safetensors.torch.save({MASK_TENSOR: torch.frombuffer(bytearray(payload), dtype=torch.uint8)},
@@ -105,7 +117,7 @@ def ticket_files(model: nn.Module, *, architecture: Optional[Mapping] = None,
 
     own = {
         "format": FORMAT,
-        "format_version": FORMAT_VERSION if coding == "entropy" else RAW_VERSION,
+        "format_version": METHOD_VERSION if method else CODED_SINCE if coding == "entropy" else RAW_VERSION,
         "generator_version": config.generator_version,
         "timm_fslt_version": __version__,
         "architecture": arch,

@@ -16,13 +16,13 @@ from torch import nn
 
 from timm_fslt.errors import ArchitectureError, TicketError, TicketMismatchError
 from timm_fslt.frozen import FreezeConfig, freeze_for_ticket, get_group
-from timm_fslt.nn import modules as L
+from timm_fslt.nn import method_symbols, modules as L
 from timm_fslt.regen import native
 from timm_fslt.report import architecture_buffers, non_regenerable_state
 from timm_fslt.ticket.architecture import (build_architecture, build_for_check, count_elements, describe_architecture,
                                            resolve_builder)
 from timm_fslt.ticket.format import CONFIG_NAME, STATE_NAME
-from timm_fslt.ticket.mask_coding import unpack_bits
+from timm_fslt.ticket.mask_coding import is_symbol_record, unpack_bits
 from timm_fslt.ticket.integrity import check_digests, check_layers, check_regenerated
 from timm_fslt.ticket.timm_config import apply_data_config, check_built, check_timm_builds
 
@@ -62,6 +62,25 @@ def _apply_mask(model: nn.Module, config: dict, packed: torch.Tensor) -> None:
             scores = layer.scores
             scores.view(-1).copy_(torch.where(sel.to(scores.device), 1.0, 0.5))
     group.set_selected([sel.to(layer.mask.device) for layer, sel in zip(group.layers, selected)], written=fast)
+
+
+@torch.no_grad()
+def _apply_symbols(model: nn.Module, config: dict, symbols: torch.Tensor) -> None:
+    """A search method's ticket (format 6, ``ticket.method_record``): the saved step count (so the
+    scheduled sparsity is the saved one), then the symbols through ``nn.method_symbols``: scores
+    the group's own coat selections map to exactly the stored levels, its masks by ``set_selected``,
+    the kept weights' IteRand rounds.  Every coat's count is checked against the configuration's."""
+    group = get_group(model)
+    method_symbols.set_search_step(group, config["mask"]["search_step"])
+    parts = list(symbols.split([row["free"] for row in config["layers"]]))
+    problem = method_symbols.check_counts(group, parts)
+    if problem is not None:
+        raise TicketMismatchError(f"{problem} (after {group.search_step} steps): the mask file does not belong to "
+                                  "this configuration")
+    try:
+        method_symbols.apply_symbols(group, parts)
+    except ValueError as err:
+        raise TicketMismatchError(str(err)) from None
 
 
 def _native_bits(layer) -> bool:
@@ -179,7 +198,10 @@ def _rebuild_model(model: nn.Module, config: dict, packed: torch.Tensor, state: 
     check_digests(model, config, masked=False)
     if "regenerated" in config:  # (tickets before 0.3 have no record: their regenerated values were constants)
         check_regenerated(model, config["regenerated"])
-    _apply_mask(model, config, packed)
+    if is_symbol_record(config["mask"]):
+        _apply_symbols(model, config, packed)
+    else:
+        _apply_mask(model, config, packed)
     _load_state(model, state)
     check_digests(model, config, masked=True)
     check_built(model, config.get("timm_config"), f"the ticket's {CONFIG_NAME}")
