@@ -256,9 +256,12 @@ class _Steps:
         self.record.setdefault("skipped", {})[step] = why
 
 
-def run_cycle(case: Case, tmp_path: Path, record: dict) -> dict:
-    """The whole cycle for ``case``; fills ``record`` and raises the first failing step's ``*Failed``."""
+def run_cycle(case: Case, tmp_path: Path, record: dict, freeze_kwargs: Optional[dict] = None) -> dict:
+    """The whole cycle for ``case``; fills ``record`` and raises the first failing step's ``*Failed``.
+    ``freeze_kwargs``: more ``freeze`` options (a search method, tests/test_zoo_methods.py)."""
     record.update(case=case.id, model=case.model, config=case.config, note=case.note)
+    if freeze_kwargs:
+        record["freeze_kwargs"] = {k: list(v) if isinstance(v, tuple) else v for k, v in freeze_kwargs.items()}
     steps = _Steps(record)
     start = time.perf_counter()
     torch.manual_seed(0)  # builders draw their (discarded) initial values from the global RNG
@@ -266,7 +269,7 @@ def run_cycle(case: Case, tmp_path: Path, record: dict) -> dict:
     ok, model = steps.run("build", lambda: (case.inputs(), case.build())[1])
     if ok:
         record["params"] = sum(p.numel() for p in model.parameters())
-        _run_frozen(case, model, case.inputs, tmp_path, steps)
+        _run_frozen(case, model, case.inputs, tmp_path, steps, freeze_kwargs or {})
     record["seconds"] = round(time.perf_counter() - start, 3)
     errors = record.pop("_errors", {})
     for step in STEPS:
@@ -281,9 +284,10 @@ def run_cycle(case: Case, tmp_path: Path, record: dict) -> dict:
     return record
 
 
-def _run_frozen(case: Case, model: nn.Module, inputs: Callable[[], tuple], tmp_path: Path, steps: _Steps) -> None:
+def _run_frozen(case: Case, model: nn.Module, inputs: Callable[[], tuple], tmp_path: Path, steps: _Steps,
+                freeze_kwargs: dict) -> None:
     record = steps.record
-    ok, _ = steps.run("freeze", lambda: timm_fslt.freeze(model, prune=PRUNE, lock=LOCK, seed=SEED))
+    ok, _ = steps.run("freeze", lambda: timm_fslt.freeze(model, prune=PRUNE, lock=LOCK, seed=SEED, **freeze_kwargs))
     if not ok:
         for step in STEPS[2:]:
             steps.skip(step, "freeze failed")
@@ -1113,13 +1117,13 @@ def write_record(record: dict) -> None:
             f.write(json.dumps({k: v for k, v in record.items() if not k.startswith("_")}, default=str) + "\n")
 
 
-def check_case(case: Case, tmp_path: Path) -> dict:
+def check_case(case: Case, tmp_path: Path, freeze_kwargs: Optional[dict] = None) -> dict:
     """The tests' body: run the cycle, append the record (``FSLT_ZOO_RECORD``), re-raise a failure."""
     record: dict = {}
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return run_cycle(case, tmp_path, record)
+        return run_cycle(case, tmp_path, record, freeze_kwargs)
     finally:
         torch.set_num_threads(threads)
         write_record(record)
