@@ -336,3 +336,23 @@ def test_push_to_hub_passes_mask_coding_and_a_saved_ticket_goes_up_as_saved(skew
     assert uploads[-1]["supermask.safetensors"] == (dirs["raw"] / "supermask.safetensors").read_bytes()
     with pytest.raises(TicketError, match="mask_coding='entropy' applies when a frozen model is pushed"):
         timm_fslt.push_to_hub(dirs["raw"], "me/coded", mask_coding="entropy")
+
+
+@pytest.mark.parametrize("alphabet", [3, 4, 16, 256, 2**16])
+def test_the_reference_decoder_reads_records_and_raw_fields_of_every_alphabet(alphabet):
+    """Format 6 (a search method's ticket) stores symbols of the method's alphabet: the reference
+    decoder's own reader gives the package's streams, raw fields and records alike."""
+    rng = np.random.default_rng(alphabet)
+    streams = [_stream(rng, n, min(a, alphabet), p) for n, a, p in _CASES if a <= 16] + \
+        [rng.integers(0, alphabet, 500).astype(np.uint32), np.full(40, alphabet - 1, np.uint32)]
+    data, records = entropy.encode_streams(streams, alphabet)
+    at = 0
+    for s, record in zip(streams, records):
+        symbols, end = ref.entropy_layer(data, at, s.size, "test", alphabet)
+        assert np.array_equal(symbols, s) and end - at == record.bytes
+        at = end
+    flat = np.concatenate(streams)
+    assert np.array_equal(ref.unpack_symbols(entropy.pack(flat, alphabet), flat.size, alphabet, "test"), flat)
+    too_big = bytes([entropy.CONSTANT]) + (alphabet - 1).to_bytes(2, "little")
+    with pytest.raises(ref.DecodeError, match="constant record"):
+        ref.entropy_layer(too_big, 0, 5, "test", alphabet - 1)

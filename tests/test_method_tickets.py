@@ -213,3 +213,51 @@ def test_an_edge_popup_tickets_bytes_are_unchanged(tmp_path, coding):
     body = json.dumps({**document, "timm_fslt": own}, sort_keys=True, separators=(",", ":")).encode()
     assert (*sha, hashlib.sha256(body).hexdigest()[:16]) == GOLDEN[coding]
     assert "alphabet" not in own["mask"] and not any("symbol_counts" in row for row in own["layers"])
+
+
+# -- the Hub -----------------------------------------------------------------------------------------
+
+def test_a_method_ticket_goes_through_the_hub_and_loads_from_its_snapshot(tickets, tmp_path):
+    from hub_server import HubServer, hub_env, run_python
+    from test_hub import _DOWNLOAD, _LOAD_OFFLINE
+
+    t = tickets["mnist_cnn", "multicoated"]
+    with HubServer(token="hf_test_token", lifetime=120) as hub:
+        home = tmp_path / "hf"
+        token = tmp_path / "token"
+        token.write_text("hf_test_token\n")
+        run_python(["-m", "timm_fslt", "push", str(t.dirs["entropy"]), "tester/mc", "--token-file", str(token)],
+                   hub_env(hub, home))
+        files = hub.files("tester/mc")
+        for name in ("config.json", "supermask.safetensors", "state.safetensors"):
+            assert files[name] == (t.dirs["entropy"] / name).read_bytes(), name
+        card = files["README.md"].decode()
+        assert "found by the search method `multicoated`" in card and "| method | multicoated |" in card
+        assert "| coat_sparsities | [0.45, 0.55, 0.65] |" in card and "2 bits per free weight, 4 symbols" in card
+        run_python(["-c", _DOWNLOAD, "tester/mc"], hub_env(hub, home))
+        inputs, outputs = tmp_path / "x.safetensors", tmp_path / "out.safetensors"
+        safetensors.torch.save_file({"x": t.x}, inputs)
+        run = run_python(["-c", _LOAD_OFFLINE, "tester/mc", str(inputs), str(outputs)], hub_env(hub, home, offline=True))
+    assert torch.equal(safetensors.torch.load_file(outputs)["out"], t.out)
+    assert "method multicoated" in run.stdout
+    snapshot = tmp_path / "snapshot"  # a Hub-format directory (the model card beside the files) loads too
+    snapshot.mkdir()
+    for name, data in files.items():
+        (snapshot / name).write_bytes(data)
+    with torch.no_grad():
+        assert torch.equal(timm_fslt.load_ticket(snapshot)(t.x), t.out)
+
+
+def test_push_to_hub_of_a_method_model_and_of_its_ticket_with_timm_weights(tickets, monkeypatch):
+    import huggingface_hub
+    calls = []
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", lambda self, repo_id, **kwargs: None)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", lambda self, *, repo_id, folder_path, **kwargs:
+                        calls.append({p.name: p.read_bytes() for p in folder_path.iterdir()}) or "ok")
+    t = tickets["mnist_cnn", "iterand"]
+    timm_fslt.push_to_hub(t.model, "me/it", token="t", mask_coding="raw")
+    timm_fslt.push_to_hub(t.dirs["entropy"], "me/it", token="t", timm_weights=True)
+    model_push, dir_push = calls
+    assert model_push["supermask.safetensors"] == (t.dirs["raw"] / "supermask.safetensors").read_bytes()
+    assert dir_push["supermask.safetensors"] == (t.dirs["entropy"] / "supermask.safetensors").read_bytes()
+    assert "model.safetensors" in dir_push and "`iterand`" in dir_push["README.md"].decode()

@@ -313,3 +313,71 @@ def test_the_untouched_coded_ticket_loads(coded):
 def test_the_untouched_ticket_still_loads(ticket):
     model = timm_fslt.load_ticket(ticket)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+# -- a search method's ticket (format 6: symbols per free weight) --------------------------------------
+
+@pytest.fixture(scope="module", params=["multicoated", "iterand"])
+def method_coded(request, tmp_path_factory):
+    """A small multicoated (3 coats) or IteRand (rounds re-drew kept weights) ticket, entropy-coded."""
+    torch.manual_seed(0)
+    model = timm_fslt.create_model("mnist_cnn", width=0.25, img_size=8)
+    options = {"method": "multicoated", "coat_sparsities": (0.4, 0.5, 0.6)} if request.param == "multicoated" \
+        else {"method": "iterand", "rerand_period": 1, "rerand_rate": 0.5}
+    timm_fslt.freeze(model, prune=0.3, lock=0.3, seed=1, **options)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    for _ in range(4):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    path = tmp_path_factory.mktemp(f"fuzz-{request.param}") / "ticket"
+    timm_fslt.save_ticket(model, path, mask_coding="entropy")
+    own = json.loads((path / "config.json").read_text())["timm_fslt"]
+    assert own["format_version"] == 6 and own["mask"]["alphabet"] >= 3
+    model.eval()
+    with torch.no_grad():
+        return path, x[:1], model(x[:1])
+
+
+@_settings
+@given(flips=st.lists(st.integers(0, 10**9), min_size=1, max_size=8))
+def test_bit_flips_in_a_method_tickets_symbols_resigned(method_coded, tmp_path, flips):
+    path = _copy(method_coded[0], tmp_path / "t")
+    start = _payload_start(path)
+    data = bytearray((path / "supermask.safetensors").read_bytes())
+    for f in flips:
+        pos = start * 8 + f % ((len(data) - start) * 8)
+        data[pos // 8] ^= 1 << (pos % 8)
+    (path / "supermask.safetensors").write_bytes(bytes(data))
+    _resign(path)
+    _same_or_ticket_error(method_coded, path)
+
+
+@_settings
+@given(data=st.data())
+def test_config_mutations_of_a_method_tickets_symbol_record(method_coded, tmp_path, data):
+    path = _copy(method_coded[0], tmp_path / "t")
+    document = json.loads((path / "config.json").read_text())
+    own = document["timm_fslt"]
+    key = data.draw(st.sampled_from(["alphabet", "symbols", "bits", "search_step", "method", "symbol_counts",
+                                     "format_version", "coat_sparsities", "rerand_period"]))
+    value = data.draw(st.one_of(_json_leaf, st.sampled_from([2, 3, 4, 5, 6, 255, 2**16, 2**16 + 1, -1, 0,
+                                                             [[0, 1]], [0.4, 0.5], "edge_popup"])))
+    if key == "symbol_counts":
+        own["layers"][data.draw(st.integers(0, len(own["layers"]) - 1))][key] = value
+    elif key == "format_version":
+        own[key] = value
+    elif key in ("coat_sparsities", "rerand_period"):
+        own["freeze"][key] = value
+    else:
+        own["mask"][key] = value
+    if data.draw(st.booleans()):
+        document = seal_config(document)
+    (path / "config.json").write_text(json.dumps(document, allow_nan=True))
+    _same_or_ticket_error(method_coded, path)
+
+
+def test_the_untouched_method_ticket_loads(method_coded):
+    _same_or_ticket_error(method_coded, method_coded[0])
+    assert torch.equal(timm_fslt.load_ticket(method_coded[0])(method_coded[1]), method_coded[2])

@@ -582,3 +582,153 @@ def test_a_crash_between_the_fallback_renames_is_recovered_by_the_next_load(tick
     os.rename(target, old)  # what a SIGKILL between the two renames leaves
     assert _seed_of(target) == 3
     assert sorted(os.listdir(tmp_path)) == ["ticket"]
+
+
+# -- search methods' tickets (format 6): symbols out of range never load as another network --------
+
+def _method_ticket(directory: Path, coding: str, **options) -> Path:
+    torch.manual_seed(0)
+    model = timm_fslt.create_model("mnist_cnn", width=0.125, img_size=8)
+    timm_fslt.freeze(model, prune=0.3, lock=0.3, seed=2, **options)
+    x, y = torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,))
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5, momentum=0.9)
+    for _ in range(5):
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return timm_fslt.save_ticket(model, directory, mask_coding=coding)
+
+
+@pytest.fixture(scope="module")
+def method_tickets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sec-methods")
+    return {(name, coding): _method_ticket(root / f"{name}_{coding}", coding, **options)
+            for name, options in (("multicoated", {"method": "multicoated", "coat_sparsities": (0.4, 0.5, 0.6)}),
+                                  ("iterand", {"method": "iterand", "rerand_period": 1, "rerand_rate": 0.5}))
+            for coding in ("raw", "entropy")}
+
+
+def _rewrite_symbols(path: Path, symbols: np.ndarray, alphabet: int, coding: str, counts: bool = True) -> None:
+    """The mask file rewritten with these symbols, config.json made to agree (sizes, checksums, and
+    with ``counts`` the layers' symbol counts and kept counts) and resealed, as an attacker would."""
+    import safetensors.torch
+    from timm_fslt import entropy
+    config = _config(path)
+    own = _own(config)
+    sizes = [row["free"] for row in own["layers"]]
+    parts = np.split(symbols.astype(np.uint32), np.cumsum(sizes)[:-1])
+    if coding == "raw":
+        payload, fields = entropy.pack(symbols, alphabet), {}
+    else:
+        payload, records = entropy.encode_streams(parts, alphabet)
+        fields = {"entropy_bytes": len(payload), "entropy_layers": [[r.method, r.bytes] for r in records]}
+    blob = safetensors.torch.save({"supermask": torch.frombuffer(bytearray(payload), dtype=torch.uint8)},
+                                  metadata={"format": "timm_fslt.supermask"})
+    (path / "supermask.safetensors").write_bytes(blob)
+    own["mask"].update(bytes=len(payload), alphabet=alphabet, bits=symbols.size * entropy.symbol_bits(alphabet),
+                       **fields)
+    if counts:
+        for row, part in zip(own["layers"], parts):
+            c = np.bincount(part.astype(np.int64))
+            row["symbol_counts"] = [[int(v), int(c[v])] for v in np.flatnonzero(c)]
+            row["kept"] = row["locked"] + int((part >= 1).sum())
+    own["files"]["supermask.safetensors"] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    _write(path, config, reseal=True)
+
+
+def _symbols(path: Path) -> np.ndarray:
+    from timm_fslt.ticket.format import read_ticket
+    return read_ticket(path)[1].numpy().astype(np.int64)
+
+
+@pytest.mark.parametrize("coding", ["raw", "entropy"])
+def test_a_method_tickets_symbols_out_of_range_or_moved_are_refused_even_resealed(method_tickets, tmp_path, coding):
+    source = method_tickets["multicoated", coding]
+    symbols = _symbols(source)
+    assert symbols.max() == 3 and timm_fslt.load_ticket(source) is not None
+    # a level above the coats: the alphabet must grow, which a 3-coat ticket refuses
+    bad = symbols.copy()
+    bad[0] = 4
+    target = _copy(source, tmp_path / "level")
+    _rewrite_symbols(target, bad, 5, coding)
+    with pytest.raises(TicketError, match="3-coat multicoated ticket has 4 symbols, not 5"):
+        timm_fslt.load_ticket(target)
+    # a level moved within the range: the coats then keep other counts than the configuration selects
+    moved = symbols.copy()
+    moved[np.flatnonzero(symbols == 3)[0]] = 2
+    target = _copy(source, tmp_path / "moved")
+    _rewrite_symbols(target, moved, 4, coding)
+    with pytest.raises(TicketError, match="coat 3 keeps"):
+        timm_fslt.load_ticket(target)
+    # two levels swapped (the counts hold): the weights differ from the saved masked_digest
+    swapped = symbols.copy()
+    a, b = np.flatnonzero(symbols == 3)[0], np.flatnonzero(symbols == 0)[0]
+    swapped[a], swapped[b] = 0, 3
+    target = _copy(source, tmp_path / "swapped")
+    _rewrite_symbols(target, swapped, 4, coding)
+    with pytest.raises(TicketChecksumError, match="masked_digest"):
+        timm_fslt.load_ticket(target)
+    # the symbols rewritten, config.json's counts not: the decoded counts differ from the recorded ones
+    target = _copy(source, tmp_path / "counts")
+    _rewrite_symbols(target, swapped[::-1].copy(), 4, coding, counts=False)
+    with pytest.raises(TicketError, match="symbol counts|kept free weights"):
+        timm_fslt.load_ticket(target)
+
+
+@pytest.mark.parametrize("coding", ["raw", "entropy"])
+def test_an_iterand_round_out_of_range_or_a_wrong_round_is_refused(method_tickets, tmp_path, coding):
+    source = method_tickets["iterand", coding]
+    symbols = _symbols(source)
+    own = _own(_config(source))
+    steps, alphabet = own["mask"]["search_step"], own["mask"]["alphabet"]
+    assert alphabet >= 3 and timm_fslt.load_ticket(source) is not None  # kept weights were re-drawn
+    # a round later than the rounds the saved step count ran
+    bad = symbols.copy()
+    bad[np.flatnonzero(symbols >= 1)[0]] = steps + 2  # 1 + round (steps + 1)
+    target = _copy(source, tmp_path / "late")
+    _rewrite_symbols(target, bad, steps + 3, coding)
+    with pytest.raises(TicketError, match=f"holds rounds up to {steps + 1}, but {steps} steps"):
+        timm_fslt.load_ticket(target)
+    # another (possible) round for a kept weight: another weight value, refused by the masked digest
+    wrong = symbols.copy()
+    where = np.flatnonzero(symbols >= 2)[0]
+    wrong[where] = 1 if symbols[where] != 1 else 2
+    target = _copy(source, tmp_path / "wrong")
+    _rewrite_symbols(target, wrong, alphabet, coding)
+    with pytest.raises(TicketChecksumError, match="masked_digest"):
+        timm_fslt.load_ticket(target)
+
+
+def test_a_method_ticket_truncated_or_claimed_by_an_older_format_is_refused(method_tickets, tmp_path):
+    source = method_tickets["multicoated", "raw"]
+    target = _copy(source, tmp_path / "cut")
+    data = (target / "supermask.safetensors").read_bytes()
+    (target / "supermask.safetensors").write_bytes(data[:-3])
+    with pytest.raises(TicketChecksumError):
+        timm_fslt.load_ticket(target)
+    symbols = _symbols(source)  # cut and resealed to match: the payload no longer holds the symbols
+    target = _copy(source, tmp_path / "cut-resealed")
+    _rewrite_symbols(target, symbols, 4, "raw")
+    config = _config(target)
+    import safetensors.torch
+    payload = safetensors.torch.load_file(target / "supermask.safetensors")["supermask"][:-2].contiguous()
+    blob = safetensors.torch.save({"supermask": payload}, metadata={"format": "timm_fslt.supermask"})
+    (target / "supermask.safetensors").write_bytes(blob)
+    _own(config)["mask"]["bytes"] = payload.numel()
+    _own(config)["files"]["supermask.safetensors"] = {"bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest()}
+    _write(target, config, reseal=True)
+    with pytest.raises(TicketError, match="free weights"):
+        timm_fslt.load_ticket(target)
+    for version, message in ((5, "needs format_version 6, the ticket has 5"), (4, "needs format_version 6")):
+        target = _copy(source, tmp_path / f"v{version}")
+        config = _config(target)
+        _own(config)["format_version"] = version
+        _write(target, config, reseal=True)
+        with pytest.raises(TicketError, match=message):
+            timm_fslt.load_ticket(target)
+    target = _copy(source, tmp_path / "no-alphabet")  # format 6 without its symbol fields
+    config = _config(target)
+    del _own(config)["mask"]["alphabet"]
+    _write(target, config, reseal=True)
+    with pytest.raises(TicketError, match="format 6 records no alphabet"):
+        timm_fslt.load_ticket(target)

@@ -76,7 +76,10 @@ def expected_alphabet(freeze: dict, alphabet: int) -> Optional[str]:
     """What is wrong with ``alphabet`` for a ticket's freeze settings (a dict), or None."""
     method = freeze.get("method", "edge_popup")
     if method == "multicoated":
-        n = len(freeze.get("coat_sparsities") or ())
+        coats_ = freeze.get("coat_sparsities")
+        if not isinstance(coats_, (list, tuple)):
+            return f"a multicoated ticket lists its coat_sparsities, not {coats_!r}"
+        n = len(coats_)
         return None if alphabet == n + 1 else f"a {n}-coat multicoated ticket has {n + 1} symbols, not {alphabet}"
     if method == "iterand":
         return None if 2 <= alphabet <= MAX_ROUNDS + 2 else \

@@ -66,8 +66,8 @@ def check_method_record(config: Mapping, version: int) -> Optional[str]:
         return (f"method {freeze.get('method', 'edge_popup')!r} (or a sparsity schedule) needs format_version "
                 f"{METHOD_VERSION}, the ticket has {version}")
     if symbols != (version >= METHOD_VERSION):
-        return (f"format {version} " + ("records no alphabet" if not symbols else
-                                        f"has no alphabet (symbols came with format {METHOD_VERSION})"))
+        return (f"format {version} " + ("records no alphabet (it stores a symbol per free weight)" if not symbols
+                                        else f"has no symbols (an 'alphabet' came with format {METHOD_VERSION})"))
     if not symbols:
         return None
     alphabet = mask["alphabet"]
