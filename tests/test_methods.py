@@ -432,3 +432,49 @@ def test_gpu_check_method_comparison_runs_and_agrees_on_the_cpu():
     spec.loader.exec_module(gpu_check)
     arch = {"timm": "mnist_cnn", "kwargs": {"width": 0.125, "img_size": 8}}
     assert gpu_check.method_mismatches(arch, (1, 8, 8), torch.device("cpu"), steps=2) == []
+
+
+_CHILD = """
+import hashlib, os, torch, torch.nn.functional as F
+import timm_fslt
+torch.manual_seed(0)
+torch.set_num_threads(int(os.environ["THREADS"]))
+digest = hashlib.sha256()
+for kwargs in (dict(method="multicoated", coat_sparsities=(0.45, 0.55, 0.65), scale="dynamic"),
+               dict(method="iterand", rerand_period=1, rerand_rate=0.5),
+               dict(sparsity_schedule=("cosine", 0.3, 1.0), schedule_steps=4)):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3), torch.nn.ReLU(), torch.nn.Conv2d(32, 64, 3),
+                              torch.nn.Flatten(), torch.nn.Linear(64 * 4 * 4, 10))
+    model = timm_fslt.freeze(net, prune=0.3, lock=0.3, seed=9, **kwargs)
+    group = timm_fslt.get_group(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0, momentum=0.9)
+    x, y = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    for _ in range(4):
+        F.cross_entropy(model(x), y).backward(); opt.step(); opt.zero_grad()
+        group.refresh()
+        for i, layer in zip((0, 2, 4), group.layers):
+            digest.update(layer.mask.numpy().tobytes())
+            if "level" in layer.__dict__:
+                digest.update(layer.level.numpy().tobytes())
+            if "rerand_round" in layer._buffers:
+                w = model[i].parametrizations.weight.original
+                digest.update(layer.rerand_round.numpy().tobytes())
+                digest.update(group.method.rerand.weight(layer, w, layer.free_index().index).numpy().tobytes())
+print(digest.hexdigest())
+"""
+
+
+def test_methods_give_the_same_bits_across_cpu_kernel_paths_and_thread_counts():
+    import os
+    import subprocess
+    import sys
+    seen = set()
+    for capability, threads in (("default", "1"), ("avx2", "2"), (None, "2")):
+        env = {**os.environ, "OUTDATED_IGNORE": "1", "THREADS": threads}
+        if capability:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        seen.add(out.stdout.strip())
+    assert len(seen) == 1
