@@ -31,8 +31,12 @@ from timm_fslt.training import (MIXED_PRECISION, OPTIMIZERS, SCHEDULERS, Classif
 from timm_fslt.training.config import resolve_grad_accum, resolve_mixed_precision
 from timm_fslt.training.data import DataError, resolve_image_data_config
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import search_options as M  # noqa: E402
+
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
-METHODS = ("ticket", "weights")
+# ticket (= edge_popup), the other search methods of freeze(method=...) (search_options.py), or weights.
+METHODS = ("ticket", "weights", *M.SEARCH_METHODS)
 # Recipe options passed to timm_fslt.freeze (FreezeConfig fields of the same names).
 FREEZE_KEYS = ("prune", "lock", "sparsity", "distribution", "scope", "weight_init", "score_init", "scale",
                "batchnorm", "bias", "seed")
@@ -62,6 +66,7 @@ BASE = {
     "model": None, "model_kwargs": {}, "method": "ticket", "val_fraction": 0.2,
     "data": None, "hf_token": None, "img_size": None, "data_num_proc": None, "data_root": None, "download": False,
     "sweep": [],
+    **{k: v for k, v in M.DEFAULTS.items() if k != "search_method"},
     # Recipes read image files: worker processes keep the GPU fed (the library's 0 suits in-memory data).
     "num_workers": 4,
     # None: runs/<recipe>/<model>-<point>-seed<seed> (default_output_dir), not the library's one folder.
@@ -130,7 +135,8 @@ def _model_options(g) -> None:
     g.add_argument("--model-kwargs", dest="model_kwargs", nargs="+", metavar="KEY=VALUE",
                    help="extra model constructor kwargs, e.g. width=0.25 (or one JSON object)")
     g.add_argument("--method", choices=CHOICES["method"],
-                   help="ticket: Edge-Popup score search in a (partially) frozen random network; "
+                   help="ticket (= edge_popup): Edge-Popup score search in a (partially) frozen random network; "
+                        "multicoated / iterand: the other search methods (see --coat-sparsities, --rerand-*); "
                         "weights: ordinary weight training of the same architecture (upper reference)")
     g.add_argument("--prune", type=float, help="fraction of weights pruned for good (P)")
     g.add_argument("--lock", type=float, help="fraction of weights kept for good (L)")
@@ -143,6 +149,7 @@ def _model_options(g) -> None:
     g.add_argument("--batchnorm", choices=CHOICES["batchnorm"])
     g.add_argument("--bias", choices=CHOICES["bias"])
     g.add_argument("--seed", type=int, help="seed of weights, freezing, scores, split and data order")
+    M.add_options(g)
 
 
 def _optimisation_options(g) -> None:
@@ -258,6 +265,10 @@ def resolve_settings(parser: argparse.ArgumentParser, argv: Optional[Sequence[st
     if settings["scale"] == "none":
         settings["scale"] = None
     settings["_explicit"] = sorted(explicit)
+    try:
+        M.normalize(settings)
+    except M.OptionError as err:
+        raise RecipeError(str(err)) from None
     check_settings(settings)
     return settings
 
@@ -273,16 +284,16 @@ def check_settings(s: dict) -> None:
     if s["method"] not in METHODS:
         raise RecipeError(f"--method must be one of {list(METHODS)}, got {s['method']!r}")
     if s["method"] == "weights":
-        given = [f"--{k}" for k in ("prune", "lock", "sparsity") if k in s["_explicit"]]
+        given = [f"--{k}" for k in ("prune", "lock", "sparsity") if k in s["_explicit"]] + M.given(s)
         if given:
             raise RecipeError(f"{', '.join(given)} only apply to --method ticket (weight training has no masks)")
         if s["push_to_hub"]:
             raise RecipeError("--push-to-hub uploads a ticket; it needs --method ticket")
     else:
         try:
-            FreezeConfig(**{k: s[k] for k in FREEZE_KEYS})
+            FreezeConfig(**M.freeze_kwargs(s, FREEZE_KEYS))
         except (TypeError, ValueError) as err:
-            raise RecipeError(f"--{str(err)}") from None
+            raise RecipeError(M.as_options(str(err))) from None
     if not isinstance(s["model_kwargs"], dict):
         raise RecipeError(f"--model-kwargs must be a mapping, got {s['model_kwargs']!r}")
     try:  # --resume '' or 'Fallback', --checkpoint-every-steps 0, a preset's deterministic: 'on' fail here,
@@ -333,7 +344,7 @@ def default_output_dir(recipe: str, s: dict) -> str:
         tag = "weights"
     else:
         k = "mid" if s["sparsity"] is None else f"{s['sparsity']:g}"
-        tag = f"p{s['prune']:g}-l{s['lock']:g}-k{k}"
+        tag = f"p{s['prune']:g}-l{s['lock']:g}-k{k}{M.output_tag(s)}"
     return os.path.join("runs", recipe, f"{s['model']}-{tag}-seed{s['seed']}")
 
 
@@ -344,8 +355,9 @@ def check_timm_model(name: str) -> None:
                           "(e.g. conv6, resnet18_cifar, resnet18; see timm.list_models())")
 
 
-def build_timm_model(s: dict, num_classes: int):
-    """The recipe's model: frozen for --method ticket, as built for --method weights."""
+def build_timm_model(s: dict, num_classes: int, n_train: Optional[int] = None):
+    """The recipe's model: frozen for --method ticket, as built for --method weights; ``n_train``
+    (the train set's size) gives a sparsity schedule its length (``freeze_if_ticket``)."""
     kwargs = dict(s["model_kwargs"])
     if kwargs.setdefault("num_classes", num_classes) != num_classes:
         raise RecipeError(f"--model-kwargs num_classes={kwargs['num_classes']} but the data has "
@@ -356,12 +368,23 @@ def build_timm_model(s: dict, num_classes: int):
     except TypeError as err:
         raise RecipeError(f"--model-kwargs: {s['model']} rejected {kwargs}: {err}") from None
     architecture = {"timm": s["model"], "kwargs": kwargs}
-    return freeze_if_ticket(model, s), architecture
+    return freeze_if_ticket(model, s, n_train), architecture
 
 
-def freeze_if_ticket(model, s: dict):
+def freeze_if_ticket(model, s: dict, n_train: Optional[int] = None, batched: bool = True):
+    """``freeze`` with the recipe's settings (--method ticket and the search methods).  A sparsity
+    schedule without --schedule-steps spans the run: ``s["schedule_steps"]`` is set to epochs x the
+    optimizer steps of an epoch on ``n_train`` examples, so results and checkpoints record it."""
     if s["method"] == "ticket":
-        freeze(model, **{k: s[k] for k in FREEZE_KEYS})
+        if s["sparsity_schedule"] is not None and s["schedule_steps"] is None:
+            if n_train is None:
+                raise RecipeError("--sparsity-schedule: the train set's size is needed to compute "
+                                  "--schedule-steps; give --schedule-steps")
+            s["schedule_steps"] = M.schedule_steps(s, n_train, batched)
+        try:
+            freeze(model, **M.freeze_kwargs(s, FREEZE_KEYS))
+        except (TypeError, ValueError) as err:
+            raise RecipeError(M.as_options(str(err))) from None
     return model
 
 
@@ -381,7 +404,7 @@ def image_recipe(recipe: str, doc: str, *, default_model: str, load: Callable, d
         size = s["img_size"] or img_size
         data = load(s["data"] or default_data, img_size=size, seed=s["seed"], val_fraction=s["val_fraction"],
                     token=token, num_proc=s["data_num_proc"])
-        model, architecture = build_timm_model(s, data.num_classes)
+        model, architecture = build_timm_model(s, data.num_classes, len(data.train))
         # The transforms follow the model's timm data config (interpolation, crop_pct, mean, std), at --img-size.
         data.use_data_config(resolve_image_data_config(data.kind, model, img_size=size))
         hub_ids = [data.source] if not os.path.exists(os.path.expanduser(data.source)) else []
@@ -402,7 +425,7 @@ def run(recipe: str, s: dict, model, data, *, task=None, architecture: Optional[
     info = {"recipe": recipe, "preset": s["preset"], "model": s["model"], "model_kwargs": s["model_kwargs"],
             "method": s["method"], "data": data.fingerprint(), **(extra_info or {})}
     if s["method"] == "ticket":
-        info["freeze"] = {k: s[k] for k in FREEZE_KEYS}
+        info["freeze"] = M.recorded(s, FREEZE_KEYS, model)
     if recipe != "ogbn_arxiv":
         info["val_fraction"] = s["val_fraction"]
     results = train(model, data.train, data.val, data.test, config, task=task, run_info=info)

@@ -41,7 +41,7 @@ def main(argv=None) -> dict:
         model = gin(**kwargs)
     except TypeError as err:
         raise R.RecipeError(f"--model-kwargs: gin rejected {s['model_kwargs']}: {err}") from None
-    R.freeze_if_ticket(model, s)
+    R.freeze_if_ticket(model, s, n_train=1, batched=False)  # full graph: one optimizer step an epoch
     import_ogb()  # ogb is imported only here, behind the guard that keeps it from prompting or calling PyPI
     from ogb.nodeproppred import Evaluator
 

@@ -4,7 +4,13 @@
     accelerate launch recipes/sweep.py --recipe ogbn_arxiv --points 0,0,0.7 0.5,0,0.7 0.49,0.21,0.7 \\
         --weights --output-dir runs/sweep-gin -- --data-root data/ogb
 
-Everything after ``--`` goes to the recipe unchanged.  Without ``--points`` the
+    accelerate launch recipes/sweep.py --recipe cifar10 --methods edge_popup multicoated iterand \
+        --output-dir runs/sweep-methods -- --model conv6 --rerand-period 300
+
+Everything after ``--`` goes to the recipe unchanged (method options such as ``--coat-sparsities``,
+``--rerand-period``, ``--sparsity-schedule`` too: they apply to the methods that take them).
+``--methods`` runs every point with each search method (default: Edge-Popup only); a point of
+another method runs in ``<output-dir>/p<P>-l<L>-k<K>-<method>``.  Without ``--points`` the
 preset's ``sweep`` list is used.  Each point runs in ``<output-dir>/p<P>-l<L>-k<K>``
 with ``--resume auto``: a finished point is read back, an interrupted one continues,
 so re-running the same command completes a sweep.  ``--weights`` adds the weight-
@@ -54,10 +60,10 @@ def point_name(prune: float, lock: float, sparsity: Optional[float]) -> str:
     return f"p{prune:g}-l{lock:g}-k{k}"
 
 
-def _row(name: str, kind: str, point: tuple, results: dict) -> dict:
+def _row(name: str, kind: str, point: tuple, results: dict, method: str = "edge_popup") -> dict:
     totals = results["size_report"]["totals"]
     prune, lock, sparsity = point
-    return {"name": name, "kind": kind, "prune": prune, "lock": lock, "sparsity_target": sparsity,
+    return {"name": name, "kind": kind, "method": method, "prune": prune, "lock": lock, "sparsity_target": sparsity,
             "sparsity": results["sparsity"], "val_acc": results["accuracy"]["val"],
             "test_acc": results["accuracy"]["test"], "ticket_bits": totals.get("ticket_bits"),
             "mask_bits": totals.get("mask_bits"), "model_bits": totals.get("model_bits"),
@@ -77,6 +83,7 @@ def run_point(recipe, recipe_args: Sequence[str], out_dir: str, extra: Sequence[
 
 
 _STYLES = {"dense source": ("s", "tab:gray"), "sparse source": ("^", "tab:blue"), "frozen": ("o", "tab:red")}
+_METHOD_MARKERS = {"edge_popup": "o", "multicoated": "s", "iterand": "^"}
 
 
 def plot_accuracy_vs_size(rows: list, path: str, title: str = "") -> Optional[str]:
@@ -87,10 +94,15 @@ def plot_accuracy_vs_size(rows: list, path: str, title: str = "") -> Optional[st
     from timm_fslt.apps.plots import HLine, Series, accuracy_vs_size
 
     series = []
+    methods = sorted({r.get("method", "edge_popup") for r in tickets}, key=list(_METHOD_MARKERS).index)
     for kind, (marker, color) in _STYLES.items():
-        pts = sorted((r for r in tickets if r["kind"] == kind), key=lambda r: r["ticket_bits"])
-        series.append(Series(f"{kind} ticket", [r["ticket_bits"] for r in pts], [100 * r["test_acc"] for r in pts],
-                             marker, color, notes=[f"{r['prune']:g}/{r['lock']:g}" for r in pts]))
+        for method in methods:  # one method: the markers of the source kinds; several: one marker per method
+            pts = sorted((r for r in tickets if r["kind"] == kind and r.get("method", "edge_popup") == method),
+                         key=lambda r: r["ticket_bits"])
+            label = f"{kind} ticket" + (f" ({method})" if len(methods) > 1 else "")
+            series.append(Series(label, [r["ticket_bits"] for r in pts], [100 * r["test_acc"] for r in pts],
+                                 _METHOD_MARKERS[method] if len(methods) > 1 else marker, color,
+                                 notes=[f"{r['prune']:g}/{r['lock']:g}" for r in pts]))
     weights = [HLine(100 * r["test_acc"], f"weight training ({r['model_bits']:,} bits)", "black")
                for r in rows if r["kind"] == "weights" and r["test_acc"] is not None]
     return accuracy_vs_size(path, series, lines=weights, title=title or "accuracy vs model size",
@@ -105,6 +117,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     p.add_argument("--recipe", required=True, choices=RECIPES)
     p.add_argument("--points", nargs="+", metavar="P,L[,K]",
                    help="(prune, lock[, sparsity]) points; default: the preset's sweep list")
+    p.add_argument("--methods", nargs="+", choices=R.M.SEARCH_METHODS, default=["edge_popup"],
+                   help="search methods to run every point with (freeze(method=...))")
     p.add_argument("--weights", action="store_true", help="add the weight-trained reference")
     p.add_argument("--output-dir", required=True)
     args = p.parse_args(own)
@@ -112,23 +126,33 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     if clash:
         raise R.RecipeError(f"the sweep sets {', '.join(sorted(set(clash)))} itself; remove them after '--'")
     recipe = importlib.import_module(args.recipe)
-    settings = R.resolve_settings(recipe.parser(), rest, recipe=recipe.RECIPE, default_model=recipe.DEFAULT_MODEL)
+    methods = list(dict.fromkeys(args.methods))
+    # Each method's settings: the arguments after '--' without the other methods' options.
+    per_method = {m: R.resolve_settings(recipe.parser(), [*R.M.for_method(rest, m), "--method", m],
+                                        recipe=recipe.RECIPE, default_model=recipe.DEFAULT_MODEL) for m in methods}
+    settings = per_method[methods[0]]
     points = [parse_point(t) for t in args.points] if args.points else \
         [tuple(pt) + (None,) * (3 - len(pt)) for pt in settings["sweep"]]
     if not points and not args.weights:
         raise R.RecipeError("--points: nothing to run (the preset has no sweep list)")
     for prune, lock, sparsity in points:  # all points checked before the first one trains
-        R.check_settings({**settings, "prune": prune, "lock": lock, "sparsity": sparsity, "method": "ticket"})
+        for method in methods:
+            settings = per_method[method]
+            point_settings = {**settings, "prune": prune, "lock": lock, "sparsity": sparsity, "method": method,
+                              "_explicit": settings["_explicit"] + (["sparsity"] if sparsity is not None else [])}
+            R.M.normalize(point_settings)
+            R.check_settings(point_settings)
 
     rows = []
     for point in points:
         prune, lock, sparsity = point
-        name = point_name(*point)
-        extra = ["--method", "ticket", "--prune", str(prune), "--lock", str(lock)]
-        if sparsity is not None:
-            extra += ["--sparsity", str(sparsity)]
-        results = run_point(recipe, rest, os.path.join(args.output_dir, name), extra)
-        rows.append(_row(name, point_kind(prune, lock), point, results))
+        for method in methods:
+            name = point_name(*point) + ("" if method == "edge_popup" else f"-{method}")
+            extra = ["--method", method, "--prune", str(prune), "--lock", str(lock)]
+            if sparsity is not None:
+                extra += ["--sparsity", str(sparsity)]
+            results = run_point(recipe, R.M.for_method(rest, method), os.path.join(args.output_dir, name), extra)
+            rows.append(_row(name, point_kind(prune, lock), point, results, method))
     if args.weights:
         results = run_point(recipe, rest, os.path.join(args.output_dir, "weights"), ["--method", "weights"])
         rows.append(_row("weights", "weights", (0.0, 0.0, None), results))
@@ -141,7 +165,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         write_json_atomic(os.path.join(args.output_dir, "sweep.json"), summary)
         for r in rows:
             size = r["ticket_bits"] or r["model_bits"]
-            print(f"{r['name']:<22} {r['kind']:<14} test acc {r['test_acc']:.4f}  size {size:,} bits")
+            print(f"{r['name']:<34} {r['kind']:<14} test acc {r['test_acc']:.4f}  size {size:,} bits")
     return summary
 
 
