@@ -355,8 +355,12 @@ def run(args) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``fslt demo [options]``; returns the exit code (0 ok, 2 bad arguments)."""
+    """``fslt demo [options]``; returns the exit code (0 ok, 2 bad arguments).  ``--compare-methods``:
+    the search methods' comparison instead (``timm_fslt.apps.compare_methods``, its own options)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if "--compare-methods" in argv:
+        from timm_fslt.apps.compare_methods import main as compare
+        return compare([a for a in argv if a != "--compare-methods"])
     try:
         args = parse_args(argv)
     except SystemExit as exit_:  # argparse: --help (0) or a usage error (2, message already printed)
