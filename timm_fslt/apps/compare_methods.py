@@ -265,7 +265,7 @@ def plot(summary: list, path: Path, title: str) -> Path:
     series = [Series(f"{_NAMES[s['method']]}, {s['source']} source (P {s['prune']:g}, L {s['lock']:g})",
                      [s["ticket_bits"]], [100 * s["test_acc"]], _MARKERS[s["method"]], _COLORS[s["source"]],
                      marker_size=9, errors=[100 * s["test_acc_std"]]) for s in summary]
-    return Path(accuracy_vs_size(path, series, title=title, title_size=9, legend_loc="lower right",
+    return Path(accuracy_vs_size(path, series, title=title, title_size=9, legend_loc="upper center",
                                  xlabel="ticket size (bits: entropy-coded supermask + stored state)",
                                  ylabel="test accuracy (%), mean ± sd over seeds", figsize=(7.5, 4.8)))
 
