@@ -255,7 +255,7 @@ def test_codes_from_freeze_keys_and_their_fallback_equal_the_rank_rule():
 def test_the_fused_score_gradient_equals_the_torch_path_bit_for_bit(scaled):
     from timm_fslt.nn import functional
     g = torch.Generator().manual_seed(11)
-    n, f = 200_000, 90_000  # (large enough for the pool: two slices on two threads)
+    n, f = 200_000, 90_000
     grad, weight = torch.randn(n, generator=g), torch.randn(n, generator=g)
     grad[::7], grad[1::11], grad[5], weight[3] = 0.0, -0.0, float("inf"), 1e-39  # zeros, inf, a subnormal
     weight[::13] = float("nan")

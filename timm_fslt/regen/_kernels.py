@@ -215,13 +215,14 @@ def apply_bits(mask, index, selected, scores, start, stop):
 
 
 @njit(nogil=True, cache=True)
-def free_gradient(grad, weight, index, scores, scale, scaled, out, start, stop):
+def free_gradient(grad, weight, index, scores, scale, scaled, out):
     # the scores' gradient of the straight-through estimator at the free positions, in one pass:
     # ((grad[j] * weight[j]) * scale) * sign(score), j = index[f] -- float32 products in torch's order
-    # (torch.sign: +1, -1, and 0 for zeros and NaN: (s > 0) - (s < 0), branch-free so the loop vectorises)
+    # (torch.sign: +1, -1, and 0 for zeros and NaN: (s > 0) - (s < 0), branch-free so the loop vectorises;
+    # from 0 over whole arrays: LLVM then drops the negative-index handling)
     factor = scale if scaled else np.float32(1.0)
     zero = np.float32(0.0)
-    for f in range(start, stop):
+    for f in range(index.shape[0]):
         j = index[f]
         s = scores[f]
         sign = np.float32(s > zero) - np.float32(s < zero)

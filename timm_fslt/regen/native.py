@@ -279,8 +279,9 @@ def free_gradient(grad: torch.Tensor, weight: torch.Tensor, index: torch.Tensor,
     out = torch.empty(index.numel(), dtype=torch.float32)
     g, w, i, s, o = (t.reshape(-1).numpy() for t in (grad.detach(), weight.detach(), index, scores.detach(), out))
     factor = np.float32(scale.detach().reshape(1).numpy()[0] if scale is not None else 1.0)  # (no .item(): no sync op)
-    fn = k["free_gradient"]
-    _parallel(i.shape[0], lambda a, b: fn(g, w, i, s, factor, scale is not None, o, a, b))
+    # In the calling thread: a hand-off to the pool per layer costs more than it saves, and its threads
+    # would compete with torch's, which the backward's next operator wakes (benchmarks/README.md).
+    k["free_gradient"](g, w, i, s, factor, scale is not None, o)
     return out
 
 
