@@ -21,6 +21,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "timm_fslt"
 PRINTS_ALLOWED = {
     "apps/cli.py": "the command's results on stdout and its errors on stderr",
     "apps/demo.py": "the demo's table and paths on stdout, its refusals on stderr",
+    "apps/compare_methods.py": "fslt demo --compare-methods: as the demo, its table and paths and refusals",
     "reference_decoder.py": "a standalone script (standard library and NumPy only): its one result line and errors",
     "report.py": "size_report(print_report=True): printing is what the caller asked for",
 }
