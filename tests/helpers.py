@@ -1,6 +1,9 @@
 """Small shared pieces for the core tests."""
 import json
+import os
 import shutil
+import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -114,3 +117,17 @@ def assert_trains_alike(base, twin, x, y, steps: int, lr: float) -> None:
         for opt in opts:
             opt.step()
             opt.zero_grad()
+
+
+def outputs_across_kernel_paths(child: str) -> list:
+    """The stdout of the script ``child`` run in a fresh process under ``ATEN_CPU_CAPABILITY=default``
+    with 1 thread, ``avx2`` with 2 and the machine's own path with 2 (the env var ``THREADS``)."""
+    outputs = []
+    for capability, threads in (("default", "1"), ("avx2", "2"), (None, "2")):
+        env = {**os.environ, "OUTDATED_IGNORE": "1", "THREADS": threads}
+        if capability:
+            env["ATEN_CPU_CAPABILITY"] = capability
+        out = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        outputs.append(out.stdout)
+    return outputs

@@ -18,7 +18,7 @@ from timm_fslt.nn.iterand import pick_threshold
 from timm_fslt.regen import rng
 from timm_fslt.regen.init import random_weight
 
-from helpers import snapshot, trainable
+from helpers import outputs_across_kernel_paths, snapshot, trainable
 
 torch.set_num_threads(1)
 PRUNE, LOCK = 0.3, 0.3
@@ -152,6 +152,15 @@ def test_multicoated_weight_and_straight_through_gradient():
 
 def test_multicoated_model_copies_materializes_and_traces():
     model = timm_fslt.freeze(net(), prune=PRUNE, lock=LOCK, method="multicoated", coat_sparsities=COATS)
+    out, x = _copies_agree(model)
+    with torch.no_grad():
+        traced = torch.jit.trace(model, x)
+        assert torch.equal(traced(x), out)
+
+
+def _copies_agree(model):
+    """Three steps, then a deep copy and ``materialize`` give the model's eval outputs exactly:
+    returns (outputs, inputs)."""
     steps(model, 3)
     model.eval()
     x, _ = data(4)
@@ -159,8 +168,7 @@ def test_multicoated_model_copies_materializes_and_traces():
         out = model(x)
         assert torch.equal(copy.deepcopy(model)(x), out)
         assert torch.equal(timm_fslt.materialize(model)(x), out)
-        traced = torch.jit.trace(model, x)
-        assert torch.equal(traced(x), out)
+    return out, x
 
 
 # -- IteRand ----------------------------------------------------------------------------------
@@ -248,13 +256,7 @@ def test_resumed_mid_period_is_bit_identical(kwargs):
 
 def test_iterand_tickets_copies_and_materialize_agree():
     model = timm_fslt.freeze(net(), prune=PRUNE, lock=LOCK, method="iterand", rerand_period=1, rerand_rate=1.0)
-    steps(model, 3)
-    model.eval()
-    x, _ = data(4)
-    with torch.no_grad():
-        out = model(x)
-        assert torch.equal(copy.deepcopy(model)(x), out)
-        assert torch.equal(timm_fslt.materialize(model)(x), out)
+    _copies_agree(model)
     # rate 1: after each round every left-out free weight carries the round
     layer = timm_fslt.get_group(model).layers[0]
     assert int(layer.rerand_round.max()) == 3
@@ -466,15 +468,4 @@ print(digest.hexdigest())
 
 
 def test_methods_give_the_same_bits_across_cpu_kernel_paths_and_thread_counts():
-    import os
-    import subprocess
-    import sys
-    seen = set()
-    for capability, threads in (("default", "1"), ("avx2", "2"), (None, "2")):
-        env = {**os.environ, "OUTDATED_IGNORE": "1", "THREADS": threads}
-        if capability:
-            env["ATEN_CPU_CAPABILITY"] = capability
-        out = subprocess.run([sys.executable, "-c", _CHILD], env=env, capture_output=True, text=True, timeout=300)
-        assert out.returncode == 0, out.stderr
-        seen.add(out.stdout.strip())
-    assert len(seen) == 1
+    assert len({out.strip() for out in outputs_across_kernel_paths(_CHILD)}) == 1
